@@ -1,0 +1,94 @@
+"""Engine and session factory, and schema creation through Alembic."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, inspect
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from aigc_core.errors import DatabaseUnavailable
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def normalize_url(url: str) -> str:
+    """``postgresql://`` means psycopg 3 here, the driver the project installs."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+class Database:
+    """One engine and a session factory; ``session()`` commits or rolls back as a unit."""
+
+    def __init__(self, url: str):
+        self.url = normalize_url(url)
+        self.engine = make_engine(self.url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        try:
+            with self._sessions.begin() as s:
+                yield s
+        except OperationalError as e:
+            raise DatabaseUnavailable(f"database error: {e.orig or e}") from e
+
+    def upgrade(self) -> None:
+        """Bring the schema to the newest migration (``aigc db upgrade``)."""
+        from alembic import command
+
+        command.upgrade(alembic_config(self.url), "head")
+
+    def has_schema(self) -> bool:
+        return inspect(self.engine).has_table("jobs")
+
+    def ensure_schema(self) -> None:
+        """SQLite (the embedded default) is migrated on first use; servers need ``aigc db upgrade``."""
+        if self.has_schema():
+            return
+        if self.engine.dialect.name == "sqlite":
+            self.upgrade()
+            return
+        raise DatabaseUnavailable(
+            f"database {self.engine.url.render_as_string(hide_password=True)} has no aigc tables: "
+            "run `aigc db upgrade` first"
+        )
+
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
+    cfg = Config(str(MIGRATIONS_DIR / "alembic.ini"))
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+@lru_cache(maxsize=8)
+def database(url: str) -> Database:
+    """One Database per URL per process, so connections are pooled and reused."""
+    return Database(url)

@@ -1,0 +1,156 @@
+"""Job state shared by the submit and the worker side: progress, finalization, manifest, results."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from aigc_core.db import Database
+from aigc_core.errors import NotFound
+from aigc_core.schema import Artifact, Item, ItemStatus, Job, JobEvent, JobStatus, utcnow
+from aigc_core.storage import ObjectStore
+
+RESULT_PAGE = 1000
+
+
+def job_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}"
+
+
+def item_key(job_id: str, index: int, ext: str) -> str:
+    """Object keys come from server ids only: a retry overwrites, never duplicates."""
+    return f"{job_prefix(job_id)}/items/{index:06d}.{ext}"
+
+
+@dataclass(frozen=True)
+class JobView:
+    id: str
+    kind: str
+    model: str
+    status: JobStatus
+    counts: dict[str, int]
+    item_count: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    manifest_uri: str | None = None
+
+    @property
+    def done(self) -> int:
+        return sum(v for k, v in self.counts.items() if k not in ("pending", "running"))
+
+    @property
+    def final(self) -> bool:
+        return self.status.final and self.finished_at is not None
+
+
+@dataclass(frozen=True)
+class Result:
+    index: int
+    custom_id: str
+    status: ItemStatus
+    uri: str | None
+    key: str | None
+    sha256: str | None
+    size: int | None
+    media_type: str | None
+    error: str | None
+    attempts: int
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def manifest_line(self) -> dict[str, Any]:
+        keys = ("index", "custom_id", "status", "uri", "sha256", "size", "media_type", "error")
+        d = {k: getattr(self, k) for k in keys}
+        d["status"] = self.status.value
+        return d
+
+
+def item_counts(s: Session, job_id: str) -> dict[str, int]:
+    rows = s.execute(select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status))
+    counts = {st.value: 0 for st in ItemStatus}
+    counts.update({st.value if hasattr(st, "value") else st: n for st, n in rows})
+    return counts
+
+
+def job_view(s: Session, job_id: str, store: ObjectStore | None = None) -> JobView:
+    job = s.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    manifest = store.uri(f"{job_prefix(job_id)}/manifest.jsonl") if store and job.finished_at else None
+    return JobView(
+        job.id, job.kind, f"{job.model_name}@{job.model_version}", job.status, item_counts(s, job_id),
+        job.item_count, job.created_at, job.started_at, job.finished_at, dict(job.meta or {}), manifest,
+    )
+
+
+def iter_results(db: Database, job_id: str, *, with_provenance: bool = True) -> Iterator[Result]:
+    """Every item in index order, paged so a 100,000-item job never sits in memory at once."""
+    last = -1
+    while True:
+        with db.session() as s:
+            cols = [Item.index, Item.custom_id, Item.status, Item.error, Item.attempts,
+                    Artifact.uri, Artifact.key, Artifact.sha256, Artifact.size, Artifact.media_type]
+            if with_provenance:
+                cols.append(Artifact.provenance)
+            rows = s.execute(
+                select(*cols).outerjoin(Artifact, Artifact.item_id == Item.id)
+                .where(Item.job_id == job_id, Item.index > last).order_by(Item.index).limit(RESULT_PAGE)
+            ).all()
+        for r in rows:
+            yield Result(r.index, r.custom_id, ItemStatus(r.status), r.uri, r.key, r.sha256, r.size,
+                         r.media_type, r.error, r.attempts, dict(r.provenance or {}) if with_provenance else {})
+        if len(rows) < RESULT_PAGE:
+            return
+        last = rows[-1].index
+
+
+def record_event(s: Session, job_id: str, type_: str, **data: Any) -> None:
+    s.add(JobEvent(job_id=job_id, type=type_, data=data))
+
+
+def final_status(job: Job, counts: dict[str, int]) -> JobStatus:
+    if job.status == JobStatus.cancelled:
+        return JobStatus.cancelled
+    if counts.get("failed", 0) == 0:
+        return JobStatus.succeeded
+    if counts.get("succeeded", 0) == 0:
+        return JobStatus.failed
+    return JobStatus.partially_failed
+
+
+def finalize_if_done(db: Database, store: ObjectStore, job_id: str) -> JobStatus | None:
+    """When no item is open: write manifest.jsonl and errors.jsonl, then mark the job final, once."""
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.finished_at is not None:
+            return None
+        counts = item_counts(s, job_id)
+        if counts["pending"] or counts["running"]:
+            return None
+    lines, errors = [], []
+    for r in iter_results(db, job_id, with_provenance=False):
+        lines.append(json.dumps(r.manifest_line(), ensure_ascii=False))
+        if r.status == ItemStatus.failed:
+            errors.append(json.dumps({"index": r.index, "custom_id": r.custom_id, "error": r.error,
+                                      "attempts": r.attempts}, ensure_ascii=False))
+    prefix = job_prefix(job_id)
+    # Object first, database second: a final job always has its manifest.
+    store.put(f"{prefix}/manifest.jsonl", ("\n".join(lines) + "\n").encode(), "application/x-ndjson")
+    store.put(f"{prefix}/errors.jsonl", ("\n".join(errors) + "\n" if errors else "").encode(), "application/x-ndjson")
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        status = final_status(job, counts)
+        done = s.execute(
+            update(Job).where(Job.id == job_id, Job.finished_at.is_(None))
+            .values(status=status, finished_at=utcnow())
+        ).rowcount
+        if done:
+            record_event(s, job_id, "finished", status=status.value, counts=counts)
+    return status if done else None

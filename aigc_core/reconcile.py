@@ -1,0 +1,96 @@
+"""The outbox and the reconciler: the database is the truth, the broker only carries wake-ups."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import and_, select, tuple_, update
+
+from aigc_core.db import Database
+from aigc_core.jobs import finalize_if_done
+from aigc_core.schema import OPEN_ITEM_STATES, Chunk, ChunkStatus, Item, ItemStatus, Job, utcnow
+from aigc_core.storage import ObjectStore
+
+log = logging.getLogger("aigc.reconcile")
+
+# publish(queue, job_id, chunk_no) sends one message; it raises if the broker refuses.
+Publish = Callable[[str, str, int], None]
+
+
+@dataclass
+class ReconcileReport:
+    published: int = 0
+    publish_failed: int = 0
+    expired_leases: int = 0
+    stale_chunks: int = 0
+    finalized: list[str] = field(default_factory=list)
+
+
+def publish_chunks(db: Database, publish: Publish, chunks: Iterable[tuple[str, int, str]]) -> tuple[int, int]:
+    """Publish (job_id, chunk_no, queue) rows; stop at the first broker failure. Returns (sent, failed)."""
+    sent: list[tuple[str, int]] = []
+    todo = list(chunks)
+    failed = 0
+    for job_id, chunk_no, queue in todo:
+        try:
+            publish(queue, job_id, chunk_no)
+        except Exception as e:  # the broker's client raises many types; the outbox row stays pending
+            failed = len(todo) - len(sent)
+            log.warning("publish failed (%s); %d chunks stay in the outbox for the reconciler", e, failed)
+            break
+        sent.append((job_id, chunk_no))
+    for i in range(0, len(sent), 500):
+        part = sent[i : i + 500]
+        with db.session() as s:
+            s.execute(update(Chunk).where(tuple_(Chunk.job_id, Chunk.chunk_no).in_(part))
+                      .values(status=ChunkStatus.published, published_at=utcnow(),
+                              publish_count=Chunk.publish_count + 1))
+    return len(sent), failed
+
+
+def reconcile(db: Database, store: ObjectStore, publish: Publish | None, *, stale_after_s: int,
+              job_id: str | None = None, limit: int = 10_000) -> ReconcileReport:
+    """Re-publish what was lost, wake chunks whose leases expired, and finalize finished jobs.
+
+    With ``publish=None`` (the embedded worker) chunks are put back in the outbox instead.
+    """
+    rep = ReconcileReport()
+    now = utcnow()
+    with db.session() as s:
+        scope = [Item.job_id == job_id] if job_id else []
+        expired = s.execute(
+            select(Item.job_id, Item.chunk_no).where(Item.status == ItemStatus.running,
+                                                    Item.lease_until < now, *scope).distinct().limit(limit)
+        ).all()
+        stale = s.execute(
+            select(Chunk.job_id, Chunk.chunk_no)
+            .join(Item, and_(Item.job_id == Chunk.job_id, Item.chunk_no == Chunk.chunk_no))
+            .where(Chunk.status == ChunkStatus.published,
+                   Chunk.published_at < now - timedelta(seconds=stale_after_s),
+                   Item.status == ItemStatus.pending, *scope).distinct().limit(limit)
+        ).all()
+        rep.expired_leases, rep.stale_chunks = len(expired), len(stale)
+        wake = {(r.job_id, r.chunk_no) for r in [*expired, *stale]}
+        if wake:
+            s.execute(update(Chunk).where(tuple_(Chunk.job_id, Chunk.chunk_no).in_(list(wake)))
+                      .values(status=ChunkStatus.pending))
+        pending = s.execute(
+            select(Chunk.job_id, Chunk.chunk_no, Job.queue).join(Job, Job.id == Chunk.job_id)
+            .where(Chunk.status == ChunkStatus.pending, *([Chunk.job_id == job_id] if job_id else []))
+            .order_by(Chunk.created_at).limit(limit)
+        ).all()
+        open_items = select(Item.id).where(Item.job_id == Job.id, Item.status.in_(OPEN_ITEM_STATES))
+        done_jobs = list(s.scalars(
+            select(Job.id).where(Job.finished_at.is_(None), ~open_items.exists(),
+                                 *([Job.id == job_id] if job_id else []))
+            .order_by(Job.created_at).limit(1000)
+        ))
+    if publish is not None and pending:
+        rep.published, rep.publish_failed = publish_chunks(db, publish, [tuple(r) for r in pending])
+    for jid in done_jobs:
+        if finalize_if_done(db, store, jid):
+            rep.finalized.append(jid)
+    return rep

@@ -1,0 +1,200 @@
+"""The model registry: ``Model`` rows (seeded from models.yaml), name[@version] lookup, and fetching."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from aigc_core.errors import ModelLoadError, NotFound, SpecError
+from aigc_core.schema import Model
+from aigc_core.spec import KINDS
+
+DEFAULT_BACKEND = {"text": "hf-causal-lm"}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Everything a worker needs to load one exact model version."""
+
+    name: str
+    version: int
+    kind: str
+    backend: str
+    uri: str
+    revision: str | None = None
+    digest: str | None = None
+    queue: str = "text"
+    defaults: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @classmethod
+    def from_row(cls, m: Model) -> ModelRef:
+        return cls(m.name, m.version, m.kind, m.backend, m.uri, m.revision, m.digest, m.queue, dict(m.defaults or {}))
+
+
+def parse_name(name: str) -> tuple[str, int | None]:
+    base, sep, ver = name.partition("@")
+    if not sep:
+        return name, None
+    if not ver.isdigit():
+        raise SpecError(f"model {name!r}: the version after @ must be a number")
+    return base, int(ver)
+
+
+def resolve(session: Session, name: str) -> ModelRef:
+    """``name`` is the newest version, ``name@N`` exactly version N."""
+    base, version = parse_name(name)
+    q = select(Model).where(Model.name == base)
+    q = q.where(Model.version == version) if version is not None else q.order_by(Model.version.desc())
+    row = session.scalars(q.limit(1)).first()
+    if row is None:
+        known = sorted(set(session.scalars(select(Model.name))))
+        hint = f"; known models: {', '.join(known)}" if known else "; the registry is empty (see models.yaml)"
+        raise SpecError(f"unknown model {name!r}{hint}")
+    return ModelRef.from_row(row)
+
+
+def register(
+    session: Session,
+    name: str,
+    kind: str,
+    uri: str,
+    *,
+    backend: str | None = None,
+    revision: str | None = None,
+    digest: str | None = None,
+    queue: str | None = None,
+    defaults: dict[str, Any] | None = None,
+    lineage: dict[str, Any] | None = None,
+) -> ModelRef:
+    """Add a new version of ``name``; a local directory gets its digest computed now."""
+    if kind not in KINDS:
+        raise SpecError(f"model {name!r}: kind must be one of {', '.join(KINDS)}")
+    if "@" in name or not name:
+        raise SpecError(f"model name {name!r} may not be empty or contain '@'")
+    if digest is None and uri.startswith("file://"):
+        digest = dir_digest(local_path(uri))
+    latest = session.scalar(select(func.max(Model.version)).where(Model.name == name)) or 0
+    row = Model(
+        name=name,
+        version=latest + 1,
+        kind=kind,
+        backend=backend or DEFAULT_BACKEND.get(kind, kind),
+        uri=uri,
+        revision=revision,
+        digest=digest,
+        queue=queue or kind,
+        defaults=defaults or {},
+        lineage=lineage or {},
+    )
+    session.add(row)
+    session.flush()
+    return ModelRef.from_row(row)
+
+
+def sync_models_file(session: Session, path: str | Path) -> list[ModelRef]:
+    """Register every models.yaml entry whose URI/revision/digest is not the newest version yet."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    refs = []
+    for entry in data.get("models", []):
+        name, uri = entry["name"], os.path.expandvars(entry["uri"])
+        current = session.scalars(
+            select(Model).where(Model.name == name).order_by(Model.version.desc()).limit(1)
+        ).first()
+        digest = entry.get("digest")
+        if digest is None and uri.startswith("file://") and local_path(uri).is_dir():
+            digest = dir_digest(local_path(uri))
+        if current and (current.uri, current.revision, current.digest) == (uri, entry.get("revision"), digest):
+            refs.append(ModelRef.from_row(current))
+            continue
+        refs.append(
+            register(
+                session, name, entry["kind"], uri, backend=entry.get("backend"), revision=entry.get("revision"),
+                digest=digest, queue=entry.get("queue"), defaults=entry.get("defaults"),
+            )
+        )
+    return refs
+
+
+def list_models(session: Session) -> list[Model]:
+    return list(session.scalars(select(Model).order_by(Model.name, Model.version)))
+
+
+def local_path(uri: str) -> Path:
+    return Path(os.path.expanduser(uri.removeprefix("file://"))).resolve()
+
+
+def dir_digest(path: Path) -> str:
+    """sha256 over every file's relative path and content: the weights digest in provenance."""
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {path} does not exist")
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(p.relative_to(path).as_posix().encode() + b"\0")
+        h.update(_file_sha256(p).encode() + b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+def _file_sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def materialize(ref: ModelRef, cache_dir: Path, *, endpoint_url: str | None = None) -> Path:
+    """A local directory holding the model: file:// as is, s3:// fetched once into the cache and checked."""
+    parsed = urlparse(ref.uri)
+    if parsed.scheme == "file":
+        path = local_path(ref.uri)
+        if not path.is_dir():
+            raise ModelLoadError(f"{ref.tag}: model directory {path} does not exist")
+        return path
+    if parsed.scheme == "s3":
+        return _fetch_s3(ref, parsed.netloc, parsed.path.strip("/"), cache_dir, endpoint_url)
+    if parsed.scheme in ("builtin", "hf"):
+        return Path(ref.uri)  # the backend resolves these itself
+    raise ModelLoadError(f"{ref.tag}: unsupported model URI {ref.uri!r}")
+
+
+def _fetch_s3(ref: ModelRef, bucket: str, prefix: str, cache_dir: Path, endpoint_url: str | None) -> Path:
+    from aigc_core.storage import S3Store
+
+    final = cache_dir / "models" / ref.name / str(ref.version)
+    if final.is_dir() and (ref.digest is None or dir_digest(final) == ref.digest):
+        return final
+    store = S3Store(bucket, prefix, endpoint_url=endpoint_url)
+    tmp = final.with_name(f".{ref.version}.{os.getpid()}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    keys = list(store.list(""))
+    if not keys:
+        raise ModelLoadError(f"{ref.tag}: nothing under {ref.uri}")
+    for key in keys:
+        store.download(key, tmp / key)
+    if ref.digest and dir_digest(tmp) != ref.digest:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelLoadError(f"{ref.tag}: digest of {ref.uri} does not match the registry")
+    shutil.rmtree(final, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, final)
+    return final
+
+
+def find_model(session: Session, name: str) -> list[Model]:
+    rows = list(session.scalars(select(Model).where(Model.name == name).order_by(Model.version)))
+    if not rows:
+        raise NotFound(f"unknown model {name!r}")
+    return rows

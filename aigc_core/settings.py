@@ -1,0 +1,51 @@
+"""Settings from the environment (prefix ``AIGC_``); only entry points read them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Limits(BaseSettings):
+    """Limits checked at submit; each can be raised per deployment."""
+
+    model_config = SettingsConfigDict(env_prefix="AIGC_LIMIT_", extra="ignore")
+
+    max_items_per_job: int = 100_000
+    max_prompt_bytes: int = 16_384
+    max_new_tokens: int = 1024
+    max_custom_id_chars: int = 128
+    max_metadata_bytes: int = 16_384
+
+
+class Settings(BaseSettings):
+    """Every knob of the runner. Unset broker means the embedded in-process worker."""
+
+    model_config = SettingsConfigDict(env_prefix="AIGC_", extra="ignore")
+
+    database_url: str = "sqlite:///aigc.db"
+    storage_url: str = "file://./aigc-data"
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    broker_url: str | None = None
+    # Redis re-delivers an unacked message after this; longer than the longest chunk.
+    visibility_timeout_s: int = 3600
+    models_file: str | None = None
+    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "aigc")
+    device: str = "auto"
+    chunk_size: int = 32
+    micro_batch_size: int = 16
+    lease_s: int = 600
+    max_attempts: int = 3
+    # A published chunk whose items are still pending after this is published again.
+    republish_after_s: int = 3600
+    model_memory_budget_mb: int = 8192
+    storage_workers: int = 8
+    log_json: bool = False
+    limits: Limits = Field(default_factory=Limits)
+
+    @property
+    def embedded(self) -> bool:
+        return not self.broker_url

@@ -1,0 +1,176 @@
+"""Object storage: S3-compatible (boto3) in deployment, a local folder by default."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from aigc_core.errors import NotFound, SpecError, StorageError
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    uri: str
+    size: int
+
+
+class ObjectStore(Protocol):
+    """Keys are relative, '/'-separated, built only from server ids."""
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> ObjectInfo: ...
+    def get(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str) -> Iterator[str]: ...
+    def uri(self, key: str) -> str: ...
+    def download(self, key: str, path: Path) -> None: ...
+
+
+def check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in key:
+        raise SpecError(f"invalid object key {key!r}")
+    return key
+
+
+class LocalStore:
+    """A folder as object store: writes are atomic (temporary file, then rename)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> ObjectInfo:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise StorageError(f"cannot write {path}: {e}") from e
+        return ObjectInfo(key, self.uri(key), len(data))
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"no object {self.uri(key)}") from None
+        except OSError as e:
+            raise StorageError(f"cannot read {key}: {e}") from e
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> Iterator[str]:
+        base = self.root
+        for p in sorted(base.rglob("*")):
+            if p.is_file() and not p.name.startswith(".tmp-"):
+                key = p.relative_to(base).as_posix()
+                if key.startswith(prefix):
+                    yield key
+
+    def uri(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    def download(self, key: str, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.get(key))
+
+
+class S3Store:
+    """An S3 bucket (any S3-compatible server); credentials come from the default boto3 chain."""
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        cfg = Config(
+            retries={"max_attempts": 5, "mode": "standard"},
+            max_pool_connections=32,
+            connect_timeout=5,
+            read_timeout=60,
+            s3={"addressing_style": "path"},
+        )
+        self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=cfg)
+
+    def _full(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> ObjectInfo:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data, ContentType=content_type)
+        except Exception as e:  # botocore raises many unrelated types; all are storage faults here
+            raise StorageError(f"put s3://{self.bucket}/{self._full(key)} failed: {e}") from e
+        return ObjectInfo(key, self.uri(key), len(data))
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise NotFound(f"no object {self.uri(key)}") from None
+            raise StorageError(f"get {self.uri(key)} failed: {e}") from e
+        except Exception as e:
+            raise StorageError(f"get {self.uri(key)} failed: {e}") from e
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"head {self.uri(key)} failed: {e}") from e
+        except Exception as e:
+            raise StorageError(f"head {self.uri(key)} failed: {e}") from e
+
+    def list(self, prefix: str) -> Iterator[str]:
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    yield obj["Key"][cut:]
+        except Exception as e:
+            raise StorageError(f"list s3://{self.bucket}/{full} failed: {e}") from e
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._full(key)}"
+
+    def download(self, key: str, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.get(key))
+
+    def presign_get(self, key: str, expires_s: int = 900) -> str:
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._full(key)}, ExpiresIn=expires_s
+        )
+
+
+def open_store(url: str, endpoint_url: str | None = None, region: str | None = None) -> ObjectStore:
+    """``file://DIR`` (relative paths allowed: ``file://./aigc-data``) or ``s3://bucket/prefix``."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return LocalStore(url.removeprefix("file://") or ".")
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise SpecError(f"storage URL {url!r} names no bucket")
+        return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region)
+    raise SpecError(f"storage URL {url!r}: use file://DIR or s3://bucket/prefix")

@@ -1,0 +1,57 @@
+"""The types every backend speaks, and the table that maps a backend name to its class."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One item to generate: its own seed makes it reproducible alone."""
+
+    index: int
+    prompt: str
+    params: dict[str, Any]
+    seed: int
+
+
+@dataclass(frozen=True)
+class Output:
+    data: bytes
+    media_type: str
+    ext: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class BackendError(Exception):
+    """A backend could not load or could not generate; the worker maps it to the runner's errors."""
+
+
+class Generator(Protocol):
+    """A loaded model, pinned in a worker; ``generate`` returns one Output per request, in order."""
+
+    device: str
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[Output]: ...
+
+    def memory_bytes(self) -> int: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+BACKENDS: dict[str, str] = {
+    "hf-causal-lm": "aigc_models.text:CausalLMGenerator",
+}
+
+
+def load_backend(name: str, path: Path, device: str, dtype: str | None = None) -> Generator:
+    """Import the backend class by name and load the model directory onto ``device``."""
+    target = BACKENDS.get(name)
+    if target is None:
+        raise BackendError(f"unknown backend {name!r}; known: {', '.join(sorted(BACKENDS))}")
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls).load(path, device=device, dtype=dtype)

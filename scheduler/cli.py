@@ -1,0 +1,284 @@
+"""The ``aigc`` command line. Commands that run a worker import it inside the command, so the rest start fast."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from aigc_core.errors import AigcError, DatabaseUnavailable, NotFound, SpecError
+from aigc_core.settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="aigc-runner: batch content generation jobs.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
+models_app = typer.Typer(no_args_is_help=True, help="The model registry.")
+app.add_typer(db_app, name="db")
+app.add_typer(models_app, name="models")
+out = Console()
+err = Console(stderr=True)
+
+
+def main() -> None:
+    try:
+        app()
+    except SpecError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(2)
+    except NotFound as e:
+        err.print(f"[red]not found:[/red] {e}", highlight=False)
+        sys.exit(1)
+    except (DatabaseUnavailable, AigcError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(1)
+
+
+def _client():
+    from scheduler.client import Client
+
+    return Client()
+
+
+# ---- input files ------------------------------------------------------------------------------
+
+def load_items_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One ``{"custom_id", "prompt", "params"?}`` per line; errors name the line."""
+    items = []
+    try:
+        f = path.open(encoding="utf-8")
+    except OSError as e:
+        raise SpecError(f"{path}: {e.strerror}") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SpecError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except UnicodeDecodeError:
+                raise SpecError(f"{path} line {n}: not UTF-8 text") from None
+            if not isinstance(obj, dict):
+                raise SpecError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
+            if "text" in obj and "prompt" not in obj:
+                obj["prompt"] = obj.pop("text")
+            items.append(obj)
+    return items
+
+
+def load_job_file(path: Path) -> dict[str, Any]:
+    """A job.yaml (or .json): kind, model, params, seed, metadata, and items or items_file."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SpecError(f"{path}: {e.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping with kind, model and items")
+    if "items_file" in data:
+        data["items"] = load_items_jsonl(path.parent / str(data.pop("items_file")))
+    return data
+
+
+def _parse_params(pairs: list[str]) -> dict[str, Any]:
+    params = {}
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        if not sep or not k:
+            raise SpecError(f"--param {p!r}: use NAME=VALUE")
+        params[k] = yaml.safe_load(v)
+    return params
+
+
+# ---- jobs -------------------------------------------------------------------------------------
+
+@app.command()
+def submit(
+    job_file: Annotated[Optional[Path], typer.Argument(help="job.yaml with kind, model, items or items_file")] = None,
+    items: Annotated[Optional[Path], typer.Option("--items", help="items.jsonl, one {custom_id, prompt} a line")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="text, image or audio (with --items)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="model name or name@version")] = None,
+    param: Annotated[list[str], typer.Option("--param", "-p", help="NAME=VALUE, repeatable")] = [],
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    key: Annotated[Optional[str], typer.Option("--idempotency-key", help="same key + payload = same job")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="wait for the job and show progress")] = False,
+) -> None:
+    """Submit a job; prints its id."""
+    data: dict[str, Any] = load_job_file(job_file) if job_file else {}
+    if items:
+        data["items"] = load_items_jsonl(items)
+    for name, value in (("kind", kind), ("model", model), ("seed", seed), ("idempotency_key", key)):
+        if value is not None:
+            data[name] = value
+    if param:
+        data["params"] = {**data.get("params", {}), **_parse_params(param)}
+    if "items" not in data:
+        raise SpecError("no items: give a job file with items/items_file, or --items FILE.jsonl")
+    data.setdefault("kind", "text")
+    client = _client()
+    job = client.submit(data)
+    out.print(job.id)
+    if wait:
+        _show_job(client.wait(job.id, progress=True))
+    elif client.publish is None:
+        err.print("no broker configured (AIGC_BROKER_URL): run `aigc wait JOB` or `aigc worker` to execute it")
+
+
+@app.command()
+def status(job: Annotated[Optional[str], typer.Argument()] = None,
+           as_json: Annotated[bool, typer.Option("--json")] = False, limit: int = 20) -> None:
+    """One job's state and counts, or the latest jobs."""
+    client = _client()
+    views = [client.status(job)] if job else client.jobs(limit)
+    if as_json:
+        out.print_json(json.dumps([_view_dict(v) for v in views] if not job else _view_dict(views[0])))
+        return
+    if job:
+        _show_job(views[0])
+        for e in client.events(job)[-5:]:
+            out.print(f"  {e['at'][:19]}  {e['type']}  " + ", ".join(f"{k}={v}" for k, v in e.items()
+                                                                   if k not in ("at", "type")))
+        return
+    t = Table("job", "kind", "model", "status", "done", "ok", "failed", "created")
+    for v in views:
+        c = v.counts
+        t.add_row(v.id, v.kind, v.model, v.status.value, f"{v.done}/{v.item_count}", str(c["succeeded"]),
+                  str(c["failed"]), v.created_at.strftime("%Y-%m-%d %H:%M:%S"))
+    out.print(t)
+
+
+@app.command()
+def wait(job: str, timeout: Optional[float] = None) -> None:
+    """Wait for a job with a progress bar (runs it here when no broker is configured)."""
+    view = _client().wait(job, progress=True, timeout=timeout)
+    _show_job(view)
+    if view.status.value != "succeeded":
+        raise typer.Exit(3)
+
+
+@app.command()
+def results(job: str, download: Annotated[Optional[Path], typer.Option(help="copy outputs here")] = None,
+            as_json: Annotated[bool, typer.Option("--json", help="one JSON object a line")] = False) -> None:
+    """List a job's outputs in item order, or download them with the manifest."""
+    client = _client()
+    if download:
+        path = client.download(job, download)
+        out.print(f"downloaded to {path}")
+        return
+    for r in client.results(job):
+        if as_json:
+            print(json.dumps(r.manifest_line(), ensure_ascii=False))
+        else:
+            out.print(f"{r.index:6d}  {r.custom_id:20}  {r.status.value:10}  {r.uri or r.error}", highlight=False)
+
+
+@app.command()
+def cancel(job: str) -> None:
+    """Cancel a job: no new item starts; finished outputs stay."""
+    _show_job(_client().cancel(job))
+
+
+@app.command()
+def retry(job: str) -> None:
+    """Run a job's failed items again."""
+    out.print(f"{_client().retry_failed(job)} items queued again")
+
+
+@app.command()
+def reconcile(loop: Annotated[Optional[float], typer.Option(help="repeat every N seconds")] = None) -> None:
+    """Re-publish lost chunks, wake expired leases, finalize finished jobs."""
+    client = _client()
+    while True:
+        rep = client.reconcile()
+        out.print(f"published {rep.published}, expired leases {rep.expired_leases}, "
+                  f"stale chunks {rep.stale_chunks}, finalized {len(rep.finalized)}")
+        if loop is None:
+            return
+        time.sleep(loop)
+
+
+# ---- worker and set-up ------------------------------------------------------------------------
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="comma-separated queues")] = "text",
+    pool: Annotated[str, typer.Option(help="solo (one process per GPU), prefork or threads")] = "solo",
+    concurrency: int = 1,
+    loglevel: str = "INFO",
+) -> None:
+    """Run a worker: Celery when AIGC_BROKER_URL is set, else the embedded one polling the database."""
+    settings = Settings()
+    if settings.broker_url:
+        from worker.app import app as celery_app
+
+        celery_app.worker_main(["worker", "-Q", queues, "--pool", pool, "--concurrency", str(concurrency),
+                                "--loglevel", loglevel, "-E", "--without-gossip", "--without-mingle"])
+        return
+    from worker.inprocess import serve
+    from worker.runtime import get_runtime
+
+    _client()  # migrates the embedded SQLite database and syncs models.yaml
+    err.print("no AIGC_BROKER_URL: embedded worker polling the database (Ctrl-C to stop)")
+    serve(get_runtime(settings))
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the database schema to the newest revision."""
+    from aigc_core.db import Database
+
+    settings = Settings()
+    Database(settings.database_url).upgrade()
+    out.print("database is at the newest revision")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Registered models and versions."""
+    t = Table("model", "kind", "backend", "uri", "digest", "created")
+    for m in _client().models():
+        t.add_row(m["tag"], m["kind"], m["backend"], m["uri"], (m["digest"] or "")[:19], m["created_at"][:19])
+    out.print(t)
+
+
+@models_app.command("register")
+def models_register(name: str, uri: str, kind: str = "text",
+                    backend: Annotated[Optional[str], typer.Option()] = None) -> None:
+    """Register a new version of NAME at URI (file://DIR or s3://bucket/prefix)."""
+    ref = _client().register_model(name, kind, uri, backend=backend)
+    out.print(f"registered {ref.tag}")
+
+
+@app.command()
+def demo(
+    items: Annotated[int, typer.Option(help="articles to generate")] = 200,
+    max_new_tokens: int = 120,
+) -> None:
+    """Train (once, cached) the tiny demo news model and run a bulk job on it, all in this process."""
+    from worker.demo import run_demo
+
+    run_demo(Settings(), n_items=items, max_new_tokens=max_new_tokens, console=out)
+
+
+# ---- output helpers ---------------------------------------------------------------------------
+
+def _view_dict(v) -> dict[str, Any]:
+    return {"id": v.id, "kind": v.kind, "model": v.model, "status": v.status.value, "counts": v.counts,
+            "items": v.item_count, "created_at": v.created_at.isoformat(),
+            "finished_at": v.finished_at.isoformat() if v.finished_at else None, "manifest": v.manifest_uri}
+
+
+def _show_job(v) -> None:
+    c = v.counts
+    out.print(f"job {v.id}  {v.kind}  {v.model}  [bold]{v.status.value}[/bold]  "
+              f"{v.done}/{v.item_count} done: {c['succeeded']} ok, {c['failed']} failed, "
+              f"{c['cancelled']} cancelled", highlight=False)
+    if v.manifest_uri:
+        out.print(f"manifest: {v.manifest_uri}", highlight=False)

@@ -1,0 +1,250 @@
+"""The Python client: submit, watch, fetch, cancel and retry jobs."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from aigc_core.db import Database, database
+from aigc_core.errors import IdempotencyConflict, NotFound, SpecError
+from aigc_core.jobs import JobView, Result, item_counts, iter_results, job_prefix, job_view, record_event
+from aigc_core.reconcile import ReconcileReport, publish_chunks, reconcile
+from aigc_core.registry import ModelRef, list_models, register, resolve, sync_models_file
+from aigc_core.schema import Chunk, ChunkStatus, Item, ItemStatus, Job, JobEvent, JobStatus, Model, utcnow
+from aigc_core.settings import Settings
+from aigc_core.spec import JobSpec, check_limits, parse_spec
+from aigc_core.storage import ObjectStore, open_store
+from scheduler.dispatch import CeleryPublisher
+
+
+class Client:
+    """``Client()`` reads AIGC_* settings; with no broker it runs an in-process worker inside ``wait``."""
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any):
+        self.settings = settings or Settings(**overrides)
+        self.db: Database = database(self.settings.database_url)
+        self.db.ensure_schema()
+        self.store: ObjectStore = open_store(
+            self.settings.storage_url, self.settings.s3_endpoint_url, self.settings.s3_region
+        )
+        self.publish = (
+            CeleryPublisher(self.settings.broker_url, self.settings.visibility_timeout_s)
+            if self.settings.broker_url else None
+        )
+        if self.settings.models_file:
+            with self.db.session() as s:
+                sync_models_file(s, self.settings.models_file)
+
+    # ---- submit -------------------------------------------------------------------------------
+
+    def submit(self, kind: str | JobSpec | dict, model: str | None = None,
+               items: Iterable[dict[str, Any] | str] | None = None, *, params: dict[str, Any] | None = None,
+               seed: int | None = None, idempotency_key: str | None = None,
+               metadata: dict[str, Any] | None = None, chunk_size: int | None = None) -> JobView:
+        """Validate, then write the job, its items and its outbox in one transaction, then publish."""
+        spec = kind if isinstance(kind, JobSpec) else parse_spec(kind if isinstance(kind, dict) else {
+            "kind": kind, "model": model, "items": [_item(i) for i in (items or [])],
+            "params": params or {}, "seed": seed, "idempotency_key": idempotency_key,
+            "metadata": metadata or {}, "chunk_size": chunk_size,
+        })
+        job_id = self._insert(spec)
+        if self.publish is not None:
+            self._publish_job(job_id)
+        return self.status(job_id)
+
+    def _insert(self, spec: JobSpec) -> str:
+        digest = spec.payload_digest()
+        try:
+            with self.db.session() as s:
+                existing = self._by_key(s, spec.idempotency_key, digest)
+                if existing:
+                    return existing
+                ref = resolve(s, spec.model)
+                if ref.kind != spec.kind:
+                    raise SpecError(f"model {ref.tag} is a {ref.kind} model, not {spec.kind}")
+                defaults = {k: v for k, v in ref.defaults.items() if k != "dtype"}
+                check_limits(spec, self.settings.limits, defaults)
+                return _write_job(s, spec, ref, digest, spec.chunk_size or self.settings.chunk_size)
+        except IntegrityError:
+            if not spec.idempotency_key:
+                raise
+            with self.db.session() as s:  # a concurrent submit with the same key won the insert
+                existing = self._by_key(s, spec.idempotency_key, digest)
+                if existing:
+                    return existing
+            raise
+
+    @staticmethod
+    def _by_key(s, key: str | None, digest: str) -> str | None:
+        if not key:
+            return None
+        row = s.execute(select(Job.id, Job.payload_digest).where(Job.idempotency_key == key)).first()
+        if row is None:
+            return None
+        if row.payload_digest != digest:
+            raise IdempotencyConflict(
+                f"idempotency key {key!r} was used for job {row.id} with a different payload"
+            )
+        return row.id
+
+    def _publish_job(self, job_id: str) -> None:
+        with self.db.session() as s:
+            rows = s.execute(
+                select(Chunk.job_id, Chunk.chunk_no, Job.queue).join(Job, Job.id == Chunk.job_id)
+                .where(Chunk.job_id == job_id, Chunk.status == ChunkStatus.pending).order_by(Chunk.chunk_no)
+            ).all()
+        publish_chunks(self.db, self.publish, [tuple(r) for r in rows])
+
+    # ---- watch --------------------------------------------------------------------------------
+
+    def status(self, job_id: str) -> JobView:
+        with self.db.session() as s:
+            return job_view(s, job_id, self.store)
+
+    def jobs(self, limit: int = 20) -> list[JobView]:
+        with self.db.session() as s:
+            ids = s.scalars(select(Job.id).order_by(Job.created_at.desc()).limit(limit)).all()
+            return [job_view(s, i, self.store) for i in ids]
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        with self.db.session() as s:
+            rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
+            return [{"at": e.at.isoformat(), "type": e.type, **e.data} for e in rows]
+
+    def wait(self, job_id: str, *, progress: bool = False, timeout: float | None = None,
+             poll_s: float = 0.5) -> JobView:
+        """Block until the job is final. Embedded mode (no broker) runs the job here, in this process."""
+        from scheduler.progress import JobProgress
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with JobProgress(self.status(job_id), enabled=progress) as bar:
+            if self.publish is None:
+                self._run_inline(job_id, bar)
+            while True:
+                view = self.status(job_id)
+                bar.update(view)
+                if view.final:
+                    return view
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} still {view.status.value} after {timeout}s")
+                time.sleep(poll_s)
+
+    def _run_inline(self, job_id: str, bar) -> None:
+        from worker.inprocess import drain  # the embedded worker loads torch only when it runs
+        from worker.runtime import get_runtime
+
+        drain(get_runtime(self.settings), job_id, on_chunk=lambda _: bar.update(self.status(job_id)))
+
+    # ---- results ------------------------------------------------------------------------------
+
+    def results(self, job_id: str) -> Iterator[Result]:
+        self.status(job_id)  # NotFound for an unknown id
+        return iter_results(self.db, job_id)
+
+    def download(self, job_id: str, dest: str | Path) -> Path:
+        """Every output, its provenance sidecar and the manifest into ``dest``."""
+        dest = Path(dest)
+        view = self.status(job_id)
+        prefix = job_prefix(job_id) + "/"
+        for key in self.store.list(prefix):
+            self.store.download(key, dest / key.removeprefix(prefix))
+        if not view.final:
+            (dest / "manifest.partial.jsonl").write_text(
+                "".join(json.dumps(r.manifest_line()) + "\n" for r in self.results(job_id))
+            )
+        return dest
+
+    # ---- control ------------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> JobView:
+        """No new item starts; finished outputs stay; running ones stop after their micro-batch."""
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id!r}")
+            if not job.status.final:
+                s.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.cancelled))
+                n = s.execute(update(Item).where(Item.job_id == job_id, Item.status == ItemStatus.pending)
+                              .values(status=ItemStatus.cancelled, finished_at=utcnow())).rowcount
+                record_event(s, job_id, "cancelled", items_cancelled=n)
+        reconcile(self.db, self.store, None, stale_after_s=self.settings.republish_after_s, job_id=job_id)
+        return self.status(job_id)
+
+    def retry_failed(self, job_id: str) -> int:
+        """Put failed items back to pending and publish their chunks again; returns how many."""
+        with self.db.session() as s:
+            if s.get(Job, job_id) is None:
+                raise NotFound(f"no job {job_id!r}")
+            chunks = set(s.scalars(select(Item.chunk_no).where(Item.job_id == job_id,
+                                                               Item.status == ItemStatus.failed)))
+            if not chunks:
+                return 0
+            n = s.execute(update(Item).where(Item.job_id == job_id, Item.status == ItemStatus.failed)
+                          .values(status=ItemStatus.pending, attempts=0, error=None, claim_token=None,
+                                  finished_at=None)).rowcount
+            s.execute(update(Job).where(Job.id == job_id)
+                      .values(status=JobStatus.queued, finished_at=None))
+            s.execute(update(Chunk).where(Chunk.job_id == job_id, Chunk.chunk_no.in_(chunks))
+                      .values(status=ChunkStatus.pending))
+            record_event(s, job_id, "retry_failed", items=n)
+        if self.publish is not None:
+            self._publish_job(job_id)
+        return n
+
+    def reconcile(self) -> ReconcileReport:
+        return reconcile(self.db, self.store, self.publish, stale_after_s=self.settings.republish_after_s)
+
+    # ---- models -------------------------------------------------------------------------------
+
+    def models(self) -> list[dict[str, Any]]:
+        with self.db.session() as s:
+            return [_model_dict(m) for m in list_models(s)]
+
+    def register_model(self, name: str, kind: str, uri: str, **kw: Any) -> ModelRef:
+        with self.db.session() as s:
+            return register(s, name, kind, uri, **kw)
+
+    def model(self, name: str) -> ModelRef:
+        with self.db.session() as s:
+            return resolve(s, name)
+
+
+def _item(i: dict[str, Any] | str) -> dict[str, Any]:
+    return {"prompt": i} if isinstance(i, str) else i
+
+
+def _write_job(s, spec: JobSpec, ref: ModelRef, digest: str, chunk_size: int) -> str:
+    seed = spec.seed if spec.seed is not None else secrets.randbelow(2**31)
+    job = Job(kind=spec.kind, model_name=ref.name, model_version=ref.version, queue=ref.queue,
+              status=JobStatus.queued, params=spec.params, seed=seed, meta=spec.metadata,
+              idempotency_key=spec.idempotency_key, payload_digest=digest, item_count=len(spec.items),
+              chunk_size=chunk_size)
+    s.add(job)
+    s.flush()
+    rows = [
+        {"job_id": job.id, "index": i, "chunk_no": i // chunk_size,
+         "custom_id": it.custom_id if it.custom_id is not None else str(i), "prompt": it.prompt,
+         "params": it.params, "seed": seed + i, "status": ItemStatus.pending, "attempts": 0}
+        for i, it in enumerate(spec.items)
+    ]
+    for k in range(0, len(rows), 5000):
+        s.execute(insert(Item), rows[k : k + 5000])
+    n_chunks = (len(rows) + chunk_size - 1) // chunk_size
+    now = utcnow()
+    s.execute(insert(Chunk), [{"job_id": job.id, "chunk_no": c, "status": ChunkStatus.pending,
+                               "publish_count": 0, "created_at": now} for c in range(n_chunks)])
+    record_event(s, job.id, "submitted", items=len(rows), chunks=n_chunks, model=ref.tag)
+    return job.id
+
+
+def _model_dict(m: Model) -> dict[str, Any]:
+    return {"name": m.name, "version": m.version, "tag": f"{m.name}@{m.version}", "kind": m.kind,
+            "backend": m.backend, "uri": m.uri, "digest": m.digest, "queue": m.queue,
+            "defaults": m.defaults, "lineage": m.lineage, "created_at": m.created_at.isoformat()}

@@ -1,0 +1,39 @@
+"""A rich progress bar for ``wait``; silent when disabled or not on a terminal."""
+
+from __future__ import annotations
+
+import sys
+
+from aigc_core.jobs import JobView
+
+
+class JobProgress:
+    def __init__(self, view: JobView, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self._progress = None
+        self._task = None
+        self._view = view
+
+    def __enter__(self) -> JobProgress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(f"job {self._view.id[:8]}", total=self._view.item_count,
+                                                 detail="")
+        return self
+
+    def update(self, view: JobView) -> None:
+        if self._progress is None:
+            return
+        c = view.counts
+        detail = f"ok {c.get('succeeded', 0)}  failed {c.get('failed', 0)}  {view.status.value}"
+        self._progress.update(self._task, completed=view.done, detail=detail)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()

@@ -1,0 +1,38 @@
+"""The Celery app: JSON only, acks late, reject on worker lost, prefetch 1.
+
+Run it with ``aigc worker`` or ``celery -A worker.app worker -Q text``.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from aigc_core.settings import Settings
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings()
+    app = Celery("aigc", broker=settings.broker_url or "memory://", include=["worker.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],  # pickle is never accepted
+        event_serializer="json",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_default_queue="text",
+        task_track_started=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        # Redis re-delivers an unacked message after this; it must outlast the longest chunk.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    return app
+
+
+app = make_app()

@@ -1,0 +1,68 @@
+"""The embedded worker: with no broker, pending outbox rows are run here by the same pipeline code."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from sqlalchemy import select, update
+
+from aigc_core.errors import TransientError
+from aigc_core.reconcile import reconcile
+from aigc_core.schema import Chunk, ChunkStatus, utcnow
+from worker.pipeline import ChunkResult, run_chunk
+from worker.runtime import Runtime
+
+log = logging.getLogger("aigc.worker")
+
+
+def take_chunk(rt: Runtime, job_id: str | None = None) -> tuple[str, int] | None:
+    """Mark the oldest pending outbox row as taken; it plays the part of the broker message."""
+    with rt.db.session() as s:
+        q = select(Chunk.job_id, Chunk.chunk_no).where(Chunk.status == ChunkStatus.pending)
+        if job_id:
+            q = q.where(Chunk.job_id == job_id)
+        row = s.execute(q.order_by(Chunk.created_at, Chunk.chunk_no).limit(1)).first()
+        if row is None:
+            return None
+        taken = s.execute(
+            update(Chunk).where(Chunk.job_id == row.job_id, Chunk.chunk_no == row.chunk_no,
+                                Chunk.status == ChunkStatus.pending)
+            .values(status=ChunkStatus.published, published_at=utcnow(), publish_count=Chunk.publish_count + 1)
+        ).rowcount
+        return (row.job_id, row.chunk_no) if taken else None
+
+
+def drain(rt: Runtime, job_id: str | None = None, *, on_chunk: Callable[[ChunkResult], None] | None = None,
+          retries: int = 5) -> int:
+    """Run every pending chunk (of one job, or all); returns how many chunks ran."""
+    n = 0
+    reconcile(rt.db, rt.store, None, stale_after_s=rt.settings.republish_after_s)
+    while (taken := take_chunk(rt, job_id)) is not None:
+        res = _run_with_retries(rt, *taken, retries=retries)
+        n += 1
+        if on_chunk and res is not None:
+            on_chunk(res)
+        if job_id is None or taken[0] == job_id:
+            reconcile(rt.db, rt.store, None, stale_after_s=rt.settings.republish_after_s, job_id=taken[0])
+    return n
+
+
+def _run_with_retries(rt: Runtime, job_id: str, chunk_no: int, retries: int) -> ChunkResult | None:
+    for attempt in range(retries + 1):
+        try:
+            return run_chunk(rt, job_id, chunk_no)
+        except TransientError as e:
+            wait = min(30.0, 0.5 * 2**attempt)
+            log.warning("chunk %s/%d: %s; retry in %.1fs", job_id, chunk_no, e, wait)
+            time.sleep(wait)
+    log.error("chunk %s/%d: giving up for now; `aigc worker` picks it up again", job_id, chunk_no)
+    return None
+
+
+def serve(rt: Runtime, poll_s: float = 1.0, stop: Callable[[], bool] = lambda: False) -> None:
+    """``aigc worker`` with no broker: poll the outbox forever."""
+    while not stop():
+        if drain(rt) == 0:
+            time.sleep(poll_s)

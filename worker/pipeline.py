@@ -1,0 +1,253 @@
+"""The batch pipeline: claim a chunk's items, generate in micro-batches, store objects, commit rows."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import insert, or_, and_, select, update
+
+from aigc_core import __version__
+from aigc_core.errors import ModelLoadError, TransientError
+from aigc_core.jobs import finalize_if_done, item_key, job_prefix, record_event
+from aigc_core.registry import ModelRef, resolve
+from aigc_core.schema import Artifact, Item, ItemStatus, Job, JobStatus, utcnow
+from aigc_models import GenRequest, Output
+from worker.provenance import library_versions
+from worker.runtime import Runtime
+
+log = logging.getLogger("aigc.worker")
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    index: int
+    custom_id: str
+    prompt: str
+    params: dict[str, Any]
+    seed: int
+    attempts: int
+
+
+@dataclass
+class ChunkResult:
+    job_id: str
+    chunk_no: int
+    claimed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    final_status: str | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    id: str
+    kind: str
+    params: dict[str, Any]
+    model: ModelRef
+
+
+def run_chunk(rt: Runtime, job_id: str, chunk_no: int) -> ChunkResult:
+    """Run one chunk; safe to call twice for the same chunk (a redelivered message does no double work)."""
+    res = ChunkResult(job_id, chunk_no)
+    job, token, items = claim(rt, job_id, chunk_no)
+    res.claimed = len(items)
+    if items:
+        log.info("claimed %d items", len(items), extra={"job_id": job_id, "chunk": chunk_no})
+        try:
+            _generate_chunk(rt, job, token, items, res)
+        except TransientError:
+            release(rt, token)  # back to pending: the retry (or the reconciler) claims them again
+            raise
+    res.final_status = getattr(finalize_if_done(rt.db, rt.store, job_id), "value", None)
+    return res
+
+
+def claim(rt: Runtime, job_id: str, chunk_no: int) -> tuple[JobInfo | None, str, list[Claimed]]:
+    """One statement: unfinished items become ours (status running, a lease, attempt + 1)."""
+    token, now = uuid.uuid4().hex, utcnow()
+    with rt.db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status.final:
+            return None, token, []
+        rows = s.execute(
+            update(Item)
+            .where(
+                Item.job_id == job_id, Item.chunk_no == chunk_no,
+                or_(Item.status == ItemStatus.pending,
+                    and_(Item.status == ItemStatus.running, Item.lease_until < now)),
+            )
+            .values(status=ItemStatus.running, attempts=Item.attempts + 1, claim_token=token,
+                    lease_until=now + timedelta(seconds=rt.settings.lease_s), worker=rt.worker_id, started_at=now)
+            .returning(Item.id, Item.index, Item.custom_id, Item.prompt, Item.params, Item.seed, Item.attempts)
+            .execution_options(synchronize_session=False)
+        ).all()
+        if not rows:
+            return None, token, []
+        if job.status == JobStatus.queued:
+            s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.queued)
+                      .values(status=JobStatus.running, started_at=now))
+        info = JobInfo(job.id, job.kind, dict(job.params or {}), resolve(s, f"{job.model_name}@{job.model_version}"))
+    items = sorted((Claimed(*r) for r in rows), key=lambda c: c.index)
+    # Items that already used up their attempts (they crashed a worker each time) fail now.
+    poison = [c for c in items if c.attempts > rt.settings.max_attempts]
+    if poison:
+        _fail(rt, token, {c.id: f"gave up after {c.attempts - 1} attempts (the worker died each time)"
+                          for c in poison})
+    return info, token, [c for c in items if c.attempts <= rt.settings.max_attempts]
+
+
+def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed], res: ChunkResult) -> None:
+    try:
+        loaded = rt.pool.get(job.model)
+    except ModelLoadError as e:
+        _fail(rt, token, {c.id: f"model load failed: {e}" for c in items})
+        res.failed += len(items)
+        return
+    if loaded.loaded_now:
+        with rt.db.session() as s:
+            record_event(s, job.id, "model_loaded", model=job.model.tag, worker=rt.worker_id,
+                         seconds=round(loaded.load_seconds, 3), device=rt.device)
+    model = loaded.model
+    # Similar lengths together: less padding per batch. Seeds are per item, so order does not matter.
+    ordered = sorted(items, key=lambda c: len(c.prompt))
+    size = max(1, int(rt.settings.micro_batch_size))
+    for start in range(0, len(ordered), size):
+        if _cancelled(rt, job.id):
+            n = _cancel_rest(rt, token)
+            res.cancelled += n
+            return
+        batch = ordered[start : start + size]
+        outputs = _generate_isolated(model, job, batch)
+        _store_and_commit(rt, job, token, batch, outputs, model, res)
+
+
+def _requests(job: JobInfo, batch: list[Claimed]) -> list[GenRequest]:
+    defaults = {k: v for k, v in job.model.defaults.items() if k != "dtype"}
+    return [GenRequest(c.index, c.prompt, {**defaults, **job.params, **c.params}, c.seed) for c in batch]
+
+
+def _generate_isolated(model, job: JobInfo, batch: list[Claimed]) -> list[tuple[Output | None, str | None, float]]:
+    """Generate a batch; if it fails, each item alone, so one bad item never fails its neighbours."""
+    t0 = time.perf_counter()
+    try:
+        outs = model.generate(_requests(job, batch))
+        per = (time.perf_counter() - t0) / len(batch)
+        return [(o, None, per) for o in outs]
+    except Exception as e:  # a backend may raise anything; isolate before judging
+        if len(batch) == 1:
+            log.warning("item %d failed: %s", batch[0].index, e, extra={"job_id": job.id})
+            return [(None, f"{type(e).__name__}: {e}", time.perf_counter() - t0)]
+    return [r for c in batch for r in _generate_isolated(model, job, [c])]
+
+
+def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed], outputs, model,
+                      res: ChunkResult) -> None:
+    ok = [(c, o, secs) for c, (o, err, secs) in zip(batch, outputs) if o is not None]
+    failures = {c.id: err for c, (o, err, _) in zip(batch, outputs) if o is None}
+    with ThreadPoolExecutor(max_workers=max(1, rt.settings.storage_workers)) as ex:
+        artifacts = list(ex.map(lambda a: _store_one(rt, job, model, *a), ok))
+    with rt.db.session() as s:
+        done = set()
+        if artifacts:
+            done = set(s.scalars(
+                update(Item).where(Item.id.in_([a["item_id"] for a in artifacts]),
+                                   Item.claim_token == token, Item.status == ItemStatus.running)
+                .values(status=ItemStatus.succeeded, finished_at=utcnow(), lease_until=None, error=None)
+                .returning(Item.id).execution_options(synchronize_session=False)
+            ))
+            rows = [a for a in artifacts if a["item_id"] in done]
+            if rows:
+                s.execute(insert(Artifact), rows)
+        _fail_in(s, token, failures)
+        # Heartbeat: the rest of the chunk keeps its lease while we work.
+        s.execute(update(Item).where(Item.claim_token == token, Item.status == ItemStatus.running)
+                  .values(lease_until=utcnow() + timedelta(seconds=rt.settings.lease_s))
+                  .execution_options(synchronize_session=False))
+    res.succeeded += len(done)
+    res.failed += len(failures)
+    for err in failures.values():
+        res.errors[err] = res.errors.get(err, 0) + 1
+
+
+def _store_one(rt: Runtime, job: JobInfo, model, c: Claimed, out: Output, gen_seconds: float) -> dict[str, Any]:
+    """Object first, then its provenance sidecar; the database row comes after both."""
+    t0 = time.perf_counter()
+    key = item_key(job.id, c.index, out.ext)
+    sha = hashlib.sha256(out.data).hexdigest()
+    prov = provenance(rt, job, model, c, out, sha, gen_seconds)
+    info = rt.store.put(key, out.data, out.media_type)
+    prov["timings"]["store_s"] = round(time.perf_counter() - t0, 4)
+    sidecar = f"{job_prefix(job.id)}/items/{c.index:06d}.json"
+    rt.store.put(sidecar, _json(prov), "application/json")
+    return {"item_id": c.id, "job_id": job.id, "key": key, "uri": info.uri, "sha256": sha,
+            "size": len(out.data), "media_type": out.media_type, "provenance": prov}
+
+
+def provenance(rt: Runtime, job: JobInfo, model, c: Claimed, out: Output, sha: str, gen_seconds: float) -> dict:
+    ref = job.model
+    return {
+        "job_id": job.id, "item_index": c.index, "custom_id": c.custom_id, "attempt": c.attempts,
+        "model": {"name": ref.name, "version": ref.version, "uri": ref.uri, "revision": ref.revision,
+                  "weights_digest": ref.digest, "backend": ref.backend, **model.describe()},
+        "params": _requests(job, [c])[0].params, "seed": c.seed,
+        "prompt_sha256": hashlib.sha256(c.prompt.encode()).hexdigest(),
+        "worker": rt.worker_id, "device": rt.device,
+        "versions": {"aigc_runner": __version__, **library_versions()},
+        "timings": {"generate_s": round(gen_seconds, 4)},
+        "output": {"sha256": sha, "size": len(out.data), "media_type": out.media_type, **out.info},
+        "created_at": utcnow().isoformat(),
+    }
+
+
+def _json(d: dict) -> bytes:
+    import json
+
+    return json.dumps(d, ensure_ascii=False, indent=1, sort_keys=True).encode()
+
+
+def _fail_in(s, token: str, failures: dict[int, str]) -> None:
+    by_reason: dict[str, list[int]] = {}
+    for item_id, reason in failures.items():
+        by_reason.setdefault(reason[:2000], []).append(item_id)
+    for reason, ids in by_reason.items():
+        s.execute(update(Item).where(Item.id.in_(ids), Item.claim_token == token, Item.status == ItemStatus.running)
+                  .values(status=ItemStatus.failed, error=reason, finished_at=utcnow(), lease_until=None)
+                  .execution_options(synchronize_session=False))
+
+
+def _fail(rt: Runtime, token: str, failures: dict[int, str]) -> None:
+    with rt.db.session() as s:
+        _fail_in(s, token, failures)
+
+
+def release(rt: Runtime, token: str) -> None:
+    """Give uncommitted items back (pending, no lease) after a transient fault."""
+    with rt.db.session() as s:
+        s.execute(update(Item).where(Item.claim_token == token, Item.status == ItemStatus.running)
+                  .values(status=ItemStatus.pending, lease_until=None, claim_token=None)
+                  .execution_options(synchronize_session=False))
+
+
+def _cancelled(rt: Runtime, job_id: str) -> bool:
+    with rt.db.session() as s:
+        return s.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.cancelled
+
+
+def _cancel_rest(rt: Runtime, token: str) -> int:
+    with rt.db.session() as s:
+        return s.execute(update(Item).where(Item.claim_token == token, Item.status == ItemStatus.running)
+                         .values(status=ItemStatus.cancelled, finished_at=utcnow(), lease_until=None)
+                         .execution_options(synchronize_session=False)).rowcount

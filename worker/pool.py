@@ -1,0 +1,57 @@
+"""Pinned models: each loaded once per process, least recently used evicted under a memory budget."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aigc_core.registry import ModelRef
+from aigc_models import Generator
+
+
+@dataclass(frozen=True)
+class Loaded:
+    model: Generator
+    load_seconds: float
+    loaded_now: bool
+
+
+class ModelPool:
+    """Keyed by name@version, so a pinned old version stays valid next to a newer one."""
+
+    def __init__(self, loader: Callable[[ModelRef], Generator], budget_bytes: int):
+        self._loader = loader
+        self._budget = budget_bytes
+        self._models: OrderedDict[str, tuple[Generator, float]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads: Counter[str] = Counter()
+        self.evictions: Counter[str] = Counter()
+
+    def get(self, ref: ModelRef) -> Loaded:
+        with self._lock:
+            if ref.tag in self._models:
+                self._models.move_to_end(ref.tag)
+                model, secs = self._models[ref.tag]
+                return Loaded(model, secs, False)
+            t0 = time.perf_counter()
+            model = self._loader(ref)
+            secs = time.perf_counter() - t0
+            self.loads[ref.tag] += 1
+            self._models[ref.tag] = (model, secs)
+            self._evict(keep=ref.tag)
+            return Loaded(model, secs, True)
+
+    def _evict(self, keep: str) -> None:
+        while len(self._models) > 1 and self.memory_bytes() > self._budget:
+            tag = next(t for t in self._models if t != keep)
+            del self._models[tag]
+            self.evictions[tag] += 1
+
+    def memory_bytes(self) -> int:
+        return sum(m.memory_bytes() for m, _ in self._models.values())
+
+    def pinned(self) -> list[str]:
+        return list(self._models)

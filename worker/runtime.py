@@ -1,0 +1,62 @@
+"""One runtime per worker process, built after fork: database, object store, model pool."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from functools import cached_property
+
+from aigc_core.db import Database
+from aigc_core.errors import ModelLoadError
+from aigc_core.registry import ModelRef, materialize
+from aigc_core.settings import Settings
+from aigc_core.storage import ObjectStore, open_store
+from aigc_models import Generator, load_backend
+from aigc_models.base import BackendError
+from worker.pool import ModelPool
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    store: ObjectStore
+
+    @cached_property
+    def worker_id(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    @cached_property
+    def device(self) -> str:
+        from aigc_models.device import resolve_device  # imports torch: only once a model is needed
+
+        return resolve_device(self.settings.device)
+
+    @cached_property
+    def pool(self) -> ModelPool:
+        return ModelPool(self._load, self.settings.model_memory_budget_mb * 2**20)
+
+    def _load(self, ref: ModelRef) -> Generator:
+        path = materialize(ref, self.settings.cache_dir, endpoint_url=self.settings.s3_endpoint_url)
+        try:
+            return load_backend(ref.backend, path, self.device, ref.defaults.get("dtype"))
+        except BackendError as e:
+            raise ModelLoadError(f"{ref.tag}: {e}") from e
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Runtime:
+        db = Database(settings.database_url)  # never an engine inherited across fork
+        store = open_store(settings.storage_url, settings.s3_endpoint_url, settings.s3_region)
+        return cls(settings, db, store)
+
+
+_runtime: tuple[int, Runtime] | None = None
+
+
+def get_runtime(settings: Settings | None = None) -> Runtime:
+    """The process's runtime; a forked child builds its own instead of sharing the parent's."""
+    global _runtime
+    if _runtime is None or _runtime[0] != os.getpid():
+        _runtime = (os.getpid(), Runtime.from_settings(settings or Settings()))
+    return _runtime[1]
