@@ -8,10 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from aigc_models.base import BackendError, GenRequest, Output
 from aigc_models.device import default_dtype
+
+transformers.logging.set_verbosity_error()  # a batch worker's log is for its own events
+transformers.logging.disable_progress_bar()
 
 TEXT_DEFAULTS: dict[str, Any] = {
     "max_new_tokens": 128, "temperature": 1.0, "top_p": 1.0, "top_k": 0,

@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
+
+transformers.logging.set_verbosity_error()  # a batch worker's log is for its own events
+transformers.logging.disable_progress_bar()
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:

@@ -22,7 +22,7 @@ models_app = typer.Typer(no_args_is_help=True, help="The model registry.")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one error, one line, whatever the width
 
 
 def main() -> None:
@@ -282,3 +282,7 @@ def _show_job(v) -> None:
               f"{c['cancelled']} cancelled", highlight=False)
     if v.manifest_uri:
         out.print(f"manifest: {v.manifest_uri}", highlight=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -155,8 +155,11 @@ def _generate_isolated(model, job: JobInfo, batch: list[Claimed]) -> list[tuple[
 
 def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed], outputs, model,
                       res: ChunkResult) -> None:
+    mine = _still_claimed(rt, token, [c.id for c in batch])
+    # An item whose lease expired and was claimed by another delivery is theirs now: write nothing.
+    outputs = [r if c.id in mine else (None, None, 0.0) for c, r in zip(batch, outputs)]
     ok = [(c, o, secs) for c, (o, err, secs) in zip(batch, outputs) if o is not None]
-    failures = {c.id: err for c, (o, err, _) in zip(batch, outputs) if o is None}
+    failures = {c.id: err for c, (o, err, _) in zip(batch, outputs) if o is None and err is not None}
     with ThreadPoolExecutor(max_workers=max(1, rt.settings.storage_workers)) as ex:
         artifacts = list(ex.map(lambda a: _store_one(rt, job, model, *a), ok))
     with rt.db.session() as s:
@@ -180,6 +183,12 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
     res.failed += len(failures)
     for err in failures.values():
         res.errors[err] = res.errors.get(err, 0) + 1
+
+
+def _still_claimed(rt: Runtime, token: str, ids: list[int]) -> set[int]:
+    with rt.db.session() as s:
+        return set(s.scalars(select(Item.id).where(Item.id.in_(ids), Item.claim_token == token,
+                                                   Item.status == ItemStatus.running)))
 
 
 def _store_one(rt: Runtime, job: JobInfo, model, c: Claimed, out: Output, gen_seconds: float) -> dict[str, Any]:

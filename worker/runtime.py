@@ -51,12 +51,13 @@ class Runtime:
         return cls(settings, db, store)
 
 
-_runtime: tuple[int, Runtime] | None = None
+_runtimes: dict[tuple[int, str], Runtime] = {}
 
 
 def get_runtime(settings: Settings | None = None) -> Runtime:
-    """The process's runtime; a forked child builds its own instead of sharing the parent's."""
-    global _runtime
-    if _runtime is None or _runtime[0] != os.getpid():
-        _runtime = (os.getpid(), Runtime.from_settings(settings or Settings()))
-    return _runtime[1]
+    """One runtime per process and settings; a forked child builds its own instead of sharing the parent's."""
+    settings = settings or Settings()
+    key = (os.getpid(), settings.model_dump_json())
+    if key not in _runtimes:
+        _runtimes[key] = Runtime.from_settings(settings)
+    return _runtimes[key]

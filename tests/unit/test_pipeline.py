@@ -1,0 +1,207 @@
+"""The batch pipeline with a fake backend: isolation, redelivery, leases, cancellation, faults."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select, update
+
+from aigc_core.errors import ModelLoadError, StorageError, TransientError
+from aigc_core.schema import Artifact, Item, ItemStatus, JobStatus, utcnow
+from aigc_models import Output
+from worker.pipeline import run_chunk
+from worker.pool import ModelPool
+from worker.runtime import Runtime
+
+
+class FakeGen:
+    """Reverses the prompt; raises on prompts containing BOOM; can call a hook per batch."""
+
+    device = "cpu"
+
+    def __init__(self, hook=None):
+        self.calls: list[list[int]] = []
+        self.hook = hook
+
+    def generate(self, reqs):
+        self.calls.append([r.index for r in reqs])
+        if self.hook:
+            self.hook(len(self.calls))
+        if any("BOOM" in r.prompt for r in reqs):
+            raise RuntimeError("the backend exploded")
+        return [Output(r.prompt[::-1].encode(), "text/plain; charset=utf-8", "txt", {"seed": r.seed}) for r in reqs]
+
+    def memory_bytes(self):
+        return 1
+
+    def describe(self):
+        return {"class": "FakeGen"}
+
+
+class CountingStore:
+    def __init__(self, inner, fail_puts: int = 0):
+        self.inner, self.puts, self.fail_puts = inner, [], fail_puts
+
+    def put(self, key, data, content_type="application/octet-stream"):
+        if self.fail_puts > 0:
+            self.fail_puts -= 1
+            raise StorageError("S3 is down")
+        self.puts.append(key)
+        return self.inner.put(key, data, content_type)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def runtime(client, gen, store=None, **overrides) -> Runtime:
+    settings = client.settings.model_copy(update=overrides)
+    rt = Runtime(settings, client.db, store or CountingStore(client.store))
+    rt.__dict__["pool"] = ModelPool(lambda ref: gen, 1 << 40)
+    rt.__dict__["device"] = "cpu"
+    return rt
+
+
+def items(client, job_id):
+    with client.db.session() as s:
+        return {i.custom_id: i for i in s.scalars(select(Item).where(Item.job_id == job_id))}
+
+
+def submit(client, prompts, **kw):
+    return client.submit("text", model="tiny", items=[{"custom_id": f"c{i}", "prompt": p}
+                                                      for i, p in enumerate(prompts)], **kw)
+
+
+def test_one_bad_item_fails_alone_with_its_reason(client):
+    job = submit(client, ["one", "two BOOM", "three", "four"])
+    rt = runtime(client, FakeGen())
+    res = run_chunk(rt, job.id, 0)
+    assert (res.succeeded, res.failed) == (3, 1)
+    it = items(client, job.id)
+    assert it["c1"].status == ItemStatus.failed and "the backend exploded" in it["c1"].error
+    assert {it[c].status for c in ("c0", "c2", "c3")} == {ItemStatus.succeeded}
+    view = client.status(job.id)
+    assert view.status == JobStatus.partially_failed
+    errors = rt.store.get(f"jobs/{job.id}/errors.jsonl").decode().splitlines()
+    assert [json.loads(e)["custom_id"] for e in errors] == ["c1"]
+
+
+def test_redelivered_chunk_writes_each_output_once(client):
+    job = submit(client, ["a", "b", "c", "d"])
+    rt = runtime(client, FakeGen())
+    first = run_chunk(rt, job.id, 0)
+    puts_after_first = list(rt.store.puts)
+    second = run_chunk(rt, job.id, 0)
+    assert (first.claimed, second.claimed) == (4, 0)
+    assert [k for k in rt.store.puts if "/items/" in k] == [k for k in puts_after_first if "/items/" in k]
+    with client.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job.id)) == 4
+
+
+def test_a_chunk_running_elsewhere_is_not_claimed_until_its_lease_expires(client):
+    job = submit(client, ["a", "b"])
+    gen = FakeGen()
+    slow = runtime(client, gen)
+    other = runtime(client, gen)
+    state = {}
+
+    def redeliver_meanwhile(n):
+        if n == 1:  # while the first delivery generates: a second one claims nothing...
+            state["early"] = run_chunk(other, job.id, 0).claimed
+            with client.db.session() as s:  # ...until the first one's lease has expired
+                s.execute(update(Item).where(Item.job_id == job.id).values(lease_until=utcnow() - timedelta(1)))
+            state["late"] = run_chunk(other, job.id, 0).succeeded
+
+    gen.hook = redeliver_meanwhile
+    first = run_chunk(slow, job.id, 0)
+    assert state == {"early": 0, "late": 2}
+    assert first.succeeded == 0  # the first delivery lost its claim and committed nothing
+    with client.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job.id)) == 2
+    # ...and wrote nothing over the winner's objects: each sidecar matches its committed row.
+    assert not [k for k in slow.store.puts if "/items/" in k]
+    for r in client.results(job.id):
+        assert json.loads(client.store.get(r.key.replace(".txt", ".json"))) == r.provenance
+    assert client.status(job.id).status == JobStatus.succeeded
+
+
+def test_cancel_mid_chunk_keeps_finished_outputs_and_starts_nothing_new(client):
+    job = submit(client, ["a", "b", "c", "d"])  # one chunk of 4, micro-batches of 2
+    gen = FakeGen(hook=lambda n: client.cancel(job.id) if n == 1 else None)
+    res = run_chunk(runtime(client, gen), job.id, 0)
+    assert len(gen.calls) == 1
+    assert (res.succeeded, res.cancelled) == (2, 2)
+    view = client.status(job.id)
+    assert view.status == JobStatus.cancelled and view.final
+    assert view.counts["succeeded"] == 2 and view.counts["cancelled"] == 2
+    assert len([r for r in client.results(job.id) if r.uri]) == 2
+
+
+def test_a_storage_fault_gives_the_items_back_and_a_retry_completes(client):
+    job = submit(client, ["a", "b"])
+    rt = runtime(client, FakeGen(), store=CountingStore(client.store, fail_puts=1))
+    with pytest.raises(TransientError):
+        run_chunk(rt, job.id, 0)
+    assert {i.status for i in items(client, job.id).values()} == {ItemStatus.pending}
+    assert run_chunk(rt, job.id, 0).succeeded == 2
+    assert client.status(job.id).status == JobStatus.succeeded
+
+
+def test_a_model_that_fails_to_load_fails_its_items_with_the_reason(client):
+    job = submit(client, ["a", "b"])
+    rt = runtime(client, None)
+
+    def broken(ref):
+        raise ModelLoadError("weights are corrupt")
+
+    rt.__dict__["pool"] = ModelPool(broken, 1 << 30)
+    res = run_chunk(rt, job.id, 0)
+    assert res.failed == 2
+    assert all("weights are corrupt" in i.error for i in items(client, job.id).values())
+    assert client.status(job.id).status == JobStatus.failed
+
+
+def test_an_item_that_killed_the_worker_each_time_fails_after_max_attempts(client):
+    job = submit(client, ["a", "b"])
+    with client.db.session() as s:  # as if three deliveries died mid-chunk
+        s.execute(update(Item).where(Item.job_id == job.id, Item.custom_id == "c0")
+                  .values(status=ItemStatus.running, attempts=3, lease_until=utcnow() - timedelta(1)))
+    res = run_chunk(runtime(client, FakeGen(), max_attempts=3), job.id, 0)
+    it = items(client, job.id)
+    assert it["c0"].status == ItemStatus.failed and "gave up after 3 attempts" in it["c0"].error
+    assert it["c1"].status == ItemStatus.succeeded and res.succeeded == 1
+
+
+def test_retry_failed_runs_only_the_failed_items_again(client):
+    job = submit(client, ["ok", "BOOM"])
+    gen = FakeGen()
+    rt = runtime(client, gen)
+    run_chunk(rt, job.id, 0)
+    assert client.status(job.id).status == JobStatus.failed or client.status(job.id).counts["failed"] == 1
+    with client.db.session() as s:  # fix the poison so the retry can succeed
+        s.execute(update(Item).where(Item.job_id == job.id, Item.custom_id == "c1").values(prompt="fine now"))
+    assert client.retry_failed(job.id) == 1
+    gen.calls.clear()
+    run_chunk(rt, job.id, 0)
+    assert gen.calls == [[1]]
+    view = client.status(job.id)
+    assert view.status == JobStatus.succeeded and view.counts["succeeded"] == 2
+
+
+def test_provenance_is_in_the_sidecar_and_the_row(client):
+    job = submit(client, ["hello"], seed=40, params={"temperature": 0.5})
+    rt = runtime(client, FakeGen())
+    run_chunk(rt, job.id, 0)
+    (r,) = list(client.results(job.id))
+    sidecar = json.loads(rt.store.get(f"jobs/{job.id}/items/000000.json"))
+    assert sidecar == r.provenance
+    p = r.provenance
+    assert p["job_id"] == job.id and p["item_index"] == 0 and p["custom_id"] == "c0" and p["seed"] == 40
+    assert p["model"]["name"] == "tiny" and p["model"]["version"] == 1
+    assert p["model"]["weights_digest"].startswith("sha256:")
+    assert p["params"]["temperature"] == 0.5 and p["params"]["max_new_tokens"] == 8
+    assert p["output"]["sha256"] == r.sha256 and p["output"]["size"] == r.size == 5
+    assert "torch" in p["versions"] and p["versions"]["aigc_runner"]
+    assert p["worker"] and p["device"] == "cpu" and "generate_s" in p["timings"]
+    assert len(p["prompt_sha256"]) == 64
