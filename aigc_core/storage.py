@@ -102,7 +102,8 @@ class S3Store:
             read_timeout=60,
             s3={"addressing_style": "path"},
         )
-        self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=cfg)
+        # A session of its own: the default one caches the first credentials it resolved, process-wide.
+        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=cfg)
 
     def _full(self, key: str) -> str:
         check_key(key)

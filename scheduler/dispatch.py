@@ -30,5 +30,5 @@ class CeleryPublisher:
         # A short retry: when the broker is down the outbox keeps the chunk, the reconciler sends it later.
         self.app.send_task(
             TASK, args=[job_id, chunk_no], queue=queue, retry=True,
-            retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "timeout": 2},
+            retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
         )
