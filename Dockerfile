@@ -16,8 +16,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY . .
-# flower is not a runtime dependency of the package; the image carries it for the flower service.
-RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} . "flower==2.2.0" \
+RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} . \
  && useradd --create-home --uid 10001 aigc \
  && mkdir -p /cache \
  && chown aigc:aigc /cache

@@ -115,9 +115,10 @@ def _print_summary(console: Console, s: dict[str, Any], results, client) -> None
     t.add_row("items", f"{c['succeeded']} succeeded, {c['failed']} failed")
     t.add_row("model ready in", f"{s['model_seconds']} s" + (" (trained now)" if s["training"] else " (cached)"))
     t.add_row("job wall time", f"{s['job_seconds']} s ({s['items_per_s']} items/s)")
-    t.add_row("manifest", str(s["manifest"]))
-    t.add_row("outputs", str(results[0].uri.rsplit("/", 1)[0] if results and results[0].uri else "-"))
     console.print(t)
+    console.print(f"outputs:  {results[0].uri.rsplit('/', 1)[0] if results and results[0].uri else '-'}",
+                  highlight=False, soft_wrap=True)
+    console.print(f"manifest: {s['manifest']}", highlight=False, soft_wrap=True)
     ok = [r for r in results if r.uri]
     if ok:
         console.print(f"\n[bold]{ok[0].custom_id}[/bold] ({ok[0].uri}):\n")
