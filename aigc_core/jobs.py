@@ -12,8 +12,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from aigc_core.db import Database
-from aigc_core.errors import NotFound
-from aigc_core.schema import Artifact, Item, ItemStatus, Job, JobEvent, JobStatus, utcnow
+from aigc_core.errors import NotFound, SpecError
+from aigc_core.schema import Artifact, Chunk, ChunkStatus, Item, ItemStatus, Job, JobEvent, JobStatus, utcnow
 from aigc_core.storage import ObjectStore
 
 RESULT_PAGE = 1000
@@ -26,6 +26,11 @@ def job_prefix(job_id: str) -> str:
 def item_key(job_id: str, index: int, ext: str) -> str:
     """Object keys come from server ids only: a retry overwrites, never duplicates."""
     return f"{job_prefix(job_id)}/items/{index:06d}.{ext}"
+
+
+def sidecar_key(job_id: str, index: int) -> str:
+    """The provenance sidecar; its own suffix, so it never collides with a JSON output."""
+    return f"{job_prefix(job_id)}/items/{index:06d}.provenance.json"
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class JobView:
     finished_at: datetime | None
     metadata: dict[str, Any] = field(default_factory=dict)
     manifest_uri: str | None = None
+    progress: dict[str, Any] | None = None  # the last training event of a fine-tuning job
 
     @property
     def done(self) -> int:
@@ -84,9 +90,14 @@ def job_view(s: Session, job_id: str, store: ObjectStore | None = None) -> JobVi
     if job is None:
         raise NotFound(f"no job {job_id!r}")
     manifest = store.uri(f"{job_prefix(job_id)}/manifest.jsonl") if store and job.finished_at else None
+    progress = None
+    if job.kind == "finetune":
+        progress = s.scalar(select(JobEvent.data).where(JobEvent.job_id == job_id, JobEvent.type == "train")
+                            .order_by(JobEvent.id.desc()).limit(1))
+    version = job.model_version if job.model_version is not None else "?"
     return JobView(
-        job.id, job.kind, f"{job.model_name}@{job.model_version}", job.status, item_counts(s, job_id),
-        job.item_count, job.created_at, job.started_at, job.finished_at, dict(job.meta or {}), manifest,
+        job.id, job.kind, f"{job.model_name}@{version}", job.status, item_counts(s, job_id),
+        job.item_count, job.created_at, job.started_at, job.finished_at, dict(job.meta or {}), manifest, progress,
     )
 
 
@@ -154,3 +165,46 @@ def finalize_if_done(db: Database, store: ObjectStore, job_id: str) -> JobStatus
         if done:
             record_event(s, job_id, "finished", status=status.value, counts=counts)
     return status if done else None
+
+
+def release_ready(db: Database, store: ObjectStore, job_id: str | None = None) -> list[tuple[str, int, str]]:
+    """Release waiting jobs whose dependencies are all final; returns their chunks, now in the outbox.
+
+    A dependency that had to succeed and did not fails the waiting job's items with the reason.
+    """
+    from aigc_core.registry import resolve  # imported here: registry is the heavier module
+
+    released: list[tuple[str, int, str]] = []
+    failed_jobs = []
+    with db.session() as s:
+        q = select(Job).where(Job.status == JobStatus.waiting).order_by(Job.created_at).limit(1000)
+        for job in s.scalars(q.where(Job.id == job_id) if job_id else q):
+            deps = {d["job"]: d["require"] for d in job.depends_on or []}
+            states = dict(s.execute(select(Job.id, Job.status).where(Job.id.in_(list(deps)),
+                                                                     Job.finished_at.is_not(None))).all())
+            if len(states) < len(deps):
+                continue
+            reason = next((f"job {d} it waited for ended {states[d].value}" for d, req in deps.items()
+                           if req == "succeeded" and states[d] != JobStatus.succeeded), None)
+            if reason is None and job.model_version is None:
+                try:
+                    ref = resolve(s, job.model_name)
+                    job.model_version, job.queue = ref.version, ref.queue
+                except SpecError:
+                    reason = f"model {job.model_name!r} was never registered by the jobs it waited for"
+            job.status = JobStatus.queued
+            if reason is not None:
+                s.execute(update(Item).where(Item.job_id == job.id, Item.status == ItemStatus.pending)
+                          .values(status=ItemStatus.failed, error=reason, finished_at=utcnow()))
+                record_event(s, job.id, "released", failed=reason)
+                failed_jobs.append(job.id)
+                continue
+            chunks = list(s.scalars(select(Chunk.chunk_no).where(Chunk.job_id == job.id,
+                                                                 Chunk.status == ChunkStatus.held)))
+            s.execute(update(Chunk).where(Chunk.job_id == job.id, Chunk.status == ChunkStatus.held)
+                      .values(status=ChunkStatus.pending))
+            record_event(s, job.id, "released", chunks=len(chunks))
+            released += [(job.id, c, job.queue) for c in chunks]
+    for jid in failed_jobs:
+        finalize_if_done(db, store, jid)
+    return released

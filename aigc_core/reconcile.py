@@ -10,7 +10,7 @@ from datetime import timedelta
 from sqlalchemy import and_, select, tuple_, update
 
 from aigc_core.db import Database
-from aigc_core.jobs import finalize_if_done
+from aigc_core.jobs import finalize_if_done, release_ready
 from aigc_core.schema import OPEN_ITEM_STATES, Chunk, ChunkStatus, Item, ItemStatus, Job, utcnow
 from aigc_core.storage import ObjectStore
 
@@ -27,6 +27,7 @@ class ReconcileReport:
     expired_leases: int = 0
     stale_chunks: int = 0
     finalized: list[str] = field(default_factory=list)
+    released: int = 0
 
 
 def publish_chunks(db: Database, publish: Publish, chunks: Iterable[tuple[str, int, str]]) -> tuple[int, int]:
@@ -58,6 +59,7 @@ def reconcile(db: Database, store: ObjectStore, publish: Publish | None, *, stal
     With ``publish=None`` (the embedded worker) chunks are put back in the outbox instead.
     """
     rep = ReconcileReport()
+    rep.released = len(release_ready(db, store, job_id))
     now = utcnow()
     with db.session() as s:
         scope = [Item.job_id == job_id] if job_id else []
@@ -88,9 +90,13 @@ def reconcile(db: Database, store: ObjectStore, publish: Publish | None, *, stal
                                  *([Job.id == job_id] if job_id else []))
             .order_by(Job.created_at).limit(1000)
         ))
-    if publish is not None and pending:
-        rep.published, rep.publish_failed = publish_chunks(db, publish, [tuple(r) for r in pending])
     for jid in done_jobs:
         if finalize_if_done(db, store, jid):
             rep.finalized.append(jid)
+    if rep.finalized:  # jobs waiting for these can start now, in this same pass
+        released = release_ready(db, store)
+        rep.released += len(released)
+        pending = [*pending, *released]
+    if publish is not None and pending:
+        rep.published, rep.publish_failed = publish_chunks(db, publish, [tuple(r) for r in pending])
     return rep

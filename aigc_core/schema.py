@@ -48,6 +48,7 @@ class Base(DeclarativeBase):
 
 
 class JobStatus(str, Enum):
+    waiting = "waiting"  # for the jobs it depends on (after=, or items from another job's outputs)
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
@@ -77,6 +78,7 @@ OPEN_ITEM_STATES = (ItemStatus.pending, ItemStatus.running)
 
 
 class ChunkStatus(str, Enum):
+    held = "held"  # its job is waiting for another job
     pending = "pending"  # in the outbox, not yet on the broker
     published = "published"
 
@@ -111,7 +113,8 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     kind: Mapped[str] = mapped_column(String(16))
     model_name: Mapped[str] = mapped_column(String(128))
-    model_version: Mapped[int] = mapped_column(Integer)
+    # None while waiting for a fine-tune that registers the model; fixed when the job is released.
+    model_version: Mapped[int | None] = mapped_column(Integer)
     queue: Mapped[str] = mapped_column(String(64))
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_status"), index=True)
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -121,6 +124,8 @@ class Job(Base):
     payload_digest: Mapped[str] = mapped_column(String(64))
     item_count: Mapped[int] = mapped_column(Integer)
     chunk_size: Mapped[int] = mapped_column(Integer)
+    # [{"job": id, "require": "succeeded" | "final"}]: released when every one is final.
+    depends_on: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -143,6 +148,8 @@ class Item(Base):
     chunk_no: Mapped[int] = mapped_column(Integer)
     custom_id: Mapped[str] = mapped_column(String(128))
     prompt: Mapped[str] = mapped_column(Text)
+    # {"job": id, "custom_id": ...}: the prompt is that item's text output, read when the item runs.
+    source: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     seed: Mapped[int] = mapped_column(BigInteger)
     status: Mapped[ItemStatus] = mapped_column(_enum(ItemStatus, "item_status"))

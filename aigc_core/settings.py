@@ -18,6 +18,10 @@ class Limits(BaseSettings):
     max_new_tokens: int = 1024
     max_custom_id_chars: int = 128
     max_metadata_bytes: int = 16_384
+    max_image_pixels: int = 1024 * 1024
+    max_inference_steps: int = 200
+    max_tts_chars: int = 5_000
+    max_audio_seconds: float = 600.0
 
 
 class Settings(BaseSettings):

@@ -32,15 +32,52 @@ class TextParams(BaseModel):
     echo: bool = False
 
 
-PARAMS_BY_KIND: dict[str, type[BaseModel]] = {"text": TextParams}
+class ImageParams(BaseModel):
+    """Image parameters; None leaves the backend's (or the checkpoint's) default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
+    height: int | None = Field(None, ge=8, multiple_of=8)
+    width: int | None = Field(None, ge=8, multiple_of=8)
+    negative_prompt: str | None = None
+    digit: int | None = Field(None, ge=0, le=9)  # the built-in digits models
+
+
+class AudioParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    voice: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+\-]+$")
+    rate: int | None = Field(None, ge=80, le=450)  # words per minute (espeak)
+    pitch: int | None = Field(None, ge=0, le=99)
+    speaking_rate: float | None = Field(None, gt=0.0, le=4.0)  # VITS length scale inverse
+
+
+PARAMS_BY_KIND: dict[str, type[BaseModel]] = {"text": TextParams, "image": ImageParams, "audio": AudioParams}
+
+
+class SourceRef(BaseModel):
+    """An item whose input is another job's text output, read when the item runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job: str = Field(min_length=1, max_length=32)
+    custom_id: str = Field(min_length=1, max_length=128)
 
 
 class ItemSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     custom_id: str | None = None
-    prompt: str
+    prompt: str = ""
+    text: str | None = None  # audio items may say "text"; it is the prompt
+    source: SourceRef | None = Field(None, alias="from")
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def input_text(self) -> str:
+        return self.text if self.text is not None else self.prompt
 
     @field_validator("custom_id")
     @classmethod
@@ -61,10 +98,16 @@ class JobSpec(BaseModel):
     idempotency_key: str | None = Field(None, min_length=1, max_length=200)
     metadata: dict[str, Any] = Field(default_factory=dict)
     chunk_size: int | None = Field(None, ge=1, le=10_000)
+    after: list[str] = Field(default_factory=list, max_length=16)
+
+    @field_validator("after", mode="before")
+    @classmethod
+    def _after(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else (v or [])
 
     def payload_digest(self) -> str:
         """What the idempotency key protects: everything but the key itself."""
-        body = self.model_dump(mode="json", exclude={"idempotency_key"})
+        body = self.model_dump(mode="json", exclude={"idempotency_key"}, by_alias=True)
         raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(raw.encode()).hexdigest()
 
@@ -124,13 +167,32 @@ def check_limits(spec: JobSpec, limits: Limits, model_defaults: dict[str, Any]) 
         if cid in seen:
             raise SpecError(f"items[{i}].custom_id: {cid!r} duplicates items[{seen[cid]}]")
         seen[cid] = i
-        size = len(item.prompt.encode())
+        if item.text is not None and item.prompt:
+            raise SpecError(f"items[{i}]: give text or prompt, not both")
+        if item.source is not None and item.input_text:
+            raise SpecError(f"items[{i}]: an item with 'from' takes its text from that job; give no prompt")
+        if item.source is None and not item.input_text and spec.kind != "image":
+            raise SpecError(f"items[{i}].prompt: a {spec.kind} item needs a prompt (or 'from')")
+        size = len(item.input_text.encode())
         if size > limits.max_prompt_bytes:
             raise SpecError(f"items[{i}].prompt: {size} bytes is over the limit of {limits.max_prompt_bytes}")
+        if spec.kind == "audio" and len(item.input_text) > limits.max_tts_chars:
+            raise SpecError(f"items[{i}].text: {len(item.input_text)} characters is over the limit of "
+                            f"{limits.max_tts_chars} for speech")
         p = job_params
         if item.params:
             p = effective_params(spec.kind, model_defaults, spec.params, item.params, where=f"items[{i}].params")
-        if spec.kind == "text" and p.max_new_tokens > limits.max_new_tokens:
-            raise SpecError(
-                f"items[{i}].params.max_new_tokens: {p.max_new_tokens} is over the limit of {limits.max_new_tokens}"
-            )
+        _check_param_limits(spec.kind, p, limits, f"items[{i}].params" if item.params else "params")
+
+
+def _check_param_limits(kind: str, p: BaseModel, limits: Limits, where: str) -> None:
+    if kind == "text" and p.max_new_tokens > limits.max_new_tokens:
+        raise SpecError(f"{where}.max_new_tokens: {p.max_new_tokens} is over the limit of {limits.max_new_tokens}")
+    if kind == "image":
+        if p.num_inference_steps is not None and p.num_inference_steps > limits.max_inference_steps:
+            raise SpecError(f"{where}.num_inference_steps: {p.num_inference_steps} is over the limit of "
+                            f"{limits.max_inference_steps}")
+        pixels = (p.height or 0) * (p.width or 0)
+        if pixels > limits.max_image_pixels:
+            raise SpecError(f"{where}: {p.width}x{p.height} is {pixels} pixels, over the limit of "
+                            f"{limits.max_image_pixels}")

@@ -175,3 +175,26 @@ def open_store(url: str, endpoint_url: str | None = None, region: str | None = N
             raise SpecError(f"storage URL {url!r} names no bucket")
         return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region)
     raise SpecError(f"storage URL {url!r}: use file://DIR or s3://bucket/prefix")
+
+
+def download_uri(uri: str, dest: Path, *, endpoint_url: str | None = None) -> Path:
+    """Fetch ``s3://bucket/key`` or ``file:///path`` to ``dest`` (datasets and other inputs by URI)."""
+    parsed = urlparse(uri)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if parsed.scheme == "file":
+        src = Path(uri.removeprefix("file://"))
+        if not src.is_file():
+            raise NotFound(f"no file {src}")
+        if src.resolve() != dest.resolve():
+            dest.write_bytes(src.read_bytes())
+        return dest
+    if parsed.scheme == "s3":
+        store = S3Store(parsed.netloc, endpoint_url=endpoint_url)
+        try:
+            store.client.download_file(parsed.netloc, parsed.path.lstrip("/"), str(dest))
+        except Exception as e:
+            if "404" in str(e) or "Not Found" in str(e):
+                raise NotFound(f"no object {uri}") from None
+            raise StorageError(f"download {uri} failed: {e}") from e
+        return dest
+    raise SpecError(f"cannot read {uri!r}: use s3://bucket/key or file:///path")

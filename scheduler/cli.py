@@ -155,6 +155,23 @@ def status(job: Annotated[Optional[str], typer.Argument()] = None,
 
 
 @app.command()
+def finetune(
+    base: Annotated[str, typer.Option(help="base model name or name@version")],
+    dataset: Annotated[str, typer.Option(help="JSONL {\"text\"} or plain text: a path, file:// or s3://")],
+    output: Annotated[str, typer.Option(help="name the fine-tuned model is registered under")],
+    param: Annotated[list[str], typer.Option("--param", "-p", help="hyperparameter NAME=VALUE, repeatable")] = [],
+    key: Annotated[Optional[str], typer.Option("--idempotency-key")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="wait and show step / loss")] = False,
+) -> None:
+    """Fine-tune a text model; on success OUTPUT gets a new registered version with its lineage."""
+    client = _client()
+    job = client.finetune(base, dataset, output, _parse_params(param), idempotency_key=key)
+    out.print(job.id)
+    if wait:
+        _show_job(client.wait(job.id, progress=True))
+
+
+@app.command()
 def wait(job: str, timeout: Optional[float] = None) -> None:
     """Wait for a job with a progress bar (runs it here when no broker is configured)."""
     view = _client().wait(job, progress=True, timeout=timeout)
@@ -248,6 +265,15 @@ def models_list() -> None:
     out.print(t)
 
 
+@models_app.command("show")
+def models_show(name: str) -> None:
+    """Every version of NAME with its URI, digest and lineage."""
+    rows = [m for m in _client().models() if m["name"] == name]
+    if not rows:
+        raise NotFound(f"unknown model {name!r}")
+    out.print_json(json.dumps(rows, default=str))
+
+
 @models_app.command("register")
 def models_register(name: str, uri: str, kind: str = "text",
                     backend: Annotated[Optional[str], typer.Option()] = None) -> None:
@@ -280,6 +306,9 @@ def _show_job(v) -> None:
     out.print(f"job {v.id}  {v.kind}  {v.model}  [bold]{v.status.value}[/bold]  "
               f"{v.done}/{v.item_count} done: {c['succeeded']} ok, {c['failed']} failed, "
               f"{c['cancelled']} cancelled", highlight=False)
+    if v.progress:
+        out.print("training: " + ", ".join(f"{k}={v.progress[k]}" for k in ("step", "loss", "eval_loss")
+                                           if k in v.progress), highlight=False)
     if v.manifest_uri:
         out.print(f"manifest: {v.manifest_uri}", highlight=False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -14,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 
 from aigc_core.db import Database, database
 from aigc_core.errors import IdempotencyConflict, NotFound, SpecError
-from aigc_core.jobs import JobView, Result, item_counts, iter_results, job_prefix, job_view, record_event
+from aigc_core.jobs import JobView, Result, iter_results, job_prefix, job_view, record_event, release_ready
 from aigc_core.reconcile import ReconcileReport, publish_chunks, reconcile
 from aigc_core.registry import ModelRef, list_models, register, resolve, sync_models_file
 from aigc_core.schema import Chunk, ChunkStatus, Item, ItemStatus, Job, JobEvent, JobStatus, Model, utcnow
@@ -47,17 +48,91 @@ class Client:
     def submit(self, kind: str | JobSpec | dict, model: str | None = None,
                items: Iterable[dict[str, Any] | str] | None = None, *, params: dict[str, Any] | None = None,
                seed: int | None = None, idempotency_key: str | None = None,
-               metadata: dict[str, Any] | None = None, chunk_size: int | None = None) -> JobView:
+               metadata: dict[str, Any] | None = None, chunk_size: int | None = None,
+               after: str | list[str] | None = None) -> JobView:
         """Validate, then write the job, its items and its outbox in one transaction, then publish."""
         spec = kind if isinstance(kind, JobSpec) else parse_spec(kind if isinstance(kind, dict) else {
             "kind": kind, "model": model, "items": [_item(i) for i in (items or [])],
             "params": params or {}, "seed": seed, "idempotency_key": idempotency_key,
-            "metadata": metadata or {}, "chunk_size": chunk_size,
+            "metadata": metadata or {}, "chunk_size": chunk_size, "after": after or [],
         })
         job_id = self._insert(spec)
+        release_ready(self.db, self.store, job_id)  # its dependencies may be final already
         if self.publish is not None:
             self._publish_job(job_id)
         return self.status(job_id)
+
+    def finetune(self, base_model: str, dataset: str | Path, output_model: str,
+                 hyperparameters: dict[str, Any] | None = None, *, idempotency_key: str | None = None,
+                 metadata: dict[str, Any] | None = None) -> JobView:
+        """Fine-tune ``base_model`` on ``dataset`` (s3://, file:// or a local path, uploaded for you);
+        on success ``output_model`` gets a new version with its lineage."""
+        from aigc_models.finetune import FinetuneConfig  # torch-free: the config and dataset format
+
+        try:
+            cfg = FinetuneConfig.from_dict(hyperparameters or {})
+        except (TypeError, ValueError) as e:
+            raise SpecError(f"hyperparameters: {e}") from None
+        if not output_model or "@" in output_model or len(output_model) > 128:
+            raise SpecError(f"output_model {output_model!r}: a name without '@', at most 128 characters")
+        uri, sha, stats = self._stage_dataset(str(dataset))
+        params = {"dataset": uri, "dataset_sha256": sha, "output_model": output_model,
+                  "hyperparameters": cfg.to_dict(), "dataset_stats": stats}
+        job_id = self._insert_finetune(base_model, params, cfg.seed, idempotency_key, metadata or {})
+        if self.publish is not None:
+            self._publish_job(job_id)
+        return self.status(job_id)
+
+    def _stage_dataset(self, dataset: str) -> tuple[str, str, dict[str, int]]:
+        """Validate the dataset (errors name the line) and put a local one into the object store."""
+        import tempfile
+
+        from aigc_models.finetune import DatasetError, dataset_digest, validate_dataset
+
+        from aigc_core.storage import download_uri
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(dataset.removeprefix("file://")) if "://" not in dataset or dataset.startswith("file://") \
+                else None
+            path = local or Path(tmp) / ("dataset" + Path(dataset).suffix)
+            if local is None:
+                try:
+                    download_uri(dataset, path, endpoint_url=self.settings.s3_endpoint_url)
+                except NotFound:
+                    raise SpecError(f"dataset {dataset} does not exist") from None
+            try:
+                stats = validate_dataset(path)
+            except DatasetError as e:
+                raise SpecError(f"dataset: {e}") from None
+            sha = dataset_digest(path)
+            if local is None:
+                return dataset, sha, stats
+            key = f"datasets/{sha.removeprefix('sha256:')}{path.suffix}"
+            if not self.store.exists(key):
+                self.store.put(key, path.read_bytes(), "application/octet-stream")
+            return self.store.uri(key), sha, stats
+
+    def _insert_finetune(self, base_model: str, params: dict[str, Any], seed: int, key: str | None,
+                         metadata: dict[str, Any]) -> str:
+        digest = hashlib.sha256(json.dumps([base_model, params, metadata], sort_keys=True).encode()).hexdigest()
+        with self.db.session() as s:
+            existing = self._by_key(s, key, digest)
+            if existing:
+                return existing
+            base = resolve(s, base_model)
+            if base.kind != "text":
+                raise SpecError(f"base model {base.tag} is a {base.kind} model; fine-tuning takes text models")
+            job = Job(kind="finetune", model_name=base.name, model_version=base.version, queue="train",
+                      status=JobStatus.queued, params=params, seed=seed, meta=metadata, idempotency_key=key,
+                      payload_digest=digest, item_count=1, chunk_size=1, depends_on=[])
+            s.add(job)
+            s.flush()
+            s.add(Item(job_id=job.id, index=0, chunk_no=0, custom_id="model", prompt="", params={}, seed=seed,
+                       status=ItemStatus.pending, attempts=0))
+            s.add(Chunk(job_id=job.id, chunk_no=0, status=ChunkStatus.pending, publish_count=0))
+            record_event(s, job.id, "submitted", base_model=base.tag, output_model=params["output_model"],
+                         dataset=params["dataset"])
+            return job.id
 
     def _insert(self, spec: JobSpec) -> str:
         digest = spec.payload_digest()
@@ -66,12 +141,11 @@ class Client:
                 existing = self._by_key(s, spec.idempotency_key, digest)
                 if existing:
                     return existing
-                ref = resolve(s, spec.model)
-                if ref.kind != spec.kind:
-                    raise SpecError(f"model {ref.tag} is a {ref.kind} model, not {spec.kind}")
-                defaults = {k: v for k, v in ref.defaults.items() if k != "dtype"}
+                deps = dependencies(s, spec)
+                ref = _model_for(s, spec)
+                defaults = {k: v for k, v in (ref.defaults if ref else {}).items() if k != "dtype"}
                 check_limits(spec, self.settings.limits, defaults)
-                return _write_job(s, spec, ref, digest, spec.chunk_size or self.settings.chunk_size)
+                return _write_job(s, spec, ref, digest, spec.chunk_size or self.settings.chunk_size, deps)
         except IntegrityError:
             if not spec.idempotency_key:
                 raise
@@ -120,7 +194,8 @@ class Client:
 
     def wait(self, job_id: str, *, progress: bool = False, timeout: float | None = None,
              poll_s: float = 0.5) -> JobView:
-        """Block until the job is final. Embedded mode (no broker) runs the job here, in this process."""
+        """Block until the job is final. Embedded mode (no broker) runs the job here, in this process
+        (and the jobs it waits for)."""
         from scheduler.progress import JobProgress
 
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -140,7 +215,11 @@ class Client:
         from worker.inprocess import drain  # the embedded worker loads torch only when it runs
         from worker.runtime import get_runtime
 
-        drain(get_runtime(self.settings), job_id, on_chunk=lambda _: bar.update(self.status(job_id)))
+        rt = get_runtime(self.settings)
+        with self.db.session() as s:
+            waits = s.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.waiting
+        # A waiting job's dependencies run here too: drain everything pending, not just this job.
+        drain(rt, None if waits else job_id, on_chunk=lambda _: bar.update(self.status(job_id)))
 
     # ---- results ------------------------------------------------------------------------------
 
@@ -220,27 +299,67 @@ def _item(i: dict[str, Any] | str) -> dict[str, Any]:
     return {"prompt": i} if isinstance(i, str) else i
 
 
-def _write_job(s, spec: JobSpec, ref: ModelRef, digest: str, chunk_size: int) -> str:
+def dependencies(s, spec: JobSpec) -> list[dict[str, str]]:
+    """Jobs this one waits for: ``after`` (must succeed) and the sources of ``from`` items (must end)."""
+    deps = {j: "succeeded" for j in spec.after}
+    wanted: dict[str, set[str]] = {}
+    for i, it in enumerate(spec.items):
+        if it.source is not None:
+            wanted.setdefault(it.source.job, set()).add(it.source.custom_id)
+            deps.setdefault(it.source.job, "final")
+    found = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(list(deps))))}
+    for job_id in deps:
+        if job_id not in found:
+            raise SpecError(f"no job {job_id!r} to wait for (after / from)")
+    for job_id, cids in wanted.items():
+        if found[job_id].kind != "text":
+            raise SpecError(f"'from' job {job_id} is a {found[job_id].kind} job; only text outputs can be read")
+        have = set(s.scalars(select(Item.custom_id).where(Item.job_id == job_id, Item.custom_id.in_(cids))))
+        if missing := sorted(cids - have):
+            raise SpecError(f"job {job_id} has no item with custom_id {missing[0]!r}")
+    return [{"job": j, "require": r} for j, r in deps.items()]
+
+
+def _model_for(s, spec: JobSpec) -> ModelRef | None:
+    """The model, or None when an ``after`` fine-tune will register it; resolved again at release."""
+    try:
+        ref = resolve(s, spec.model)
+    except SpecError:
+        name = spec.model.partition("@")[0]
+        producers = s.scalars(select(Job).where(Job.id.in_(spec.after), Job.kind == "finetune"))
+        if any((j.params or {}).get("output_model") == name for j in producers):
+            return None
+        raise
+    if ref.kind != spec.kind:
+        raise SpecError(f"model {ref.tag} is a {ref.kind} model, not {spec.kind}")
+    return ref
+
+
+def _write_job(s, spec: JobSpec, ref: ModelRef | None, digest: str, chunk_size: int,
+               deps: list[dict[str, str]]) -> str:
     seed = spec.seed if spec.seed is not None else secrets.randbelow(2**31)
-    job = Job(kind=spec.kind, model_name=ref.name, model_version=ref.version, queue=ref.queue,
-              status=JobStatus.queued, params=spec.params, seed=seed, meta=spec.metadata,
-              idempotency_key=spec.idempotency_key, payload_digest=digest, item_count=len(spec.items),
-              chunk_size=chunk_size)
+    job = Job(kind=spec.kind, model_name=ref.name if ref else spec.model.partition("@")[0],
+              model_version=ref.version if ref else None, queue=ref.queue if ref else spec.kind,
+              status=JobStatus.waiting if deps else JobStatus.queued, params=spec.params, seed=seed,
+              meta=spec.metadata, idempotency_key=spec.idempotency_key, payload_digest=digest,
+              item_count=len(spec.items), chunk_size=chunk_size, depends_on=deps)
     s.add(job)
     s.flush()
     rows = [
         {"job_id": job.id, "index": i, "chunk_no": i // chunk_size,
-         "custom_id": it.custom_id if it.custom_id is not None else str(i), "prompt": it.prompt,
-         "params": it.params, "seed": seed + i, "status": ItemStatus.pending, "attempts": 0}
+         "custom_id": it.custom_id if it.custom_id is not None else str(i), "prompt": it.input_text,
+         "source": it.source.model_dump() if it.source else None, "params": it.params, "seed": seed + i, "status": ItemStatus.pending, "attempts": 0}
         for i, it in enumerate(spec.items)
     ]
     for k in range(0, len(rows), 5000):
         s.execute(insert(Item), rows[k : k + 5000])
     n_chunks = (len(rows) + chunk_size - 1) // chunk_size
     now = utcnow()
-    s.execute(insert(Chunk), [{"job_id": job.id, "chunk_no": c, "status": ChunkStatus.pending,
+    first = ChunkStatus.held if deps else ChunkStatus.pending
+    s.execute(insert(Chunk), [{"job_id": job.id, "chunk_no": c, "status": first,
                                "publish_count": 0, "created_at": now} for c in range(n_chunks)])
-    record_event(s, job.id, "submitted", items=len(rows), chunks=n_chunks, model=ref.tag)
+    record_event(s, job.id, "submitted", items=len(rows), chunks=n_chunks,
+                 model=ref.tag if ref else spec.model, waits_for=[d["job"] for d in deps])
     return job.id
 
 

@@ -32,8 +32,15 @@ class JobProgress:
             return
         c = view.counts
         detail = f"ok {c.get('succeeded', 0)}  failed {c.get('failed', 0)}  {view.status.value}"
+        if p := view.progress:
+            total = p.get("total_steps") or "?"
+            detail = f"step {p.get('step')}/{total}  loss {_f(p.get('loss'))}  eval {_f(p.get('eval_loss'))}"
         self._progress.update(self._task, completed=view.done, detail=detail)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc) -> None:  # noqa: D105
         if self._progress is not None:
             self._progress.stop()
+
+
+def _f(x) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) else "-"

@@ -44,8 +44,7 @@ def drain(rt: Runtime, job_id: str | None = None, *, on_chunk: Callable[[ChunkRe
         n += 1
         if on_chunk and res is not None:
             on_chunk(res)
-        if job_id is None or taken[0] == job_id:
-            reconcile(rt.db, rt.store, None, stale_after_s=rt.settings.republish_after_s, job_id=taken[0])
+        reconcile(rt.db, rt.store, None, stale_after_s=rt.settings.republish_after_s)
     return n
 
 

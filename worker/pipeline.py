@@ -7,18 +7,20 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import insert, or_, and_, select, update
+from sqlalchemy import and_, insert, or_, select, tuple_, update
 
 from aigc_core import __version__
 from aigc_core.errors import ModelLoadError, TransientError
-from aigc_core.jobs import finalize_if_done, item_key, job_prefix, record_event
+from aigc_core.jobs import finalize_if_done, item_key, record_event, release_ready, sidecar_key
+from aigc_core.reconcile import publish_chunks
 from aigc_core.registry import ModelRef, resolve
 from aigc_core.schema import Artifact, Item, ItemStatus, Job, JobStatus, utcnow
 from aigc_models import GenRequest, Output
+from aigc_models.media import embed_metadata
 from worker.provenance import library_versions
 from worker.runtime import Runtime
 
@@ -34,6 +36,7 @@ class Claimed:
     params: dict[str, Any]
     seed: int
     attempts: int
+    source: dict[str, Any] | None = None
 
 
 @dataclass
@@ -67,11 +70,19 @@ def run_chunk(rt: Runtime, job_id: str, chunk_no: int) -> ChunkResult:
     if items:
         log.info("claimed %d items", len(items), extra={"job_id": job_id, "chunk": chunk_no})
         try:
-            _generate_chunk(rt, job, token, items, res)
+            if job.kind == "finetune":
+                _finetune(rt, job, token, items[0], res)
+            else:
+                _generate_chunk(rt, job, token, items, res)
         except TransientError:
             release(rt, token)  # back to pending: the retry (or the reconciler) claims them again
             raise
-    res.final_status = getattr(finalize_if_done(rt.db, rt.store, job_id), "value", None)
+    final = finalize_if_done(rt.db, rt.store, job_id)
+    res.final_status = getattr(final, "value", None)
+    if final is not None:  # jobs waiting for this one start now, not at the reconciler's next pass
+        released = release_ready(rt.db, rt.store)
+        if released and rt.publish is not None:
+            publish_chunks(rt.db, rt.publish, released)
     return res
 
 
@@ -91,7 +102,8 @@ def claim(rt: Runtime, job_id: str, chunk_no: int) -> tuple[JobInfo | None, str,
             )
             .values(status=ItemStatus.running, attempts=Item.attempts + 1, claim_token=token,
                     lease_until=now + timedelta(seconds=rt.settings.lease_s), worker=rt.worker_id, started_at=now)
-            .returning(Item.id, Item.index, Item.custom_id, Item.prompt, Item.params, Item.seed, Item.attempts)
+            .returning(Item.id, Item.index, Item.custom_id, Item.prompt, Item.params, Item.seed, Item.attempts,
+                       Item.source)
             .execution_options(synchronize_session=False)
         ).all()
         if not rows:
@@ -106,7 +118,51 @@ def claim(rt: Runtime, job_id: str, chunk_no: int) -> tuple[JobInfo | None, str,
     if poison:
         _fail(rt, token, {c.id: f"gave up after {c.attempts - 1} attempts (the worker died each time)"
                           for c in poison})
-    return info, token, [c for c in items if c.attempts <= rt.settings.max_attempts]
+    items = [c for c in items if c.attempts <= rt.settings.max_attempts]
+    return info, token, _read_sources(rt, token, items)
+
+
+def _read_sources(rt: Runtime, token: str, items: list[Claimed]) -> list[Claimed]:
+    """Items ``from`` another job take that item's text output as their prompt, read now."""
+    wanted = {(c.source["job"], c.source["custom_id"]) for c in items if c.source}
+    if not wanted:
+        return items
+    with rt.db.session() as s:
+        rows = s.execute(
+            select(Item.job_id, Item.custom_id, Item.status, Artifact.key, Artifact.media_type)
+            .outerjoin(Artifact, Artifact.item_id == Item.id)
+            .where(tuple_(Item.job_id, Item.custom_id).in_(list(wanted)))
+        ).all()
+    found = {(r.job_id, r.custom_id): r for r in rows}
+    out, failures = [], {}
+    for c in items:
+        if not c.source:
+            out.append(c)
+            continue
+        ref = (c.source["job"], c.source["custom_id"])
+        row = found.get(ref)
+        if row is None or row.status != ItemStatus.succeeded or row.key is None:
+            failures[c.id] = f"source item {ref[1]!r} of job {ref[0]} did not succeed"
+        elif not row.media_type.startswith("text/"):
+            failures[c.id] = f"source item {ref[1]!r} of job {ref[0]} is {row.media_type}, not text"
+        else:
+            out.append(replace(c, prompt=rt.store.get(row.key).decode("utf-8")))
+    if failures:
+        _fail(rt, token, failures)
+    return out
+
+
+def _finetune(rt: Runtime, job: JobInfo, token: str, item: Claimed, res: ChunkResult) -> None:
+    from worker.finetune import run_finetune
+
+    try:
+        run_finetune(rt, job, token, item, res)
+    except TransientError:
+        raise
+    except Exception as e:  # a bad base model or dataset: the run fails with the reason, not in a loop
+        log.exception("fine-tuning job %s failed", job.id)
+        _fail(rt, token, {item.id: f"fine-tuning failed: {type(e).__name__}: {e}"})
+        res.failed += 1
 
 
 def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed], res: ChunkResult) -> None:
@@ -195,28 +251,30 @@ def _store_one(rt: Runtime, job: JobInfo, model, c: Claimed, out: Output, gen_se
     """Object first, then its provenance sidecar; the database row comes after both."""
     t0 = time.perf_counter()
     key = item_key(job.id, c.index, out.ext)
-    sha = hashlib.sha256(out.data).hexdigest()
-    prov = provenance(rt, job, model, c, out, sha, gen_seconds)
-    info = rt.store.put(key, out.data, out.media_type)
+    prov = provenance(rt, job, model, c, out, gen_seconds)
+    data = embed_metadata(out.data, out.media_type, prov)  # PNG text chunk, WAV INFO chunk
+    sha = hashlib.sha256(data).hexdigest()
+    prov["output"] = {"sha256": sha, "size": len(data), "media_type": out.media_type, **out.info}
+    info = rt.store.put(key, data, out.media_type)
     prov["timings"]["store_s"] = round(time.perf_counter() - t0, 4)
-    sidecar = f"{job_prefix(job.id)}/items/{c.index:06d}.json"
+    sidecar = sidecar_key(job.id, c.index)
     rt.store.put(sidecar, _json(prov), "application/json")
     return {"item_id": c.id, "job_id": job.id, "key": key, "uri": info.uri, "sha256": sha,
-            "size": len(out.data), "media_type": out.media_type, "provenance": prov}
+            "size": len(data), "media_type": out.media_type, "provenance": prov}
 
 
-def provenance(rt: Runtime, job: JobInfo, model, c: Claimed, out: Output, sha: str, gen_seconds: float) -> dict:
+def provenance(rt: Runtime, job: JobInfo, model, c: Claimed, out: Output, gen_seconds: float) -> dict:
+    """What made this output; embedded in the file where its format allows, and in the sidecar."""
     ref = job.model
     return {
         "job_id": job.id, "item_index": c.index, "custom_id": c.custom_id, "attempt": c.attempts,
         "model": {"name": ref.name, "version": ref.version, "uri": ref.uri, "revision": ref.revision,
                   "weights_digest": ref.digest, "backend": ref.backend, **model.describe()},
         "params": _requests(job, [c])[0].params, "seed": c.seed,
-        "prompt_sha256": hashlib.sha256(c.prompt.encode()).hexdigest(),
+        "prompt_sha256": hashlib.sha256(c.prompt.encode()).hexdigest(), "source": c.source,
         "worker": rt.worker_id, "device": rt.device,
         "versions": {"aigc_runner": __version__, **library_versions()},
         "timings": {"generate_s": round(gen_seconds, 4)},
-        "output": {"sha256": sha, "size": len(out.data), "media_type": out.media_type, **out.info},
         "created_at": utcnow().isoformat(),
     }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -22,6 +23,8 @@ class Runtime:
     settings: Settings
     db: Database
     store: ObjectStore
+    # Sends released chunks of waiting jobs at once (the Celery worker sets it); None: the outbox keeps them.
+    publish: Callable[[str, str, int], None] | None = None
 
     @cached_property
     def worker_id(self) -> str:

@@ -13,4 +13,10 @@ from worker.runtime import get_runtime
     retry_backoff=2, retry_backoff_max=60, retry_jitter=True, max_retries=8,
 )
 def run_chunk(self, job_id: str, chunk_no: int) -> dict:
-    return pipeline.run_chunk(get_runtime(), job_id, int(chunk_no)).as_dict()
+    rt = get_runtime()
+    rt.publish = _publish
+    return pipeline.run_chunk(rt, job_id, int(chunk_no)).as_dict()
+
+
+def _publish(queue: str, job_id: str, chunk_no: int) -> None:
+    app.send_task("worker.run_chunk", args=[job_id, chunk_no], queue=queue)

@@ -33,7 +33,7 @@ def test_two_jobs_through_a_celery_worker_land_in_s3_with_rows_and_one_model_loa
         for r in results:
             assert r.uri.startswith("s3://") and r.uri.endswith(f"/jobs/{v.id}/items/{r.index:06d}.txt")
             assert hashlib.sha256(s3.get(r.key)).hexdigest() == r.sha256
-            assert json.loads(s3.get(r.key.replace(".txt", ".json")))["output"]["sha256"] == r.sha256
+            assert json.loads(s3.get(r.key.replace(".txt", ".provenance.json")))["output"]["sha256"] == r.sha256
             assert r.provenance["model"]["uri"].startswith("s3://")
         manifest = s3.get(f"jobs/{v.id}/manifest.jsonl").decode().splitlines()
         assert [json.loads(m)["custom_id"] for m in manifest] == [r.custom_id for r in results]

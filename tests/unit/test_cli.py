@@ -154,7 +154,7 @@ def test_submit_wait_results_and_download_of_a_good_job(tmp_path, tiny_text_mode
     for m in manifest:
         out = dest / "items" / f"{m['index']:06d}.txt"
         assert hashlib.sha256(out.read_bytes()).hexdigest() == m["sha256"]
-        sidecar = json.loads((dest / "items" / f"{m['index']:06d}.json").read_text())
+        sidecar = json.loads((dest / "items" / f"{m['index']:06d}.provenance.json").read_text())
         assert sidecar["custom_id"] == m["custom_id"] and sidecar["job_id"] == job_id
 
     st = cli("status", job_id, "--json")

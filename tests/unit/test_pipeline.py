@@ -122,7 +122,7 @@ def test_a_chunk_running_elsewhere_is_not_claimed_until_its_lease_expires(client
     # ...and wrote nothing over the winner's objects: each sidecar matches its committed row.
     assert not [k for k in slow.store.puts if "/items/" in k]
     for r in client.results(job.id):
-        assert json.loads(client.store.get(r.key.replace(".txt", ".json"))) == r.provenance
+        assert json.loads(client.store.get(r.key.replace(".txt", ".provenance.json"))) == r.provenance
     assert client.status(job.id).status == JobStatus.succeeded
 
 
@@ -194,7 +194,7 @@ def test_provenance_is_in_the_sidecar_and_the_row(client):
     rt = runtime(client, FakeGen())
     run_chunk(rt, job.id, 0)
     (r,) = list(client.results(job.id))
-    sidecar = json.loads(rt.store.get(f"jobs/{job.id}/items/000000.json"))
+    sidecar = json.loads(rt.store.get(f"jobs/{job.id}/items/000000.provenance.json"))
     assert sidecar == r.provenance
     p = r.provenance
     assert p["job_id"] == job.id and p["item_index"] == 0 and p["custom_id"] == "c0" and p["seed"] == 40

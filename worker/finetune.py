@@ -1,0 +1,157 @@
+"""Fine-tuning jobs: one item whose work is a training run, resumable from checkpoints in object storage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from datetime import timedelta
+
+from aigc_core import __version__
+from aigc_core.jobs import job_prefix, record_event
+from aigc_core.registry import ModelRef, dir_digest, materialize, register
+from aigc_core.schema import Item, ItemStatus, Job, JobStatus, Model, utcnow
+from aigc_core.storage import download_uri
+from aigc_models import Output
+from worker.provenance import library_versions
+from worker.runtime import Runtime
+
+DONE_MARKER = "checkpoint.complete"  # written last: a checkpoint without it was cut off mid-upload
+
+
+def run_finetune(rt: Runtime, job, token: str, item, res) -> None:
+    """Train, checkpoint to the store as it goes, register the model with its lineage, commit the card."""
+    from aigc_models.finetune import FinetuneConfig, dataset_digest, finetune_causal_lm, load_dataset_texts
+    from worker.pipeline import _store_and_commit, _fail
+
+    p = job.params
+    work = rt.settings.cache_dir / "finetune" / job.id
+    base_dir = materialize(job.model, rt.settings.cache_dir, endpoint_url=rt.settings.s3_endpoint_url)
+    data = work / ("dataset" + Path(p["dataset"]).suffix)
+    download_uri(p["dataset"], data, endpoint_url=rt.settings.s3_endpoint_url)
+    if dataset_digest(data) != p["dataset_sha256"]:
+        _fail(rt, token, {item.id: f"dataset {p['dataset']} changed since the job was submitted"})
+        res.failed += 1
+        return
+    cfg = FinetuneConfig.from_dict(p["hyperparameters"])
+    resume = _fetch_latest_checkpoint(rt, job.id, work / "resume")
+    if resume:
+        with rt.db.session() as s:
+            record_event(s, job.id, "resumed", checkpoint=resume.name, worker=rt.worker_id)
+    watch = _Watch(rt, job.id, token)
+    t0 = time.perf_counter()
+    metrics = finetune_causal_lm(
+        base_dir, load_dataset_texts(data), work / "out", cfg, resume_from=resume, on_event=watch.event,
+        on_checkpoint=lambda d, state: _upload_checkpoint(rt, job.id, d, watch), should_stop=watch.cancelled,
+        checkpoint_dir=work / "checkpoints", device=rt.device,
+    )
+    if metrics.get("stop_reason") == "interrupted" or metrics.get("interrupted"):
+        from worker.pipeline import _cancel_rest
+
+        res.cancelled += _cancel_rest(rt, token)
+        return
+    ref = _register_once(rt, job, work / "out", metrics)
+    card = {"model": ref.tag, "uri": ref.uri, "digest": ref.digest, "lineage": _lineage(job, metrics, ref.digest)}
+    out = Output(json.dumps(card, indent=1, sort_keys=True).encode(), "application/json", "json",
+                 {"registered": ref.tag})
+    _store_and_commit(rt, job, token, [item], [(out, None, time.perf_counter() - t0)], _Card(job.model), res)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+class _Watch:
+    """Progress events, the lease heartbeat and the cancellation check, all from the training loop."""
+
+    def __init__(self, rt: Runtime, job_id: str, token: str):
+        self.rt, self.job_id, self.token = rt, job_id, token
+        self._checked = 0.0
+        self._cancel = False
+
+    def event(self, e: dict[str, Any]) -> None:
+        with self.rt.db.session() as s:
+            record_event(s, self.job_id, "train", **e)
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        with self.rt.db.session() as s:
+            s.execute(update(Item).where(Item.claim_token == self.token, Item.status == ItemStatus.running)
+                      .values(lease_until=utcnow() + timedelta(seconds=self.rt.settings.lease_s))
+                      .execution_options(synchronize_session=False))
+
+    def cancelled(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked > 2.0:  # called before every step: ask the database at most every 2 s
+            self._checked = now
+            with self.rt.db.session() as s:
+                self._cancel = s.scalar(select(Job.status).where(Job.id == self.job_id)) == JobStatus.cancelled
+        return self._cancel
+
+
+def _ckpt_prefix(job_id: str) -> str:
+    return f"{job_prefix(job_id)}/checkpoints"
+
+
+def _upload_checkpoint(rt: Runtime, job_id: str, path: Path, watch: _Watch) -> None:
+    prefix = f"{_ckpt_prefix(job_id)}/{path.name}"
+    for f in sorted(q for q in path.rglob("*") if q.is_file()):
+        rt.store.put(f"{prefix}/{f.relative_to(path).as_posix()}", f.read_bytes())
+    rt.store.put(f"{prefix}/{DONE_MARKER}", b"")
+    with rt.db.session() as s:
+        record_event(s, job_id, "checkpoint", name=path.name, key=prefix)
+    watch.heartbeat()
+
+
+def _fetch_latest_checkpoint(rt: Runtime, job_id: str, dest: Path) -> Path | None:
+    """The newest complete checkpoint this job left in the store (a restarted run resumes from it)."""
+    prefix = _ckpt_prefix(job_id) + "/"
+    keys = list(rt.store.list(prefix))
+    done = sorted({k[len(prefix):].split("/")[0] for k in keys if k.endswith("/" + DONE_MARKER)})
+    if not done:
+        return None
+    name = done[-1]
+    shutil.rmtree(dest, ignore_errors=True)
+    for k in keys:
+        rel = k[len(prefix):]
+        if rel.startswith(name + "/") and not rel.endswith(DONE_MARKER):
+            rt.store.download(k, dest / name / rel[len(name) + 1:])
+    return dest / name
+
+
+def _register_once(rt: Runtime, job, out: Path, metrics: dict[str, Any]) -> ModelRef:
+    """Upload the model, then register it; a re-run after a crash finds its own version instead."""
+    name = job.params["output_model"]
+    with rt.db.session() as s:
+        for m in s.scalars(select(Model).where(Model.name == name)):
+            if (m.lineage or {}).get("job_id") == job.id:
+                return ModelRef.from_row(m)
+    prefix = f"models/{name}/{job.id}"
+    for f in sorted(q for q in out.rglob("*") if q.is_file()):
+        rt.store.put(f"{prefix}/{f.relative_to(out).as_posix()}", f.read_bytes())
+    digest = dir_digest(out)
+    with rt.db.session() as s:
+        return register(s, name, "text", rt.store.uri(prefix), backend=job.model.backend, digest=digest,
+                        queue=job.model.queue, defaults=job.model.defaults,
+                        lineage=_lineage(job, metrics, digest))
+
+
+def _lineage(job, metrics: dict[str, Any], digest: str) -> dict[str, Any]:
+    p = job.params
+    return {
+        "job_id": job.id, "base_model": job.model.tag, "base_digest": job.model.digest,
+        "dataset": p["dataset"], "dataset_sha256": p["dataset_sha256"], "hyperparameters": p["hyperparameters"],
+        "metrics": {k: v for k, v in metrics.items() if k != "checkpoint"}, "weights_digest": digest,
+        "versions": {"aigc_runner": __version__, **library_versions()},
+    }
+
+
+class _Card:
+    """Stands in for a generator when the output is a model card rather than generated content."""
+
+    def __init__(self, base: ModelRef):
+        self.base = base
+
+    def describe(self) -> dict[str, Any]:
+        return {"class": "finetune", "base": self.base.tag}
