@@ -45,6 +45,10 @@ class Generator(Protocol):
 
 BACKENDS: dict[str, str] = {
     "hf-causal-lm": "aigc_models.text:CausalLMGenerator",
+    "diffusers": "aigc_models.image:DiffusersImageGenerator",
+    "digits": "aigc_models.image:DigitsGenerator",
+    "hf-tts": "aigc_models.audio:TTSGenerator",
+    "espeak": "aigc_models.audio:EspeakGenerator",
 }
 
 

@@ -145,6 +145,7 @@ _RULES: dict[str, tuple[type, float, float, bool, bool]] = {
     "weight_decay": (float, 0, 1, False, False),
     "seed": (int, 0, 2**32 - 1, False, False),
     "lora": (bool, 0, 1, False, False),
+    "keep_best": (bool, 0, 1, False, False),
     "lora_r": (int, 1, 1024, False, False),
     "lora_alpha": (int, 1, 4096, False, False),
     "checkpoint_every": (int, 0, 10_000_000, False, False),
@@ -169,6 +170,7 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     seed: int = 0
     lora: bool = False
+    keep_best: bool = True  # False: the last weights are the result (eval loss is still reported)
     lora_r: int = 8
     lora_alpha: int = 16
     checkpoint_every: int = 200  # steps; 0: only when asked to stop
@@ -585,10 +587,13 @@ def _save_final(run: _Run, model, tokenizer, base_dir: Path, out_dir: Path, metr
     import torch
     from transformers import AutoModelForCausalLM
 
-    if run.val_tokens and run.best_step == 0:
+    if not run.cfg.keep_best:
+        if run.cfg.lora:
+            model = model.merge_and_unload()
+    elif run.val_tokens and run.best_step == 0:
         # fine-tuning never beat the base model on held-out text: the base is the best model
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True)
-    else:
+    else:  # keep_best, and fine-tuning beat the base
         if run.best_params is not None and run.best_step != run.step:
             with torch.no_grad():
                 named = dict(model.named_parameters())

@@ -162,6 +162,21 @@ def test_early_stopping_keeps_the_best_held_out_weights(base, bodies, tmp_path):
     assert _evaluate(kept, val, cfg.batch_size, "cpu") == pytest.approx(m["eval_loss"], rel=1e-5)
 
 
+def test_keep_best_off_keeps_the_last_weights_even_when_held_out_loss_rose(base, bodies, tmp_path):
+    cfg = FinetuneConfig(**{**SHORT, "learning_rate": 1e-2, "batch_size": 4, "block_size": 32, "val_fraction": 0.5,
+                            "eval_every": 5, "patience": 0, "warmup_steps": 0, "max_steps": 60,
+                            "keep_best": False})
+    m = finetune_causal_lm(base, bodies[:6], tmp_path / "out", cfg)
+    assert m["eval_loss"] < m["final_eval_loss"]  # the held-out loss turned up: best and last differ
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, val_docs = split_train_val(bodies[:6], 0.5, cfg.seed)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    kept = AutoModelForCausalLM.from_pretrained(tmp_path / "out", use_safetensors=True)
+    val = _token_blocks(tok, val_docs, cfg.block_size, allow_short=True)
+    assert _evaluate(kept, val, cfg.batch_size, "cpu") == pytest.approx(m["final_eval_loss"], rel=1e-5)
+
+
 def test_a_run_that_never_beats_the_base_model_returns_the_base_weights(base, bodies, tmp_path):
     cfg = FinetuneConfig(**{**SHORT, "learning_rate": 1.0, "warmup_steps": 0, "max_steps": 10, "eval_every": 5})
     m = finetune_causal_lm(base, bodies, tmp_path / "out", cfg)

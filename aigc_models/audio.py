@@ -1,0 +1,305 @@
+"""Speech backends: transformers text-to-speech checkpoints (VITS / MMS-TTS) and weightless espeak-ng.
+
+Both write 16-bit PCM WAV in ``postprocess`` only and record sample rate, duration and sample count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import re
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+from aigc_models.base import BackendError, GenRequest, Output
+from aigc_models.device import default_dtype
+
+TTS_DEFAULTS: dict[str, Any] = {"speaking_rate": None, "noise_scale": None, "noise_scale_duration": None,
+                                "speaker_id": None}
+ESPEAK_DEFAULTS: dict[str, Any] = {"voice": None, "rate": 175, "pitch": 50}
+ESPEAK_LIMITS = {"rate": (80, 450), "pitch": (0, 100)}  # words per minute; espeak-ng's own bounds
+SUPPORTED_TTS = ("vits",)  # model_type values whose forward returns a waveform (MMS-TTS is VITS)
+
+
+def _groups(requests: Sequence[GenRequest], defaults: dict[str, Any]):
+    groups: dict[str, tuple[dict[str, Any], list[int]]] = {}
+    for pos, r in enumerate(requests):
+        params = {k: r.params.get(k, v) for k, v in defaults.items()}
+        groups.setdefault(repr(sorted(params.items())), (params, []))[1].append(pos)
+    return list(groups.values())
+
+
+def _in_order(requests, run_group, groups) -> list[Output]:
+    results: dict[int, Output] = {}
+    for params, positions in groups:
+        for pos, out in zip(positions, run_group(params, [requests[i] for i in positions])):
+            results[pos] = out
+    return [results[i] for i in range(len(requests))]
+
+
+def _wav(samples: np.ndarray, sample_rate: int, info: dict[str, Any]) -> Output:
+    """Mono float in [-1, 1] (clipped) or int16 to a PCM_16 WAV; the same samples give the same bytes."""
+    if samples.dtype != np.int16:
+        samples = np.clip(samples.astype(np.float32), -1.0, 1.0)
+    buf = io.BytesIO()
+    sf.write(buf, samples, sample_rate, format="WAV", subtype="PCM_16")
+    n = int(len(samples))
+    info = {"sample_rate": int(sample_rate), "duration_s": round(n / sample_rate, 4), "samples": n, **info}
+    return Output(buf.getvalue(), "audio/wav", "wav", info)
+
+
+class TTSGenerator:
+    """A transformers text-to-waveform checkpoint (VITS, e.g. facebook/mms-tts-*) and its tokenizer.
+
+    VITS draws its noise (durations and prior) with the global torch RNG over the whole batch, so a
+    batched forward would make each item depend on its neighbours and their padding. Each item
+    therefore runs alone under ``torch.random.fork_rng`` seeded with the item's seed: reproducible
+    alone, and the process's RNG is left as it was. A VITS forward is cheap (a tiny model makes
+    seconds of audio in tens of milliseconds), so little is lost.
+    """
+
+    def __init__(self, model, tokenizer, device: str, source: Path):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.source = source
+        self._lock = threading.Lock()  # noise scales are model attributes, set per group
+
+    @classmethod
+    def load(cls, path: Path, device: str = "cpu", dtype: str | None = None) -> TTSGenerator:
+        import transformers
+        from transformers import AutoConfig, AutoModelForTextToWaveform, AutoTokenizer
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        try:
+            model_type = AutoConfig.from_pretrained(path).model_type
+            if model_type not in SUPPORTED_TTS:
+                raise ValueError(f"model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_TTS)})")
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForTextToWaveform.from_pretrained(path, dtype=default_dtype(device, dtype),
+                                                               use_safetensors=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise BackendError(f"cannot load a text-to-speech model from {path}: {e}") from e
+        return cls(model.to(device).eval(), tokenizer, device, Path(path))
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.model.config.sampling_rate)
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "class": type(self.model).__name__,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "device": self.device, "sample_rate": self.sample_rate,
+            "speakers": int(getattr(self.model.config, "num_speakers", 1) or 1),
+        }
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[Output]:
+        return _in_order(requests, self._run, self.preprocess(requests))
+
+    def preprocess(self, requests: Sequence[GenRequest]) -> list[tuple[dict[str, Any], list[int]]]:
+        groups = _groups(requests, TTS_DEFAULTS)
+        speakers = int(getattr(self.model.config, "num_speakers", 1) or 1)
+        for params, _ in groups:
+            if params["speaker_id"] is not None and not 0 <= int(params["speaker_id"]) < speakers:
+                raise BackendError(f"speaker_id must be in 0..{speakers - 1}")
+            if params["speaking_rate"] is not None and not 0.1 <= float(params["speaking_rate"]) <= 10:
+                raise BackendError("speaking_rate must be between 0.1 and 10")
+        return groups
+
+    def _run(self, params: dict[str, Any], reqs: list[GenRequest]) -> list[Output]:
+        t0 = time.perf_counter()
+        encoded = [self.tokenizer(r.prompt, return_tensors="pt") for r in reqs]
+        for r, enc in zip(reqs, encoded):
+            if enc["input_ids"].shape[1] == 0 or not enc["input_ids"].any():
+                raise BackendError(f"item {r.index}: no character of the prompt is in the model's vocabulary")
+        waves = self._forward(encoded, params, [r.seed for r in reqs])
+        return self.postprocess(reqs, waves, params, time.perf_counter() - t0)
+
+    def _forward(self, encoded, params: dict[str, Any], seeds: list[int]) -> list[np.ndarray]:
+        import torch
+
+        devices = [torch.device(self.device)] if self.device.startswith("cuda") else []
+        knobs = {k: params[k] for k in ("noise_scale", "noise_scale_duration") if params[k] is not None}
+        waves = []
+        with self._lock, torch.inference_mode():
+            saved = {k: getattr(self.model, k) for k in knobs}
+            try:
+                for k, v in knobs.items():
+                    setattr(self.model, k, float(v))
+                for enc, seed in zip(encoded, seeds):
+                    with torch.random.fork_rng(devices=devices):
+                        torch.manual_seed(int(seed))
+                        out = self.model(**enc.to(self.device), speaker_id=params["speaker_id"],
+                                         speaking_rate=params["speaking_rate"])
+                    n = int(out.sequence_lengths[0]) if out.sequence_lengths is not None else out.waveform.shape[-1]
+                    waves.append(out.waveform[0, :n].float().cpu().numpy())
+            finally:
+                for k, v in saved.items():
+                    setattr(self.model, k, v)
+        return waves
+
+    def postprocess(self, reqs, waves: list[np.ndarray], params, seconds: float) -> list[Output]:
+        rate = params["speaking_rate"] or getattr(self.model, "speaking_rate", 1.0)
+        return [_wav(w, self.sample_rate, {"seed": int(r.seed), "speaking_rate": float(rate),
+                                           "batch_size": len(reqs), "batch_seconds": round(seconds, 4)})
+                for r, w in zip(reqs, waves)]
+
+
+# ---- espeak-ng through ctypes ------------------------------------------------------------------------
+
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_POS_CHARACTER = 1
+_CHARS_UTF8 = 1
+_PARAM = {"rate": 1, "pitch": 3}
+_EE_NOT_FOUND = 2
+
+
+class _Espeak:
+    """One synthesis at a time through libespeak-ng (shipped by the espeakng-loader wheel).
+
+    espeak-ng keeps state between utterances in static variables (a pitch-flutter phase that never
+    resets, not even by espeak_Terminate), so the same text came out a few samples different each
+    time. Each utterance therefore runs in a freshly loaded copy of the library (dlopen, synthesize,
+    dlclose: about 5 ms), which makes every item reproducible alone.
+    """
+
+    _lock = threading.Lock()  # the library is process-global and not reentrant
+
+    def __init__(self):
+        import espeakng_loader
+
+        self.lib_path = espeakng_loader.get_library_path()
+        self.data_path = espeakng_loader.get_data_path().encode()
+        self._chunks: list[np.ndarray] = []
+        self._callback = _SYNTH_CALLBACK(self._on_audio)  # kept alive as long as the library may call it
+        self.sample_rate = self._with_library(lambda lib, sr: sr)
+
+    def _on_audio(self, wav, n, events) -> int:
+        if n > 0 and wav:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0  # 0: continue
+
+    def _with_library(self, fn):
+        import _ctypes
+
+        with self._lock:
+            lib = ctypes.CDLL(self.lib_path)
+            try:
+                lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+                sr = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, self.data_path, 0)
+                if sr <= 0:
+                    raise BackendError(f"espeak_Initialize failed ({sr})")
+                lib.espeak_SetSynthCallback(self._callback)
+                try:
+                    return fn(lib, sr)
+                finally:
+                    lib.espeak_Terminate()
+            finally:
+                _ctypes.dlclose(lib._handle)
+
+    def synthesize(self, text: str, voice: str, rate: int, pitch: int, seed: int) -> np.ndarray:
+        def run(lib, sr):
+            if lib.espeak_SetVoiceByName(voice.encode()) != 0:
+                raise BackendError(f"espeak-ng has no voice {voice!r}")
+            lib.espeak_SetParameter(_PARAM["rate"], int(rate), 0)
+            lib.espeak_SetParameter(_PARAM["pitch"], int(pitch), 0)
+            lib.espeak_ng_SetRandSeed(ctypes.c_long(int(seed)))
+            data = text.encode("utf-8")
+            self._chunks = []
+            lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
+                                         ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+            err = lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+            if err != 0:
+                raise BackendError(f"espeak_Synth failed ({err})")
+            chunks, self._chunks = self._chunks, []
+            return np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+
+        return self._with_library(run)
+
+
+_engine: _Espeak | None = None
+
+
+def _espeak() -> _Espeak:
+    global _engine
+    if _engine is None:
+        _engine = _Espeak()
+    return _engine
+
+
+class EspeakGenerator:
+    """Weightless English (and other) speech from espeak-ng; params voice, rate (wpm) and pitch.
+
+    ``load`` ignores a directory path; ``builtin://espeak-en`` (or ``espeak-<voice>``) names the default voice.
+    """
+
+    def __init__(self, engine: _Espeak, default_voice: str, source: Path | str):
+        self.engine = engine
+        self.default_voice = default_voice
+        self.device = "cpu"
+        self.source = source
+
+    @classmethod
+    def load(cls, path: Path | str = "builtin://espeak-en", device: str = "cpu",
+             dtype: str | None = None) -> EspeakGenerator:
+        name = re.sub(r"^builtin:/*", "", str(path)) if str(path).startswith("builtin:") else ""
+        voice = name.removeprefix("espeak-") if name.startswith("espeak-") else "en"
+        try:
+            engine = _espeak()
+        except (ImportError, OSError) as e:
+            raise BackendError(f"cannot load espeak-ng (pip install espeakng-loader): {e}") from e
+        gen = cls(engine, voice, path)
+        gen._check_voice(voice)
+        return gen
+
+    def _check_voice(self, voice: str) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_+\-]{1,40}", voice):
+            raise BackendError(f"bad espeak voice name {voice!r}")
+
+    def memory_bytes(self) -> int:
+        return 8 * 2**20  # the library and one language's data, roughly; no weights
+
+    def describe(self) -> dict[str, Any]:
+        return {"class": "espeak-ng", "parameters": 0, "device": "cpu", "sample_rate": self.engine.sample_rate,
+                "default_voice": self.default_voice}
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[Output]:
+        return _in_order(requests, self._run, self.preprocess(requests))
+
+    def preprocess(self, requests: Sequence[GenRequest]) -> list[tuple[dict[str, Any], list[int]]]:
+        groups = _groups(requests, ESPEAK_DEFAULTS)
+        for params, _ in groups:
+            params["voice"] = params["voice"] or self.default_voice
+            self._check_voice(params["voice"])
+            for k, (lo, hi) in ESPEAK_LIMITS.items():
+                if not lo <= int(params[k]) <= hi:
+                    raise BackendError(f"{k} must be between {lo} and {hi}")
+        return groups
+
+    def _run(self, params: dict[str, Any], reqs: list[GenRequest]) -> list[Output]:
+        t0 = time.perf_counter()
+        samples = self._forward([r.prompt for r in reqs], params, [r.seed for r in reqs])
+        return self.postprocess(reqs, samples, params, time.perf_counter() - t0)
+
+    def _forward(self, texts: list[str], params: dict[str, Any], seeds: list[int]) -> list[np.ndarray]:
+        return [self.engine.synthesize(t, params["voice"], params["rate"], params["pitch"], s)
+                for t, s in zip(texts, seeds)]
+
+    def postprocess(self, reqs, samples: list[np.ndarray], params, seconds: float) -> list[Output]:
+        return [_wav(s, self.engine.sample_rate, {"voice": params["voice"], "rate": int(params["rate"]),
+                                                  "pitch": int(params["pitch"]), "batch_size": len(reqs),
+                                                  "batch_seconds": round(seconds, 4)})
+                for s in samples]
