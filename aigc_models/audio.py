@@ -78,13 +78,15 @@ class TTSGenerator:
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
+        if not Path(path).is_dir():  # otherwise transformers would read the path as a hub repository id
+            raise BackendError(f"cannot load a text-to-speech model from {path}: not a directory")
         try:
-            model_type = AutoConfig.from_pretrained(path).model_type
+            model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
             if model_type not in SUPPORTED_TTS:
                 raise ValueError(f"model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_TTS)})")
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModelForTextToWaveform.from_pretrained(path, dtype=default_dtype(device, dtype),
-                                                               use_safetensors=True)
+                                                               use_safetensors=True, local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             raise BackendError(f"cannot load a text-to-speech model from {path}: {e}") from e
         return cls(model.to(device).eval(), tokenizer, device, Path(path))
@@ -116,6 +118,9 @@ class TTSGenerator:
                 raise BackendError(f"speaker_id must be in 0..{speakers - 1}")
             if params["speaking_rate"] is not None and not 0.1 <= float(params["speaking_rate"]) <= 10:
                 raise BackendError("speaking_rate must be between 0.1 and 10")
+            for k in ("noise_scale", "noise_scale_duration"):
+                if params[k] is not None and not 0 <= float(params[k]) <= 2:
+                    raise BackendError(f"{k} must be between 0 and 2")
         return groups
 
     def _run(self, params: dict[str, Any], reqs: list[GenRequest]) -> list[Output]:
@@ -164,16 +169,16 @@ _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _POS_CHARACTER = 1
 _CHARS_UTF8 = 1
 _PARAM = {"rate": 1, "pitch": 3}
-_EE_NOT_FOUND = 2
 
 
 class _Espeak:
     """One synthesis at a time through libespeak-ng (shipped by the espeakng-loader wheel).
 
-    espeak-ng keeps state between utterances in static variables (a pitch-flutter phase that never
-    resets, not even by espeak_Terminate), so the same text came out a few samples different each
-    time. Each utterance therefore runs in a freshly loaded copy of the library (dlopen, synthesize,
-    dlclose: about 5 ms), which makes every item reproducible alone.
+    espeak-ng keeps state from one utterance to the next in static variables that neither
+    espeak_Terminate nor espeak_Initialize resets: the same text came out a few samples different
+    each time (identical across fresh processes). Each utterance therefore runs in a freshly loaded
+    copy of the library (dlopen, synthesize, dlclose: about 5 ms), so every item is reproducible
+    alone. Voices with random effects (e.g. ``en+whisper``) take the item's seed.
     """
 
     _lock = threading.Lock()  # the library is process-global and not reentrant
@@ -216,7 +221,8 @@ class _Espeak:
                 raise BackendError(f"espeak-ng has no voice {voice!r}")
             lib.espeak_SetParameter(_PARAM["rate"], int(rate), 0)
             lib.espeak_SetParameter(_PARAM["pitch"], int(pitch), 0)
-            lib.espeak_ng_SetRandSeed(ctypes.c_long(int(seed)))
+            if hasattr(lib, "espeak_ng_SetRandSeed"):  # espeak-ng 1.52+
+                lib.espeak_ng_SetRandSeed(ctypes.c_long(int(seed)))
             data = text.encode("utf-8")
             self._chunks = []
             lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
@@ -300,6 +306,6 @@ class EspeakGenerator:
 
     def postprocess(self, reqs, samples: list[np.ndarray], params, seconds: float) -> list[Output]:
         return [_wav(s, self.engine.sample_rate, {"voice": params["voice"], "rate": int(params["rate"]),
-                                                  "pitch": int(params["pitch"]), "batch_size": len(reqs),
-                                                  "batch_seconds": round(seconds, 4)})
-                for s in samples]
+                                                  "pitch": int(params["pitch"]), "seed": int(r.seed),
+                                                  "batch_size": len(reqs), "batch_seconds": round(seconds, 4)})
+                for r, s in zip(reqs, samples)]

@@ -107,6 +107,14 @@ def test_noise_scale_zero_makes_the_seed_irrelevant(tts):
     assert tts.model.noise_scale == pytest.approx(0.667)  # restored after the call
 
 
+@pytest.mark.parametrize(("params", "message"), [
+    ({"speaking_rate": 50}, "speaking_rate"), ({"noise_scale": 5}, "noise_scale"), ({"speaker_id": 1}, "speaker_id"),
+])
+def test_bad_tts_params_are_errors(tts, params, message):
+    with pytest.raises(BackendError, match=message):
+        tts.generate([GenRequest(0, "hello", params, seed=0)])
+
+
 def test_a_prompt_with_no_known_character_is_an_error(tts):
     with pytest.raises(BackendError, match="vocabulary"):
         tts.generate([GenRequest(0, "12345", {}, seed=0)])
@@ -120,6 +128,8 @@ def test_a_directory_that_is_no_tts_model_is_a_load_error(tmp_path):
         load_backend("hf-tts", tmp_path / "gpt2", device="cpu")
     with pytest.raises(BackendError, match="cannot load"):
         load_backend("hf-tts", tmp_path, device="cpu")
+    with pytest.raises(BackendError, match="not a directory"):  # and never a hub lookup
+        load_backend("hf-tts", tmp_path / "org" / "missing", device="cpu")
 
 
 # ---- espeak-ng ------------------------------------------------------------------------------------

@@ -90,6 +90,16 @@ def test_the_gan_keeps_its_discriminator_so_training_can_resume(trained):
     assert any(k.startswith("discriminator.") for k in keys) and any(k.startswith("generator.") for k in keys)
 
 
+def test_on_step_returning_true_stops_training():
+    m = digits.train_digits("vae", None, seconds=60, on_step=lambda step, _: step >= 5)
+    assert m["steps"] == 5
+
+
+def test_a_time_budget_ends_training():
+    m = digits.train_digits("vae", None, seconds=0.3)
+    assert 0 < m["steps"] and m["seconds"] < 5
+
+
 def test_the_same_seed_and_steps_train_the_same_weights():
     a = digits.train_digits("vae", None, seed=3, max_steps=15)
     b = digits.train_digits("vae", None, seed=3, max_steps=15)
@@ -109,3 +119,19 @@ def test_a_directory_of_another_format_is_refused(tmp_path):
         digits.load(tmp_path)
     with pytest.raises(ValueError, match="kind"):
         digits.build("diffusion")
+
+
+def test_the_demo_model_is_saved_once_and_reloads(tmp_path, monkeypatch):
+    monkeypatch.setitem(digits.DEMO_STEPS, "vae", 20)
+    digits._demo_state.cache_clear()
+    try:
+        out = digits.ensure_demo_digits(tmp_path / "demo", "demo-digits")
+        stamp = (out / "model.safetensors").stat().st_mtime_ns
+        assert digits.ensure_demo_digits(out, "demo-digits") == out
+        assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+        model, config = digits.load(out)
+        assert (config["kind"], config["training"]["steps"]) == ("vae", 20)
+    finally:
+        digits._demo_state.cache_clear()
+    with pytest.raises(ValueError, match="unknown built-in"):
+        digits.demo_model("demo-letters")

@@ -182,6 +182,8 @@ def test_a_directory_without_a_pipeline_is_a_load_error(tmp_path, digits_dir):
         load_backend("diffusers", tmp_path, device="cpu")
     with pytest.raises(BackendError, match="cannot load a diffusers pipeline"):
         load_backend("diffusers", digits_dir, device="cpu")
+    with pytest.raises(BackendError, match="not a directory"):  # and never a hub lookup
+        load_backend("diffusers", tmp_path / "org" / "missing", device="cpu")
 
 
 # ---- the project's digits -------------------------------------------------------------------------
@@ -232,9 +234,13 @@ def test_the_seed_varies_a_digit(digits_gen):
     assert len({o.data for o in outs}) > 1
 
 
-def test_a_digit_out_of_range_is_an_error(digits_gen):
-    with pytest.raises(BackendError, match="0-9"):
-        digits_gen.generate([GenRequest(0, "", {"digit": 12}, seed=0)])
+@pytest.mark.parametrize(("params", "message"), [
+    ({"digit": 12}, "0-9"), ({"size": 4}, "size"), ({"resample": "lanczos"}, "resample"),
+    ({"temperature": -1}, "temperature"),
+])
+def test_bad_digit_params_are_errors(digits_gen, params, message):
+    with pytest.raises(BackendError, match=message):
+        digits_gen.generate([GenRequest(0, "", params, seed=0)])
 
 
 def test_the_builtin_demo_model_draws_recognisable_digits(monkeypatch):
