@@ -70,11 +70,14 @@ class Result:
     error: str | None
     attempts: int
     provenance: dict[str, Any] = field(default_factory=dict)
+    duration_s: float | None = None  # audio
 
     def manifest_line(self) -> dict[str, Any]:
         keys = ("index", "custom_id", "status", "uri", "sha256", "size", "media_type", "error")
         d = {k: getattr(self, k) for k in keys}
         d["status"] = self.status.value
+        if self.duration_s is not None:
+            d["duration_s"] = self.duration_s
         return d
 
 
@@ -107,7 +110,8 @@ def iter_results(db: Database, job_id: str, *, with_provenance: bool = True) -> 
     while True:
         with db.session() as s:
             cols = [Item.index, Item.custom_id, Item.status, Item.error, Item.attempts,
-                    Artifact.uri, Artifact.key, Artifact.sha256, Artifact.size, Artifact.media_type]
+                    Artifact.uri, Artifact.key, Artifact.sha256, Artifact.size, Artifact.media_type,
+                    Artifact.duration_s]
             if with_provenance:
                 cols.append(Artifact.provenance)
             rows = s.execute(
@@ -116,7 +120,8 @@ def iter_results(db: Database, job_id: str, *, with_provenance: bool = True) -> 
             ).all()
         for r in rows:
             yield Result(r.index, r.custom_id, ItemStatus(r.status), r.uri, r.key, r.sha256, r.size,
-                         r.media_type, r.error, r.attempts, dict(r.provenance or {}) if with_provenance else {})
+                         r.media_type, r.error, r.attempts, dict(r.provenance or {}) if with_provenance else {},
+                         r.duration_s)
         if len(rows) < RESULT_PAGE:
             return
         last = rows[-1].index

@@ -18,7 +18,7 @@ from aigc_core.errors import ModelLoadError, NotFound, SpecError
 from aigc_core.schema import Model
 from aigc_core.spec import KINDS
 
-DEFAULT_BACKEND = {"text": "hf-causal-lm"}
+DEFAULT_BACKEND = {"text": "hf-causal-lm", "image": "diffusers", "audio": "hf-tts"}
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,12 @@ def register(
     return ModelRef.from_row(row)
 
 
-def sync_models_file(session: Session, path: str | Path) -> list[ModelRef]:
-    """Register every models.yaml entry whose URI/revision/digest is not the newest version yet."""
+BUILTIN_MODELS = Path(__file__).with_name("builtin_models.yaml")
+
+
+def sync_models_file(session: Session, path: str | Path, *, only_missing: bool = False) -> list[ModelRef]:
+    """Register every models.yaml entry whose URI/revision/digest is not the newest version yet
+    (with ``only_missing``, only names the registry does not know at all)."""
     data = yaml.safe_load(Path(path).read_text()) or {}
     refs = []
     for entry in data.get("models", []):
@@ -113,6 +117,9 @@ def sync_models_file(session: Session, path: str | Path) -> list[ModelRef]:
         current = session.scalars(
             select(Model).where(Model.name == name).order_by(Model.version.desc()).limit(1)
         ).first()
+        if current and only_missing:
+            refs.append(ModelRef.from_row(current))
+            continue
         digest = entry.get("digest")
         if digest is None and uri.startswith("file://") and local_path(uri).is_dir():
             digest = dir_digest(local_path(uri))
@@ -155,7 +162,7 @@ def _file_sha256(p: Path) -> str:
     return h.hexdigest()
 
 
-def materialize(ref: ModelRef, cache_dir: Path, *, endpoint_url: str | None = None) -> Path:
+def materialize(ref: ModelRef, cache_dir: Path, *, endpoint_url: str | None = None) -> Path | str:
     """A local directory holding the model: file:// as is, s3:// fetched once into the cache and checked."""
     parsed = urlparse(ref.uri)
     if parsed.scheme == "file":
@@ -166,7 +173,7 @@ def materialize(ref: ModelRef, cache_dir: Path, *, endpoint_url: str | None = No
     if parsed.scheme == "s3":
         return _fetch_s3(ref, parsed.netloc, parsed.path.strip("/"), cache_dir, endpoint_url)
     if parsed.scheme in ("builtin", "hf"):
-        return Path(ref.uri)  # the backend resolves these itself
+        return ref.uri  # the backend resolves these itself
     raise ModelLoadError(f"{ref.tag}: unsupported model URI {ref.uri!r}")
 
 

@@ -10,7 +10,9 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -177,6 +179,7 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
     media_type: Mapped[str] = mapped_column(String(64))
+    duration_s: Mapped[float | None] = mapped_column(Float)  # audio
     provenance: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -204,3 +207,57 @@ class JobEvent(Base):
     at: Mapped[datetime] = mapped_column(default=utcnow)
     type: Mapped[str] = mapped_column(String(32))
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class CatchUp(str, Enum):
+    """What a schedule does with slots missed while no scheduler ran (see scheduler/schedules.py)."""
+
+    none = "none"  # only a slot that is due now (within the grace period) fires
+    latest = "latest"  # the newest missed slot fires, once
+    all = "all"  # every missed slot fires, oldest first, at most catchup_cap of the newest
+
+
+class RunOutcome(str, Enum):
+    pending = "pending"  # claimed, being submitted; a later tick retries it if the claimer died
+    submitted = "submitted"
+    skipped_overlap = "skipped_overlap"  # max_concurrent of its jobs were still open
+    failed = "failed"  # the template did not make a valid job; the error says why
+
+
+class Schedule(Base):
+    """A cron schedule (from schedules.yaml): a job template fired once per slot through Client.submit."""
+
+    __tablename__ = "schedules"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    cron: Mapped[str] = mapped_column(String(128))
+    timezone: Mapped[str] = mapped_column(String(64))
+    template: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    catchup: Mapped[CatchUp] = mapped_column(_enum(CatchUp, "schedule_catchup"))
+    catchup_cap: Mapped[int] = mapped_column(Integer)
+    max_concurrent: Mapped[int] = mapped_column(Integer)
+    # Declared in the file; the CLI's pause/resume is paused_at, so a re-sync never undoes a pause.
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    paused_at: Mapped[datetime | None]
+    # UTC ISO slot ("2026-03-29T01:00:00Z"): every slot up to here was fired or passed over.
+    last_slot: Mapped[str | None] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ScheduleRun(Base):
+    """One slot of one schedule: the unique (schedule, slot) row is the claim that makes firing exactly-once."""
+
+    __tablename__ = "schedule_runs"
+    __table_args__ = (UniqueConstraint("schedule", "slot"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    schedule: Mapped[str] = mapped_column(ForeignKey("schedules.name", ondelete="CASCADE"))
+    slot: Mapped[str] = mapped_column(String(20))
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    outcome: Mapped[RunOutcome] = mapped_column(_enum(RunOutcome, "schedule_run_outcome"))
+    manual: Mapped[bool] = mapped_column(Boolean, default=False)  # aigc schedules run-now
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

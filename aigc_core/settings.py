@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     models_file: str | None = None
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "aigc")
     device: str = "auto"
+    # CPU threads per worker process for torch; unset keeps torch's default. Tiny models on a shared
+    # CPU run faster on one thread than on several that spin-wait for each other.
+    torch_threads: int | None = None
     chunk_size: int = 32
     micro_batch_size: int = 16
     lease_s: int = 600
@@ -48,6 +51,12 @@ class Settings(BaseSettings):
     model_memory_budget_mb: int = 8192
     storage_workers: int = 8
     log_json: bool = False
+    # Cron schedules (``aigc scheduler``): the file synced into the database, how often due slots
+    # are checked, how late a slot may still fire under catch-up "none", how often the reconciler runs.
+    schedules_file: str | None = None
+    scheduler_tick_s: float = Field(15.0, gt=0)
+    scheduler_grace_s: float = Field(60.0, ge=0)
+    reconcile_every_s: float = Field(30.0, gt=0)
     limits: Limits = Field(default_factory=Limits)
 
     @property

@@ -38,20 +38,31 @@ class ImageParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
-    height: int | None = Field(None, ge=8, multiple_of=8)
-    width: int | None = Field(None, ge=8, multiple_of=8)
-    negative_prompt: str | None = None
-    digit: int | None = Field(None, ge=0, le=9)  # the built-in digits models
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
+    height: int | None = Field(None, ge=8, le=4096, multiple_of=8)
+    width: int | None = Field(None, ge=8, le=4096, multiple_of=8)
+    negative_prompt: str | None = Field(None, max_length=2000)
+    eta: float | None = Field(None, ge=0.0, le=1.0)
+    # the project's digits models (GAN / VAE)
+    digit: int | None = Field(None, ge=0, le=9)
+    size: int | None = Field(None, ge=8, le=1024)
+    resample: Literal["nearest", "bilinear"] | None = None
+    invert: bool | None = None
+    temperature: float | None = Field(None, ge=0.0, le=3.0)
 
 
 class AudioParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    voice: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+\-]+$")
-    rate: int | None = Field(None, ge=80, le=450)  # words per minute (espeak)
-    pitch: int | None = Field(None, ge=0, le=99)
-    speaking_rate: float | None = Field(None, gt=0.0, le=4.0)  # VITS length scale inverse
+    # espeak-ng
+    voice: str | None = Field(None, pattern=r"^[A-Za-z0-9_+\-]{1,40}$")
+    rate: int | None = Field(None, ge=80, le=450)  # words per minute
+    pitch: int | None = Field(None, ge=0, le=100)
+    # VITS / MMS-TTS
+    speaking_rate: float | None = Field(None, ge=0.1, le=10.0)
+    noise_scale: float | None = Field(None, ge=0.0, le=2.0)
+    noise_scale_duration: float | None = Field(None, ge=0.0, le=2.0)
+    speaker_id: int | None = Field(None, ge=0)
 
 
 PARAMS_BY_KIND: dict[str, type[BaseModel]] = {"text": TextParams, "image": ImageParams, "audio": AudioParams}

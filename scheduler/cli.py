@@ -15,6 +15,7 @@ from rich.table import Table
 
 from aigc_core.errors import AigcError, DatabaseUnavailable, NotFound, SpecError
 from aigc_core.settings import Settings
+from scheduler import cli_schedules
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="aigc-runner: batch content generation jobs.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
@@ -225,7 +226,7 @@ def reconcile(loop: Annotated[Optional[float], typer.Option(help="repeat every N
 
 @app.command()
 def worker(
-    queues: Annotated[str, typer.Option(help="comma-separated queues")] = "text",
+    queues: Annotated[str, typer.Option(help="comma-separated queues")] = "text,image,audio,train",
     pool: Annotated[str, typer.Option(help="solo (one process per GPU), prefork or threads")] = "solo",
     concurrency: int = 1,
     loglevel: str = "INFO",
@@ -287,7 +288,8 @@ def demo(
     items: Annotated[int, typer.Option(help="articles to generate")] = 200,
     max_new_tokens: int = 120,
 ) -> None:
-    """Train (once, cached) the tiny demo news model and run a bulk job on it, all in this process."""
+    """Train the tiny demo news model (once, cached), write articles, draw digits, read articles aloud:
+    all in this process, no servers."""
     from worker.demo import run_demo
 
     run_demo(Settings(), n_items=items, max_new_tokens=max_new_tokens, console=out)
@@ -311,6 +313,10 @@ def _show_job(v) -> None:
                                            if k in v.progress), highlight=False)
     if v.manifest_uri:
         out.print(f"manifest: {v.manifest_uri}", highlight=False)
+
+
+app.command()(cli_schedules.scheduler)
+app.add_typer(cli_schedules.schedules_app, name="schedules")
 
 
 if __name__ == "__main__":

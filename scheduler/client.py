@@ -17,7 +17,7 @@ from aigc_core.db import Database, database
 from aigc_core.errors import IdempotencyConflict, NotFound, SpecError
 from aigc_core.jobs import JobView, Result, iter_results, job_prefix, job_view, record_event, release_ready
 from aigc_core.reconcile import ReconcileReport, publish_chunks, reconcile
-from aigc_core.registry import ModelRef, list_models, register, resolve, sync_models_file
+from aigc_core.registry import BUILTIN_MODELS, ModelRef, list_models, register, resolve, sync_models_file
 from aigc_core.schema import Chunk, ChunkStatus, Item, ItemStatus, Job, JobEvent, JobStatus, Model, utcnow
 from aigc_core.settings import Settings
 from aigc_core.spec import JobSpec, check_limits, parse_spec
@@ -39,8 +39,10 @@ class Client:
             CeleryPublisher(self.settings.broker_url, self.settings.visibility_timeout_s)
             if self.settings.broker_url else None
         )
-        if self.settings.models_file:
-            with self.db.session() as s:
+        with self.db.session() as s:
+            if not s.scalar(select(Model.id).where(Model.name == "espeak-en").limit(1)):
+                sync_models_file(s, BUILTIN_MODELS, only_missing=True)
+            if self.settings.models_file:
                 sync_models_file(s, self.settings.models_file)
 
     # ---- submit -------------------------------------------------------------------------------
@@ -121,7 +123,7 @@ class Client:
                 return existing
             base = resolve(s, base_model)
             if base.kind != "text":
-                raise SpecError(f"base model {base.tag} is a {base.kind} model; fine-tuning takes text models")
+                raise SpecError(f"base model {base.tag} makes {base.kind}; fine-tuning takes text models")
             job = Job(kind="finetune", model_name=base.name, model_version=base.version, queue="train",
                       status=JobStatus.queued, params=params, seed=seed, meta=metadata, idempotency_key=key,
                       payload_digest=digest, item_count=1, chunk_size=1, depends_on=[])
@@ -313,7 +315,7 @@ def dependencies(s, spec: JobSpec) -> list[dict[str, str]]:
             raise SpecError(f"no job {job_id!r} to wait for (after / from)")
     for job_id, cids in wanted.items():
         if found[job_id].kind != "text":
-            raise SpecError(f"'from' job {job_id} is a {found[job_id].kind} job; only text outputs can be read")
+            raise SpecError(f"'from' job {job_id} made {found[job_id].kind}; only text outputs can be read")
         have = set(s.scalars(select(Item.custom_id).where(Item.job_id == job_id, Item.custom_id.in_(cids))))
         if missing := sorted(cids - have):
             raise SpecError(f"job {job_id} has no item with custom_id {missing[0]!r}")
@@ -331,7 +333,7 @@ def _model_for(s, spec: JobSpec) -> ModelRef | None:
             return None
         raise
     if ref.kind != spec.kind:
-        raise SpecError(f"model {ref.tag} is a {ref.kind} model, not {spec.kind}")
+        raise SpecError(f"model {ref.tag} makes {ref.kind}, not {spec.kind}")
     return ref
 
 

@@ -114,7 +114,11 @@ def _register(client, name: str, path: Path, lineage: dict[str, Any]):
 
 def run_demo(settings: Settings, n_items: int = 200, max_new_tokens: int = 120,
              console: Console | None = None) -> dict[str, Any]:
-    """The whole path with no servers: SQLite, a local folder, the in-process worker."""
+    """The whole path with no servers: SQLite, a local folder, the in-process worker.
+
+    Writes news articles, draws a grid of digits with the GAN/VAE backend, and reads some of the
+    articles aloud with espeak-ng: three modalities, one pipeline.
+    """
     from scheduler.client import Client
 
     console = console or Console()
@@ -122,37 +126,78 @@ def run_demo(settings: Settings, n_items: int = 200, max_new_tokens: int = 120,
     client = Client(settings)
     t0 = time.perf_counter()
     ref, metrics = ensure_demo_model(client, console)
-    t_model = time.perf_counter() - t0
+    parts: dict[str, dict[str, Any]] = {"model": {"seconds": round(time.perf_counter() - t0, 1)}}
     heads = demo_headlines()
     items = [{"custom_id": f"article-{i:04d}", "prompt": f"Headline: {heads[i % len(heads)]}\n\n"}
              for i in range(n_items)]
     params = {**DEMO_PARAMS, "max_new_tokens": max_new_tokens}
-    job = client.submit("text", model=ref.tag, items=items, params=params, seed=7, metadata={"demo": True})
-    console.print(f"submitted job {job.id}: {n_items} articles with {ref.tag}")
-    t1 = time.perf_counter()
-    view = client.wait(job.id, progress=True)
-    t_job = time.perf_counter() - t1
-    results = list(client.results(job.id))
-    summary = {"job_id": job.id, "status": view.status.value, "counts": view.counts, "model": ref.tag,
-               "model_seconds": round(t_model, 1), "job_seconds": round(t_job, 2),
-               "items_per_s": round(n_items / t_job, 1), "manifest": view.manifest_uri, "training": metrics}
+    text = client.submit("text", model=ref.tag, items=items, params=params, seed=7, metadata={"demo": True})
+    console.print(f"submitted job {text.id}: {n_items} articles with {ref.tag}")
+    parts["text"] = _timed(client, text.id, n_items)
+    digits = client.submit("image", model="demo-digits", seed=7, params={"size": 64},
+                           items=[{"custom_id": f"digit-{i:02d}", "params": {"digit": i % 10}} for i in range(20)])
+    console.print(f"submitted job {digits.id}: 20 handwritten digits with demo-digits (a conditional VAE)")
+    parts["image"] = _timed(client, digits.id, 20)
+    grid = _digit_grid(client, digits.id)
+    n_read = min(5, n_items)
+    talk = client.submit("audio", model="espeak-en", params={"rate": 170},
+                         items=[{"custom_id": f"read-{i:04d}", "from": {"job": text.id, "custom_id": f"article-{i:04d}"}}
+                                for i in range(n_read)])
+    console.print(f"submitted job {talk.id}: {n_read} articles read aloud by espeak-en")
+    parts["audio"] = _timed(client, talk.id, n_read)
+    results = list(client.results(text.id))
+    summary = {"text_job": text.id, "model": ref.tag, "parts": parts, "training": metrics, "grid": grid,
+               "manifest": client.status(text.id).manifest_uri,
+               "audio": [r.uri for r in client.results(talk.id) if r.uri]}
     _print_summary(console, summary, results, client)
     return summary
 
 
+def _timed(client, job_id: str, n: int) -> dict[str, Any]:
+    t = time.perf_counter()
+    view = client.wait(job_id, progress=True)
+    secs = time.perf_counter() - t
+    return {"job": job_id, "status": view.status.value, "counts": view.counts, "seconds": round(secs, 2),
+            "items_per_s": round(n / secs, 1) if secs else None}
+
+
+def _digit_grid(client, job_id: str) -> str:
+    """The digits of a job side by side in one PNG next to its outputs."""
+    import io
+
+    from PIL import Image
+
+    imgs = [Image.open(io.BytesIO(client.store.get(r.key))).convert("L") for r in client.results(job_id) if r.key]
+    if not imgs:
+        return "-"
+    w, h = imgs[0].size
+    cols = 10
+    grid = Image.new("L", (cols * w, ((len(imgs) + cols - 1) // cols) * h))
+    for i, im in enumerate(imgs):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    return client.store.put(f"jobs/{job_id}/grid.png", buf.getvalue(), "image/png").uri
+
+
 def _print_summary(console: Console, s: dict[str, Any], results, client) -> None:
-    t = Table(title="aigc demo", show_header=False)
-    for k in ("job_id", "status", "model"):
-        t.add_row(k, str(s[k]))
-    c = s["counts"]
-    t.add_row("items", f"{c['succeeded']} succeeded, {c['failed']} failed")
-    t.add_row("model ready in", f"{s['model_seconds']} s" + (" (trained now)" if s["training"] else " (cached)"))
-    t.add_row("job wall time", f"{s['job_seconds']} s ({s['items_per_s']} items/s)")
+    t = Table(title="aigc demo", show_header=True)
+    for col in ("part", "job", "status", "items", "seconds", "items/s"):
+        t.add_column(col)
+    p = s["parts"]
+    t.add_row("model " + s["model"], "-", "trained now" if s["training"] else "cached", "-",
+              str(p["model"]["seconds"]), "-")
+    for name in ("text", "image", "audio"):
+        r = p[name]
+        c = r["counts"]
+        t.add_row(name, r["job"][:8], r["status"], f"{c['succeeded']} ok, {c['failed']} failed", str(r["seconds"]),
+                  str(r["items_per_s"]))
     console.print(t)
-    console.print(f"outputs:  {results[0].uri.rsplit('/', 1)[0] if results and results[0].uri else '-'}",
-                  highlight=False, soft_wrap=True)
-    console.print(f"manifest: {s['manifest']}", highlight=False, soft_wrap=True)
+    for label, value in (("articles", results[0].uri.rsplit("/", 1)[0] if results and results[0].uri else "-"),
+                         ("manifest", s["manifest"]), ("digits", s["grid"]),
+                         ("speech", s["audio"][0] if s["audio"] else "-")):
+        console.print(f"{label + ':':10}{value}", highlight=False, soft_wrap=True)
     ok = [r for r in results if r.uri]
     if ok:
-        console.print(f"\n[bold]{ok[0].custom_id}[/bold] ({ok[0].uri}):\n", soft_wrap=True)
+        console.print(f"\n[bold]{ok[0].custom_id}[/bold]:\n", soft_wrap=True)
         console.print(client.store.get(ok[0].key).decode(), highlight=False, markup=False)

@@ -214,6 +214,10 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
     mine = _still_claimed(rt, token, [c.id for c in batch])
     # An item whose lease expired and was claimed by another delivery is theirs now: write nothing.
     outputs = [r if c.id in mine else (None, None, 0.0) for c, r in zip(batch, outputs)]
+    limit = rt.settings.limits.max_audio_seconds
+    outputs = [(None, f"audio of {o.info['duration_s']:.1f} s is over the limit of {limit:.0f} s", s_)
+               if o is not None and (o.info.get("duration_s") or 0) > limit else (o, err, s_)
+               for o, err, s_ in outputs]
     ok = [(c, o, secs) for c, (o, err, secs) in zip(batch, outputs) if o is not None]
     failures = {c.id: err for c, (o, err, _) in zip(batch, outputs) if o is None and err is not None}
     with ThreadPoolExecutor(max_workers=max(1, rt.settings.storage_workers)) as ex:
@@ -260,7 +264,8 @@ def _store_one(rt: Runtime, job: JobInfo, model, c: Claimed, out: Output, gen_se
     sidecar = sidecar_key(job.id, c.index)
     rt.store.put(sidecar, _json(prov), "application/json")
     return {"item_id": c.id, "job_id": job.id, "key": key, "uri": info.uri, "sha256": sha,
-            "size": len(data), "media_type": out.media_type, "provenance": prov}
+            "size": len(data), "media_type": out.media_type, "provenance": prov,
+            "duration_s": out.info.get("duration_s")}
 
 
 def provenance(rt: Runtime, job: JobInfo, model, c: Claimed, out: Output, gen_seconds: float) -> dict:

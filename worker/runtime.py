@@ -34,6 +34,10 @@ class Runtime:
     def device(self) -> str:
         from aigc_models.device import resolve_device  # imports torch: only once a model is needed
 
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
         return resolve_device(self.settings.device)
 
     @cached_property

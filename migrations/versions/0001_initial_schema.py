@@ -109,6 +109,7 @@ def upgrade() -> None:
     sa.Column('sha256', sa.String(length=64), nullable=False),
     sa.Column('size', sa.BigInteger(), nullable=False),
     sa.Column('media_type', sa.String(length=64), nullable=False),
+    sa.Column('duration_s', sa.Float(), nullable=True),
     sa.Column('provenance', sa.JSON(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['item_id'], ['items.id'], name=op.f('fk_artifacts_item_id_items'), ondelete='CASCADE'),

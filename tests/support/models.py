@@ -24,3 +24,40 @@ def build_tiny_text_model(out: Path, *, n_layer: int = 2, n_embd: int = 32, trai
         train_causal_lm(model, tok, texts, TrainConfig(max_seconds=train_seconds, early_stopping=False,
                                                        eval_every=10_000, block_size=64))
     return save(model, tok, out)
+
+
+def build_tiny_ddim(out: Path) -> Path:
+    """An unconditional DDIM pipeline on a 16x16 UNet2DModel (noise until trained)."""
+    import torch
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=100, steps_offset=1,
+                                                   clip_sample=False)).save_pretrained(out)
+    return out
+
+
+def build_tiny_vits(out: Path) -> Path:
+    """A VitsModel from VitsConfig with a character vocabulary (noise until trained)."""
+    import torch
+    from transformers import VitsConfig, VitsModel, VitsTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = {c: i for i, c in enumerate(["_", *" abcdefghijklmnopqrstuvwxyz'.,?!-"])}  # "_": pad and blank
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = VitsTokenizer(str(out / "vocab.json"), pad_token="_", unk_token=None, add_blank=True,
+                              normalize=True, phonemize=False)
+    config = VitsConfig(
+        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
+        flow_size=16, spectrogram_bins=33, upsample_initial_channel=32, upsample_rates=[8, 8, 4],
+        upsample_kernel_sizes=[16, 16, 8], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]],
+        prior_encoder_num_flows=2, prior_encoder_num_wavenet_layers=1, posterior_encoder_num_wavenet_layers=1,
+        duration_predictor_num_flows=2, duration_predictor_filter_channels=16, depth_separable_num_layers=2,
+        sampling_rate=16000)
+    torch.manual_seed(0)
+    VitsModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

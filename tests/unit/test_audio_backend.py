@@ -26,25 +26,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def vits_dir(tmp_path_factory):
-    from transformers import VitsConfig, VitsModel, VitsTokenizer
+    from tests.support.models import build_tiny_vits
 
-    out = tmp_path_factory.mktemp("models") / "tiny-vits"
-    out.mkdir()
-    vocab = {c: i for i, c in enumerate(["_", *" abcdefghijklmnopqrstuvwxyz'.,?!-"])}  # "_": pad and blank
-    (out / "vocab.json").write_text(json.dumps(vocab))
-    tokenizer = VitsTokenizer(str(out / "vocab.json"), pad_token="_", unk_token=None, add_blank=True,
-                              normalize=True, phonemize=False)
-    config = VitsConfig(
-        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
-        flow_size=16, spectrogram_bins=33, upsample_initial_channel=32, upsample_rates=[8, 8, 4],
-        upsample_kernel_sizes=[16, 16, 8], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]],
-        prior_encoder_num_flows=2, prior_encoder_num_wavenet_layers=1, posterior_encoder_num_wavenet_layers=1,
-        duration_predictor_num_flows=2, duration_predictor_filter_channels=16, depth_separable_num_layers=2,
-        sampling_rate=16000)
-    torch.manual_seed(0)
-    VitsModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return build_tiny_vits(tmp_path_factory.mktemp("models") / "tiny-vits")
 
 
 @pytest.fixture(scope="module")

@@ -27,16 +27,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def ddim_dir(tmp_path_factory):
-    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+    from tests.support.models import build_tiny_ddim
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
-    out = tmp_path_factory.mktemp("models") / "tiny-ddim"
-    DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=100, steps_offset=1,
-                                                   clip_sample=False)).save_pretrained(out)
-    return out
+    return build_tiny_ddim(tmp_path_factory.mktemp("models") / "tiny-ddim")
 
 
 @pytest.fixture(scope="module")
