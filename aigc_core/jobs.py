@@ -13,7 +13,9 @@ from sqlalchemy.orm import Session
 
 from aigc_core.db import Database
 from aigc_core.errors import NotFound, SpecError
-from aigc_core.schema import Artifact, Chunk, ChunkStatus, Item, ItemStatus, Job, JobEvent, JobStatus, utcnow
+from aigc_core.schema import (
+    OPEN_ITEM_STATES, Artifact, Chunk, ChunkStatus, Item, ItemStatus, Job, JobEvent, JobStatus, utcnow,
+)
 from aigc_core.storage import ObjectStore
 
 RESULT_PAGE = 1000
@@ -131,6 +133,10 @@ def record_event(s: Session, job_id: str, type_: str, **data: Any) -> None:
     s.add(JobEvent(job_id=job_id, type=type_, data=data))
 
 
+def _open_items(job_id: str):
+    return select(Item.id).where(Item.job_id == job_id, Item.status.in_(OPEN_ITEM_STATES))
+
+
 def final_status(job: Job, counts: dict[str, int]) -> JobStatus:
     if job.status == JobStatus.cancelled:
         return JobStatus.cancelled
@@ -145,11 +151,9 @@ def finalize_if_done(db: Database, store: ObjectStore, job_id: str) -> JobStatus
     """When no item is open: write manifest.jsonl and errors.jsonl, then mark the job final, once."""
     with db.session() as s:
         job = s.get(Job, job_id)
-        if job is None or job.finished_at is not None:
-            return None
+        if job is None or job.finished_at is not None or s.scalar(_open_items(job_id).exists().select()):
+            return None  # the common case after a chunk: one indexed probe, not a count of the job
         counts = item_counts(s, job_id)
-        if counts["pending"] or counts["running"]:
-            return None
     lines, errors = [], []
     for r in iter_results(db, job_id, with_provenance=False):
         lines.append(json.dumps(r.manifest_line(), ensure_ascii=False))
@@ -163,8 +167,9 @@ def finalize_if_done(db: Database, store: ObjectStore, job_id: str) -> JobStatus
     with db.session() as s:
         job = s.get(Job, job_id)
         status = final_status(job, counts)
+        # Not if an item was reopened meanwhile (retry_failed): that job is not finished after all.
         done = s.execute(
-            update(Job).where(Job.id == job_id, Job.finished_at.is_(None))
+            update(Job).where(Job.id == job_id, Job.finished_at.is_(None), ~_open_items(job_id).exists())
             .values(status=status, finished_at=utcnow())
         ).rowcount
         if done:

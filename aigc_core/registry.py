@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from urllib.parse import urlparse
 
 import yaml
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from aigc_core.errors import ModelLoadError, NotFound, SpecError
@@ -82,14 +84,37 @@ def register(
     """Add a new version of ``name``; a local directory gets its digest computed now."""
     if kind not in KINDS:
         raise SpecError(f"model {name!r}: kind must be one of {', '.join(KINDS)}")
-    if "@" in name or not name:
-        raise SpecError(f"model name {name!r} may not be empty or contain '@'")
+    check_model_name(name)
     if digest is None and uri.startswith("file://"):
         digest = dir_digest(local_path(uri))
-    latest = session.scalar(select(func.max(Model.version)).where(Model.name == name)) or 0
-    row = Model(
+    # Two registrations of one name at once: the unique (name, version) constraint lets one win;
+    # the other takes the next number (a savepoint keeps the caller's transaction usable).
+    for _ in range(5):
+        latest = session.scalar(select(func.max(Model.version)).where(Model.name == name)) or 0
+        try:
+            with session.begin_nested():
+                row = _model_row(name, latest + 1, kind, uri, backend, revision, digest, queue, defaults, lineage)
+                session.add(row)
+            return ModelRef.from_row(row)
+        except IntegrityError:
+            continue
+    raise SpecError(f"could not register a new version of {name!r}: too many registrations at once")
+
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_model_name(name: str) -> str:
+    """Names become cache paths and object keys: letters, digits, '.', '_' and '-' only."""
+    if not MODEL_NAME.match(name or "") or ".." in name:
+        raise SpecError(f"model name {name!r}: use letters, digits, '.', '_' and '-' (at most 128), no '@'")
+    return name
+
+
+def _model_row(name, version, kind, uri, backend, revision, digest, queue, defaults, lineage) -> Model:
+    return Model(
         name=name,
-        version=latest + 1,
+        version=version,
         kind=kind,
         backend=backend or DEFAULT_BACKEND.get(kind, kind),
         uri=uri,
@@ -99,9 +124,6 @@ def register(
         defaults=defaults or {},
         lineage=lineage or {},
     )
-    session.add(row)
-    session.flush()
-    return ModelRef.from_row(row)
 
 
 BUILTIN_MODELS = Path(__file__).with_name("builtin_models.yaml")
@@ -190,7 +212,7 @@ def _fetch_s3(ref: ModelRef, bucket: str, prefix: str, cache_dir: Path, endpoint
     if not keys:
         raise ModelLoadError(f"{ref.tag}: nothing under {ref.uri}")
     for key in keys:
-        store.download(key, tmp / key)
+        store.download(key, safe_join(tmp, key))
     if ref.digest and dir_digest(tmp) != ref.digest:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelLoadError(f"{ref.tag}: digest of {ref.uri} does not match the registry")
@@ -198,6 +220,16 @@ def _fetch_s3(ref: ModelRef, bucket: str, prefix: str, cache_dir: Path, endpoint
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, final)
     return final
+
+
+def safe_join(root: Path, key: str) -> Path:
+    """``root / key`` for a key read from a listing: refused if it is not a plain relative key."""
+    from aigc_core.storage import check_key
+
+    path = (root / check_key(key)).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise SpecError(f"object key {key!r} leaves {root}")
+    return path
 
 
 def find_model(session: Session, name: str) -> list[Model]:

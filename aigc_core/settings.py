@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -50,7 +50,17 @@ class Settings(BaseSettings):
     republish_after_s: int = 3600
     model_memory_budget_mb: int = 8192
     storage_workers: int = 8
+    # Logs: one JSON object a line (with job_id / chunk / item) instead of text; the level for
+    # long-running commands (worker, scheduler, metrics); short commands log warnings only unless set.
     log_json: bool = False
+    log_level: str | None = None
+    # Prometheus: `aigc metrics` / `aigc scheduler` serve the database and queue gauges on this port;
+    # each worker process serves its own metrics on the first free port from worker_metrics_port up.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    worker_metrics_port: int | None = Field(None, ge=1, le=65535)
+    # Flower's basic auth, "user:password" (comma-separated for several); `aigc flower` refuses to
+    # start without it unless --unauthenticated is given.
+    flower_basic_auth: SecretStr | None = None
     # Cron schedules (``aigc scheduler``): the file synced into the database, how often due slots
     # are checked, how late a slot may still fire under catch-up "none", how often the reconciler runs.
     schedules_file: str | None = None

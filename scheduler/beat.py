@@ -114,12 +114,18 @@ def _resync_if_changed(client) -> None:
 
 def serve(settings: Settings, *, loglevel: str = "INFO") -> None:
     """Sync the schedules file (a bad one stops here), then run beat and the tick worker, or a loop."""
+    from aigc_core.logs import hook_celery, setup_logging
     from scheduler.client import Client
 
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s] %(name)s: %(message)s")
+    setup_logging(settings.log_json, settings.log_level or loglevel)
+    hook_celery(settings.log_json)
     client = _state["client"] = Client(settings)
     if settings.schedules_file:
         log.info("schedules: %s", sync_file(client, settings.schedules_file))
+    if settings.metrics_port:  # the database and queue gauges, as `aigc metrics` serves them
+        from scheduler.metrics import serve as serve_metrics
+
+        serve_metrics(settings, settings.metrics_port)
     if not settings.broker_url:
         _loop(settings)
         return

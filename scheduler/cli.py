@@ -15,7 +15,7 @@ from rich.table import Table
 
 from aigc_core.errors import AigcError, DatabaseUnavailable, NotFound, SpecError
 from aigc_core.settings import Settings
-from scheduler import cli_schedules
+from scheduler import cli_ops, cli_schedules
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="aigc-runner: batch content generation jobs.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
@@ -26,7 +26,19 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)  # one error, one line, whatever the width
 
 
+def _setup_logging() -> None:
+    """Warnings only for short commands unless AIGC_LOG_LEVEL says more; services raise it to INFO themselves."""
+    from aigc_core.logs import setup_logging
+
+    try:
+        settings = Settings()
+    except ValueError:  # a bad AIGC_* value: the command that reads it reports it
+        return
+    setup_logging(settings.log_json, settings.log_level or "WARNING")
+
+
 def main() -> None:
+    _setup_logging()
     try:
         app()
     except SpecError as e:
@@ -52,22 +64,24 @@ def load_items_jsonl(path: Path) -> list[dict[str, Any]]:
     """One ``{"custom_id", "prompt", "params"?}`` per line; errors name the line."""
     items = []
     try:
-        f = path.open(encoding="utf-8")
+        f = path.open("rb")
     except OSError as e:
         raise SpecError(f"{path}: {e.strerror}") from None
     with f:
-        for n, line in enumerate(f, 1):
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SpecError(f"{path} line {n}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise SpecError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            except UnicodeDecodeError:
-                raise SpecError(f"{path} line {n}: not UTF-8 text") from None
             if not isinstance(obj, dict):
                 raise SpecError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
-            if "text" in obj and "prompt" not in obj:
+            if "text" in obj and "prompt" not in obj and "from" not in obj:
                 obj["prompt"] = obj.pop("text")
             items.append(obj)
     return items
@@ -135,8 +149,12 @@ def submit(
 @app.command()
 def status(job: Annotated[Optional[str], typer.Argument()] = None,
            as_json: Annotated[bool, typer.Option("--json")] = False, limit: int = 20) -> None:
-    """One job's state and counts, or the latest jobs."""
+    """One job's state and its last events; with no job, the overview: queues, workers, jobs in flight,
+    the last failures and the latest jobs."""
     client = _client()
+    if not job and not as_json:
+        cli_ops.status_overview(client, limit, console=out)
+        return
     views = [client.status(job)] if job else client.jobs(limit)
     if as_json:
         out.print_json(json.dumps([_view_dict(v) for v in views] if not job else _view_dict(views[0])))
@@ -147,12 +165,6 @@ def status(job: Annotated[Optional[str], typer.Argument()] = None,
             out.print(f"  {e['at'][:19]}  {e['type']}  " + ", ".join(f"{k}={v}" for k, v in e.items()
                                                                    if k not in ("at", "type")))
         return
-    t = Table("job", "kind", "model", "status", "done", "ok", "failed", "created")
-    for v in views:
-        c = v.counts
-        t.add_row(v.id, v.kind, v.model, v.status.value, f"{v.done}/{v.item_count}", str(c["succeeded"]),
-                  str(c["failed"]), v.created_at.strftime("%Y-%m-%d %H:%M:%S"))
-    out.print(t)
 
 
 @app.command()
@@ -239,9 +251,13 @@ def worker(
         celery_app.worker_main(["worker", "-Q", queues, "--pool", pool, "--concurrency", str(concurrency),
                                 "--loglevel", loglevel, "-E", "--without-gossip", "--without-mingle"])
         return
+    from aigc_core.logs import setup_logging
     from worker.inprocess import serve
+    from worker.metrics import start_server
     from worker.runtime import get_runtime
 
+    setup_logging(settings.log_json, settings.log_level or loglevel)
+    start_server(settings.worker_metrics_port)
     _client()  # migrates the embedded SQLite database and syncs models.yaml
     err.print("no AIGC_BROKER_URL: embedded worker polling the database (Ctrl-C to stop)")
     serve(get_runtime(settings))
@@ -317,6 +333,8 @@ def _show_job(v) -> None:
 
 app.command()(cli_schedules.scheduler)
 app.add_typer(cli_schedules.schedules_app, name="schedules")
+app.command()(cli_ops.metrics)
+app.command()(cli_ops.flower)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ from aigc_core.db import Database, database
 from aigc_core.errors import IdempotencyConflict, NotFound, SpecError
 from aigc_core.jobs import JobView, Result, iter_results, job_prefix, job_view, record_event, release_ready
 from aigc_core.reconcile import ReconcileReport, publish_chunks, reconcile
-from aigc_core.registry import BUILTIN_MODELS, ModelRef, list_models, register, resolve, sync_models_file
+from aigc_core.registry import (
+    BUILTIN_MODELS, ModelRef, check_model_name, list_models, register, resolve, safe_join, sync_models_file,
+)
 from aigc_core.schema import Chunk, ChunkStatus, Item, ItemStatus, Job, JobEvent, JobStatus, Model, utcnow
 from aigc_core.settings import Settings
 from aigc_core.spec import JobSpec, check_limits, parse_spec
@@ -75,8 +77,15 @@ class Client:
             cfg = FinetuneConfig.from_dict(hyperparameters or {})
         except (TypeError, ValueError) as e:
             raise SpecError(f"hyperparameters: {e}") from None
-        if not output_model or "@" in output_model or len(output_model) > 128:
-            raise SpecError(f"output_model {output_model!r}: a name without '@', at most 128 characters")
+        try:
+            check_model_name(output_model)
+        except SpecError as e:
+            raise SpecError(f"output_model: {e}") from None
+        if idempotency_key:  # a repeated submit returns its job before the dataset is read again
+            with self.db.session() as s:
+                row = s.execute(select(Job.id, Job.kind).where(Job.idempotency_key == idempotency_key)).first()
+            if row is not None and row.kind == "finetune":
+                return self.status(row.id)
         uri, sha, stats = self._stage_dataset(str(dataset))
         params = {"dataset": uri, "dataset_sha256": sha, "output_model": output_model,
                   "hyperparameters": cfg.to_dict(), "dataset_stats": stats}
@@ -117,6 +126,19 @@ class Client:
     def _insert_finetune(self, base_model: str, params: dict[str, Any], seed: int, key: str | None,
                          metadata: dict[str, Any]) -> str:
         digest = hashlib.sha256(json.dumps([base_model, params, metadata], sort_keys=True).encode()).hexdigest()
+        try:
+            return self._write_finetune(base_model, params, seed, key, metadata, digest)
+        except IntegrityError:
+            if not key:
+                raise
+            with self.db.session() as s:  # a concurrent submit with the same key won the insert
+                existing = self._by_key(s, key, digest)
+            if existing:
+                return existing
+            raise
+
+    def _write_finetune(self, base_model: str, params: dict[str, Any], seed: int, key: str | None,
+                        metadata: dict[str, Any], digest: str) -> str:
         with self.db.session() as s:
             existing = self._by_key(s, key, digest)
             if existing:
@@ -235,7 +257,7 @@ class Client:
         view = self.status(job_id)
         prefix = job_prefix(job_id) + "/"
         for key in self.store.list(prefix):
-            self.store.download(key, dest / key.removeprefix(prefix))
+            self.store.download(key, safe_join(dest, key.removeprefix(prefix)))
         if not view.final:
             (dest / "manifest.partial.jsonl").write_text(
                 "".join(json.dumps(r.manifest_line()) + "\n" for r in self.results(job_id))

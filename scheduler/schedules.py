@@ -360,7 +360,8 @@ def _finish(db: Database, run_id: int, name: str, slot: str, outcome: RunOutcome
     with db.session() as s:
         s.execute(update(ScheduleRun).where(ScheduleRun.id == run_id)
                   .values(outcome=outcome, job_id=job_id, error=error, updated_at=utcnow()))
-    log.info("schedule %s slot %s: %s %s", name, slot, outcome.value, job_id or error or "")
+    log.info("schedule %s slot %s: %s %s", name, slot, outcome.value, job_id or error or "",
+             extra={"job_id": job_id} if job_id else None)
     return Fired(name, slot, outcome, job_id, error)
 
 

@@ -1,12 +1,15 @@
-"""The Celery app: JSON only, acks late, reject on worker lost, prefetch 1.
+"""The Celery app: JSON only, acks late, reject on worker lost, prefetch 1, task events on.
 
-Run it with ``aigc worker`` or ``celery -A worker.app worker -Q text``.
+Run it with ``aigc worker`` or ``celery -A worker.app worker -Q text``; watch it with ``aigc flower``.
+Worker processes log with job fields (``AIGC_LOG_JSON``) and serve Prometheus metrics when
+``AIGC_WORKER_METRICS_PORT`` is set: each process on the first free port from there up.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, signals
 
+from aigc_core.logs import hook_celery
 from aigc_core.settings import Settings
 
 
@@ -35,4 +38,23 @@ def make_app(settings: Settings | None = None) -> Celery:
     return app
 
 
-app = make_app()
+_settings = Settings()
+app = make_app(_settings)
+hook_celery(_settings.log_json)
+
+
+@signals.worker_process_init.connect(weak=False)
+def _metrics_in_pool_process(**_) -> None:
+    """A prefork child, or the solo pool's only process: serve this process's metrics."""
+    from worker.metrics import start_server
+
+    start_server(Settings().worker_metrics_port)
+
+
+@signals.worker_ready.connect(weak=False)
+def _metrics_in_main_process(sender=None, **_) -> None:
+    """The threads pool runs tasks in the main process; a prefork parent runs none and serves nothing."""
+    if type(getattr(sender, "pool", None)).__module__ != "celery.concurrency.prefork":
+        from worker.metrics import start_server
+
+        start_server(Settings().worker_metrics_port)

@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from aigc_core import __version__
 from aigc_core.jobs import job_prefix, record_event
-from aigc_core.registry import ModelRef, dir_digest, materialize, register
+from aigc_core.registry import ModelRef, dir_digest, materialize, register, safe_join
 from aigc_core.schema import Item, ItemStatus, Job, JobStatus, Model, utcnow
 from aigc_core.storage import download_uri
 from aigc_models import Output
@@ -30,9 +30,12 @@ def run_finetune(rt: Runtime, job, token: str, item, res) -> None:
 
     p = job.params
     work = rt.settings.cache_dir / "finetune" / job.id
+    watch = _Watch(rt, job.id, token)
     base_dir = materialize(job.model, rt.settings.cache_dir, endpoint_url=rt.settings.s3_endpoint_url)
+    watch.heartbeat()
     data = work / ("dataset" + Path(p["dataset"]).suffix)
     download_uri(p["dataset"], data, endpoint_url=rt.settings.s3_endpoint_url)
+    watch.heartbeat()
     if dataset_digest(data) != p["dataset_sha256"]:
         _fail(rt, token, {item.id: f"dataset {p['dataset']} changed since the job was submitted"})
         res.failed += 1
@@ -42,14 +45,16 @@ def run_finetune(rt: Runtime, job, token: str, item, res) -> None:
     if resume:
         with rt.db.session() as s:
             record_event(s, job.id, "resumed", checkpoint=resume.name, worker=rt.worker_id)
-    watch = _Watch(rt, job.id, token)
+    watch.heartbeat()
     t0 = time.perf_counter()
     metrics = finetune_causal_lm(
         base_dir, load_dataset_texts(data), work / "out", cfg, resume_from=resume, on_event=watch.event,
         on_checkpoint=lambda d, state: _upload_checkpoint(rt, job.id, d, watch), should_stop=watch.cancelled,
         checkpoint_dir=work / "checkpoints", device=rt.device,
     )
-    if metrics.get("stop_reason") == "interrupted" or metrics.get("interrupted"):
+    if metrics.get("interrupted"):
+        if watch.lost:  # another delivery holds the item now; it resumes from our checkpoint
+            return
         from worker.pipeline import _cancel_rest
 
         res.cancelled += _cancel_rest(rt, token)
@@ -69,6 +74,7 @@ class _Watch:
         self.rt, self.job_id, self.token = rt, job_id, token
         self._checked = 0.0
         self._cancel = False
+        self.lost = False
 
     def event(self, e: dict[str, Any]) -> None:
         with self.rt.db.session() as s:
@@ -76,18 +82,23 @@ class _Watch:
         self.heartbeat()
 
     def heartbeat(self) -> None:
+        """Renew the lease; a run that lost it (another worker took over) stops at the next step."""
         with self.rt.db.session() as s:
-            s.execute(update(Item).where(Item.claim_token == self.token, Item.status == ItemStatus.running)
-                      .values(lease_until=utcnow() + timedelta(seconds=self.rt.settings.lease_s))
-                      .execution_options(synchronize_session=False))
+            kept = s.execute(update(Item).where(Item.claim_token == self.token, Item.status == ItemStatus.running)
+                             .values(lease_until=utcnow() + timedelta(seconds=self.rt.settings.lease_s))
+                             .execution_options(synchronize_session=False)).rowcount
+        self.lost = not kept
 
     def cancelled(self) -> bool:
+        """Called before every step: asks the database at most every few seconds, and renews the lease
+        on a timer, so a long evaluation interval never lets it expire."""
         now = time.monotonic()
-        if now - self._checked > 2.0:  # called before every step: ask the database at most every 2 s
+        if now - self._checked > min(2.0, self.rt.settings.lease_s / 4):
             self._checked = now
             with self.rt.db.session() as s:
                 self._cancel = s.scalar(select(Job.status).where(Job.id == self.job_id)) == JobStatus.cancelled
-        return self._cancel
+            self.heartbeat()
+        return self._cancel or self.lost
 
 
 def _ckpt_prefix(job_id: str) -> str:
@@ -116,7 +127,7 @@ def _fetch_latest_checkpoint(rt: Runtime, job_id: str, dest: Path) -> Path | Non
     for k in keys:
         rel = k[len(prefix):]
         if rel.startswith(name + "/") and not rel.endswith(DONE_MARKER):
-            rt.store.download(k, dest / name / rel[len(name) + 1:])
+            rt.store.download(k, safe_join(dest / name, rel[len(name) + 1:]))
     return dest / name
 
 

@@ -54,9 +54,11 @@ def _run_with_retries(rt: Runtime, job_id: str, chunk_no: int, retries: int) -> 
             return run_chunk(rt, job_id, chunk_no)
         except TransientError as e:
             wait = min(30.0, 0.5 * 2**attempt)
-            log.warning("chunk %s/%d: %s; retry in %.1fs", job_id, chunk_no, e, wait)
+            log.warning("chunk %s/%d: %s; retry in %.1fs", job_id, chunk_no, e, wait,
+                        extra={"job_id": job_id, "chunk": chunk_no})
             time.sleep(wait)
-    log.error("chunk %s/%d: giving up for now; `aigc worker` picks it up again", job_id, chunk_no)
+    log.error("chunk %s/%d: giving up for now; `aigc worker` picks it up again", job_id, chunk_no,
+              extra={"job_id": job_id, "chunk": chunk_no})
     return None
 
 

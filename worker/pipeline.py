@@ -16,11 +16,13 @@ from sqlalchemy import and_, insert, or_, select, tuple_, update
 from aigc_core import __version__
 from aigc_core.errors import ModelLoadError, TransientError
 from aigc_core.jobs import finalize_if_done, item_key, record_event, release_ready, sidecar_key
+from aigc_core.logs import log_context
 from aigc_core.reconcile import publish_chunks
 from aigc_core.registry import ModelRef, resolve
 from aigc_core.schema import Artifact, Item, ItemStatus, Job, JobStatus, utcnow
 from aigc_models import GenRequest, Output
 from aigc_models.media import embed_metadata
+from worker import metrics
 from worker.provenance import library_versions
 from worker.runtime import Runtime
 
@@ -64,6 +66,11 @@ class JobInfo:
 
 def run_chunk(rt: Runtime, job_id: str, chunk_no: int) -> ChunkResult:
     """Run one chunk; safe to call twice for the same chunk (a redelivered message does no double work)."""
+    with log_context(job_id=job_id, chunk=chunk_no):  # every line logged while it runs names the chunk
+        return _run_chunk(rt, job_id, chunk_no)
+
+
+def _run_chunk(rt: Runtime, job_id: str, chunk_no: int) -> ChunkResult:
     res = ChunkResult(job_id, chunk_no)
     job, token, items = claim(rt, job_id, chunk_no)
     res.claimed = len(items)
@@ -77,6 +84,8 @@ def run_chunk(rt: Runtime, job_id: str, chunk_no: int) -> ChunkResult:
         except TransientError:
             release(rt, token)  # back to pending: the retry (or the reconciler) claims them again
             raise
+        finally:
+            metrics.count_items(job.model.tag, res.succeeded, res.failed, res.cancelled)
     final = finalize_if_done(rt.db, rt.store, job_id)
     res.final_status = getattr(final, "value", None)
     if final is not None:  # jobs waiting for this one start now, not at the reconciler's next pass
@@ -92,6 +101,15 @@ def claim(rt: Runtime, job_id: str, chunk_no: int) -> tuple[JobInfo | None, str,
     with rt.db.session() as s:
         job = s.get(Job, job_id)
         if job is None or job.status.final:
+            if job is not None and job.status == JobStatus.cancelled:
+                # Nothing starts; what a dead or released delivery left open ends as cancelled, so
+                # the job can finish.
+                s.execute(update(Item).where(
+                    Item.job_id == job_id, Item.chunk_no == chunk_no,
+                    or_(Item.status == ItemStatus.pending,
+                        and_(Item.status == ItemStatus.running, Item.lease_until < now)))
+                    .values(status=ItemStatus.cancelled, finished_at=now, lease_until=None)
+                    .execution_options(synchronize_session=False))
             return None, token, []
         rows = s.execute(
             update(Item)
@@ -180,13 +198,23 @@ def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed],
     # Similar lengths together: less padding per batch. Seeds are per item, so order does not matter.
     ordered = sorted(items, key=lambda c: len(c.prompt))
     size = max(1, int(rt.settings.micro_batch_size))
+    if any(c.attempts > 1 for c in items):
+        # A delivery of this chunk died before: run it item by item, each committed alone, so an
+        # item that kills the worker uses up only its own attempts, not its neighbours'.
+        size = 1
     for start in range(0, len(ordered), size):
         if _cancelled(rt, job.id):
             n = _cancel_rest(rt, token)
             res.cancelled += n
             return
         batch = ordered[start : start + size]
+        mine = _renew(rt, token, [c.id for c in batch])  # still ours, and the lease is fresh again
+        batch = [c for c in batch if c.id in mine]
+        if not batch:
+            continue
+        t0 = time.perf_counter()
         outputs = _generate_isolated(model, job, batch)
+        metrics.observe_generation(job.model.tag, job.kind, time.perf_counter() - t0, len(batch))
         _store_and_commit(rt, job, token, batch, outputs, model, res)
 
 
@@ -204,14 +232,14 @@ def _generate_isolated(model, job: JobInfo, batch: list[Claimed]) -> list[tuple[
         return [(o, None, per) for o in outs]
     except Exception as e:  # a backend may raise anything; isolate before judging
         if len(batch) == 1:
-            log.warning("item %d failed: %s", batch[0].index, e, extra={"job_id": job.id})
+            log.warning("item %d failed: %s", batch[0].index, e, extra={"job_id": job.id, "item": batch[0].index})
             return [(None, f"{type(e).__name__}: {e}", time.perf_counter() - t0)]
     return [r for c in batch for r in _generate_isolated(model, job, [c])]
 
 
 def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed], outputs, model,
                       res: ChunkResult) -> None:
-    mine = _still_claimed(rt, token, [c.id for c in batch])
+    mine = _renew(rt, token, [c.id for c in batch])
     # An item whose lease expired and was claimed by another delivery is theirs now: write nothing.
     outputs = [r if c.id in mine else (None, None, 0.0) for c, r in zip(batch, outputs)]
     limit = rt.settings.limits.max_audio_seconds
@@ -245,10 +273,13 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
         res.errors[err] = res.errors.get(err, 0) + 1
 
 
-def _still_claimed(rt: Runtime, token: str, ids: list[int]) -> set[int]:
+def _renew(rt: Runtime, token: str, ids: list[int]) -> set[int]:
+    """The items still ours, with their lease renewed: checked before generating and before storing."""
     with rt.db.session() as s:
-        return set(s.scalars(select(Item.id).where(Item.id.in_(ids), Item.claim_token == token,
-                                                   Item.status == ItemStatus.running)))
+        return set(s.scalars(
+            update(Item).where(Item.id.in_(ids), Item.claim_token == token, Item.status == ItemStatus.running)
+            .values(lease_until=utcnow() + timedelta(seconds=rt.settings.lease_s))
+            .returning(Item.id).execution_options(synchronize_session=False)))
 
 
 def _store_one(rt: Runtime, job: JobInfo, model, c: Claimed, out: Output, gen_seconds: float) -> dict[str, Any]:
@@ -306,10 +337,12 @@ def _fail(rt: Runtime, token: str, failures: dict[int, str]) -> None:
 
 
 def release(rt: Runtime, token: str) -> None:
-    """Give uncommitted items back (pending, no lease) after a transient fault."""
+    """Give uncommitted items back (pending, no lease) after a transient fault. The attempt is given
+    back too: an S3 or database blip is not a crash, and must not use up an item's attempts."""
     with rt.db.session() as s:
         s.execute(update(Item).where(Item.claim_token == token, Item.status == ItemStatus.running)
-                  .values(status=ItemStatus.pending, lease_until=None, claim_token=None)
+                  .values(status=ItemStatus.pending, lease_until=None, claim_token=None,
+                          attempts=Item.attempts - 1)
                   .execution_options(synchronize_session=False))
 
 

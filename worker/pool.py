@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from aigc_core.registry import ModelRef
 from aigc_models import Generator
+from worker import metrics
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class ModelPool:
         self._lock = threading.Lock()
         self.loads: Counter[str] = Counter()
         self.evictions: Counter[str] = Counter()
+        metrics.track_pool(self)
 
     def get(self, ref: ModelRef) -> Loaded:
         with self._lock:
@@ -40,6 +42,7 @@ class ModelPool:
             model = self._loader(ref)
             secs = time.perf_counter() - t0
             self.loads[ref.tag] += 1
+            metrics.MODEL_LOADS.labels(ref.tag).inc()
             self._models[ref.tag] = (model, secs)
             self._evict(keep=ref.tag)
             return Loaded(model, secs, True)
@@ -49,9 +52,19 @@ class ModelPool:
             tag = next(t for t in self._models if t != keep)
             del self._models[tag]
             self.evictions[tag] += 1
+            metrics.MODEL_EVICTIONS.labels(tag).inc()
 
     def memory_bytes(self) -> int:
         return sum(m.memory_bytes() for m, _ in self._models.values())
 
     def pinned(self) -> list[str]:
         return list(self._models)
+
+    def pinned_info(self) -> list[tuple[str, int, float]]:
+        """(name@version, bytes, load seconds) per pinned model, without the lock: a scrape never waits on a load."""
+        for _ in range(3):
+            try:
+                return [(tag, m.memory_bytes(), secs) for tag, (m, secs) in list(self._models.items())]
+            except RuntimeError:  # changed while we read it; read again
+                continue
+        return []

@@ -15,6 +15,7 @@ from aigc_core.settings import Settings
 from aigc_core.storage import ObjectStore, open_store
 from aigc_models import Generator, load_backend
 from aigc_models.base import BackendError
+from worker.metrics import InstrumentedStore
 from worker.pool import ModelPool
 
 
@@ -55,7 +56,7 @@ class Runtime:
     def from_settings(cls, settings: Settings) -> Runtime:
         db = Database(settings.database_url)  # never an engine inherited across fork
         store = open_store(settings.storage_url, settings.s3_endpoint_url, settings.s3_region)
-        return cls(settings, db, store)
+        return cls(settings, db, InstrumentedStore(store))  # counts storage errors for Prometheus
 
 
 _runtimes: dict[tuple[int, str], Runtime] = {}

@@ -53,6 +53,8 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint_and_registers_once
     assert after and min(after) > start  # continued from the checkpoint, not from step 0
     versions = [m for m in c.models() if m["name"] == "house-news"]
     assert len(versions) == 1 and versions[0]["lineage"]["metrics"]["steps"] == 100
+    metrics = versions[0]["lineage"]["metrics"]
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]  # held-out loss fell across the resume
     (out,) = list(c.results(gen.id))
     assert out.provenance["model"]["name"] == "house-news"
     assert out.provenance["model"]["weights_digest"] == versions[0]["digest"]

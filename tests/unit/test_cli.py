@@ -91,6 +91,14 @@ def test_jsonl_line_that_is_an_array_exits_2_naming_the_line(cli):
     assert cli.job_rows() == 0
 
 
+def test_a_jsonl_line_that_is_not_utf8_exits_2_naming_the_line(cli):
+    items = cli.root / "latin1.jsonl"
+    items.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    line = _clean_error(cli("submit", "--items", items, "--model", "tiny"), 2)
+    assert "line 2" in line and "UTF-8" in line
+    assert cli.job_rows() == 0
+
+
 def test_unknown_model_exits_2_naming_the_known_ones(cli):
     items = _write(cli.root / "ok.jsonl", ['{"prompt": "x"}'])
     line = _clean_error(cli("submit", "--items", items, "--model", "nope"), 2)

@@ -241,7 +241,9 @@ def check_flower(compose: dict[str, Any]) -> list[str]:
     args = words(flower.get("command"))
     auth = _flag_value(args, "--basic-auth") or environment(flower).get("FLOWER_BASIC_AUTH")
     problems = []
-    if not auth or not all(part for part in auth.partition(":")[::2]):
+    raw = _flag_value([str(w) for w in flower.get("command") or []], "--basic-auth") or ""
+    required = raw.startswith("${") and ":?" in raw  # compose refuses to start without the variable
+    if not (required or (auth and all(part for part in auth.partition(":")[::2]))):
         problems.append("flower: no --basic-auth user:password (its API would be open)")
     if "flower" not in args:
         problems.append("flower: command does not run flower")

@@ -205,3 +205,49 @@ def test_provenance_is_in_the_sidecar_and_the_row(client):
     assert "torch" in p["versions"] and p["versions"]["aigc_runner"]
     assert p["worker"] and p["device"] == "cpu" and "generate_s" in p["timings"]
     assert len(p["prompt_sha256"]) == 64
+
+
+def test_storage_faults_do_not_use_up_an_items_attempts(client):
+    job = submit(client, ["a", "b"])
+    rt = runtime(client, FakeGen(), store=CountingStore(client.store, fail_puts=5), max_attempts=3)
+    for _ in range(5):  # five transient faults in a row: more than max_attempts
+        with pytest.raises(TransientError):
+            run_chunk(rt, job.id, 0)
+    assert run_chunk(rt, job.id, 0).succeeded == 2
+    assert {i.attempts for i in items(client, job.id).values()} == {1}
+
+
+def test_a_cancelled_job_whose_worker_died_mid_chunk_still_finishes(client):
+    job = submit(client, ["a", "b", "c", "d"])
+    with client.db.session() as s:  # a delivery claimed the chunk, then its worker died
+        s.execute(update(Item).where(Item.job_id == job.id)
+                  .values(status=ItemStatus.running, attempts=1, lease_until=utcnow() - timedelta(1)))
+    client.cancel(job.id)
+    assert not client.status(job.id).final
+    res = run_chunk(runtime(client, FakeGen()), job.id, 0)  # the redelivery or the reconciler's message
+    assert res.claimed == 0
+    view = client.status(job.id)
+    assert view.final and view.status == JobStatus.cancelled and view.counts["cancelled"] == 4
+
+
+def test_a_retry_that_lands_while_the_job_is_being_finalized_is_not_lost(client):
+    job = submit(client, ["ok", "BOOM"])
+    gen = FakeGen()
+
+    class RetryDuringManifest(CountingStore):
+        def put(self, key, data, content_type="application/octet-stream"):
+            if key.endswith("manifest.jsonl") and not getattr(self, "raced", False):
+                self.raced = True
+                with client.db.session() as s:
+                    s.execute(update(Item).where(Item.job_id == job.id, Item.custom_id == "c1")
+                              .values(prompt="fine now"))
+                assert client.retry_failed(job.id) == 1
+            return super().put(key, data, content_type)
+
+    rt = runtime(client, gen, store=RetryDuringManifest(client.store))
+    run_chunk(rt, job.id, 0)
+    view = client.status(job.id)
+    assert not view.final and view.counts["pending"] == 1  # the retried item is open, the job not final
+    run_chunk(rt, job.id, 0)
+    view = client.status(job.id)
+    assert view.final and view.status == JobStatus.succeeded and view.counts["succeeded"] == 2

@@ -1,0 +1,50 @@
+"""The model registry: names, versions under concurrent registration, keys from listings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aigc_core.errors import SpecError
+from aigc_core.registry import check_model_name, register, safe_join
+
+
+def test_a_registration_that_loses_the_version_race_takes_the_next_number(client, tiny_text_model):
+    uri = tiny_text_model.as_uri()
+    with client.db.session() as s:
+        register(s, "house", "text", uri)
+    with client.db.session() as s:
+        real = s.scalar
+        stale = iter([0])  # the first read of max(version) is stale: another process registered v1 meanwhile
+
+        def scalar(stmt, *a, **kw):
+            v = next(stale, None)
+            return v if v is not None else real(stmt, *a, **kw)
+
+        s.scalar = scalar
+        ref = register(s, "house", "text", uri)
+    assert ref.version == 2
+    assert [m["version"] for m in client.models() if m["name"] == "house"] == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["", "a@1", "../etc", "a/b", "x" * 129, "a..b", "-lead", "sp ace"])
+def test_model_names_that_would_make_bad_paths_or_keys_are_refused(name):
+    with pytest.raises(SpecError):
+        check_model_name(name)
+
+
+def test_good_model_names_pass():
+    for name in ("house-news", "demo_digits.v2", "A1"):
+        assert check_model_name(name) == name
+
+
+@pytest.mark.parametrize("key", ["/etc/passwd", "a/../../x", "a//b", "..", "a\\\\b"])
+def test_listed_keys_that_leave_the_destination_are_refused(tmp_path, key):
+    with pytest.raises(SpecError):
+        safe_join(tmp_path, key)
+
+
+def test_a_plain_listed_key_joins_under_the_destination(tmp_path):
+    assert safe_join(tmp_path, "items/000001.txt") == (tmp_path / "items" / "000001.txt").resolve()
+    assert isinstance(safe_join(Path(tmp_path), "a"), Path)
