@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from aigc_models.base import BackendError, GenRequest, Output
+from aigc_models.base import BackendError, GenRequest, Output, group_by_params, in_order
 from aigc_models.device import default_dtype
 
 TTS_DEFAULTS: dict[str, Any] = {"speaking_rate": None, "noise_scale": None, "noise_scale_duration": None,
@@ -25,22 +25,6 @@ TTS_DEFAULTS: dict[str, Any] = {"speaking_rate": None, "noise_scale": None, "noi
 ESPEAK_DEFAULTS: dict[str, Any] = {"voice": None, "rate": 175, "pitch": 50}
 ESPEAK_LIMITS = {"rate": (80, 450), "pitch": (0, 100)}  # words per minute; espeak-ng's own bounds
 SUPPORTED_TTS = ("vits",)  # model_type values whose forward returns a waveform (MMS-TTS is VITS)
-
-
-def _groups(requests: Sequence[GenRequest], defaults: dict[str, Any]):
-    groups: dict[str, tuple[dict[str, Any], list[int]]] = {}
-    for pos, r in enumerate(requests):
-        params = {k: r.params.get(k, v) for k, v in defaults.items()}
-        groups.setdefault(repr(sorted(params.items())), (params, []))[1].append(pos)
-    return list(groups.values())
-
-
-def _in_order(requests, run_group, groups) -> list[Output]:
-    results: dict[int, Output] = {}
-    for params, positions in groups:
-        for pos, out in zip(positions, run_group(params, [requests[i] for i in positions])):
-            results[pos] = out
-    return [results[i] for i in range(len(requests))]
 
 
 def _wav(samples: np.ndarray, sample_rate: int, info: dict[str, Any]) -> Output:
@@ -108,10 +92,10 @@ class TTSGenerator:
         }
 
     def generate(self, requests: Sequence[GenRequest]) -> list[Output]:
-        return _in_order(requests, self._run, self.preprocess(requests))
+        return in_order(requests, self._run, self.preprocess(requests))
 
     def preprocess(self, requests: Sequence[GenRequest]) -> list[tuple[dict[str, Any], list[int]]]:
-        groups = _groups(requests, TTS_DEFAULTS)
+        groups = group_by_params(requests, TTS_DEFAULTS)
         speakers = int(getattr(self.model.config, "num_speakers", 1) or 1)
         for params, _ in groups:
             if params["speaker_id"] is not None and not 0 <= int(params["speaker_id"]) < speakers:
@@ -283,10 +267,10 @@ class EspeakGenerator:
                 "default_voice": self.default_voice}
 
     def generate(self, requests: Sequence[GenRequest]) -> list[Output]:
-        return _in_order(requests, self._run, self.preprocess(requests))
+        return in_order(requests, self._run, self.preprocess(requests))
 
     def preprocess(self, requests: Sequence[GenRequest]) -> list[tuple[dict[str, Any], list[int]]]:
-        groups = _groups(requests, ESPEAK_DEFAULTS)
+        groups = group_by_params(requests, ESPEAK_DEFAULTS)
         for params, _ in groups:
             params["voice"] = params["voice"] or self.default_voice
             self._check_voice(params["voice"])

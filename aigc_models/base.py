@@ -43,6 +43,27 @@ class Generator(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
+def group_by_params(requests: Sequence[GenRequest], defaults: dict[str, Any],
+                    per_item: tuple[str, ...] = ()) -> list[tuple[dict[str, Any], list[int]]]:
+    """Positions of requests that share their effective params (unknown keys ignored), in first-seen
+    order; keys in ``per_item`` may differ inside one group."""
+    groups: dict[str, tuple[dict[str, Any], list[int]]] = {}
+    for pos, r in enumerate(requests):
+        params = {k: r.params.get(k, v) for k, v in defaults.items()}
+        key = repr(sorted((k, v) for k, v in params.items() if k not in per_item))
+        groups.setdefault(key, (params, []))[1].append(pos)
+    return list(groups.values())
+
+
+def in_order(requests: Sequence[GenRequest], run_group, groups) -> list[Output]:
+    """Run each group and put the outputs back in request order."""
+    results: dict[int, Output] = {}
+    for params, positions in groups:
+        for pos, out in zip(positions, run_group(params, [requests[i] for i in positions])):
+            results[pos] = out
+    return [results[i] for i in range(len(requests))]
+
+
 BACKENDS: dict[str, str] = {
     "hf-causal-lm": "aigc_models.text:CausalLMGenerator",
     "diffusers": "aigc_models.image:DiffusersImageGenerator",

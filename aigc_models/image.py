@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from aigc_models.base import BackendError, GenRequest, Output
+from aigc_models.base import BackendError, GenRequest, Output, group_by_params, in_order
 from aigc_models.device import default_dtype
 
 DIFFUSERS_DEFAULTS: dict[str, Any] = {
@@ -29,24 +29,6 @@ DIFFUSERS_DEFAULTS: dict[str, Any] = {
 DIGITS_DEFAULTS: dict[str, Any] = {"digit": None, "size": None, "resample": "nearest", "invert": False,
                                    "temperature": 1.0}
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-
-def _groups(requests: Sequence[GenRequest], defaults: dict[str, Any], per_item: tuple[str, ...] = ()):
-    """Positions of requests that share their effective params (unknown keys ignored), in first-seen order."""
-    groups: dict[str, tuple[dict[str, Any], list[int]]] = {}
-    for pos, r in enumerate(requests):
-        params = {k: r.params.get(k, v) for k, v in defaults.items()}
-        key = repr(sorted((k, v) for k, v in params.items() if k not in per_item))
-        groups.setdefault(key, (params, []))[1].append(pos)
-    return list(groups.values())
-
-
-def _in_order(requests, run_group, groups) -> list[Output]:
-    results: dict[int, Output] = {}
-    for params, positions in groups:
-        for pos, out in zip(positions, run_group(params, [requests[i] for i in positions])):
-            results[pos] = out
-    return [results[i] for i in range(len(requests))]
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -121,10 +103,10 @@ class DiffusersImageGenerator:
 
     def generate(self, requests: Sequence[GenRequest]) -> list[Output]:
         """Requests that share params run as one pipeline call; results come back in request order."""
-        return _in_order(requests, self._run, self.preprocess(requests))
+        return in_order(requests, self._run, self.preprocess(requests))
 
     def preprocess(self, requests: Sequence[GenRequest]) -> list[tuple[dict[str, Any], list[int]]]:
-        groups = _groups(requests, DIFFUSERS_DEFAULTS)
+        groups = group_by_params(requests, DIFFUSERS_DEFAULTS)
         for params, _ in groups:
             if int(params["num_inference_steps"]) < 1:
                 raise BackendError("num_inference_steps must be at least 1")
@@ -224,10 +206,10 @@ class DigitsGenerator:
         }
 
     def generate(self, requests: Sequence[GenRequest]) -> list[Output]:
-        return _in_order(requests, self._run, self.preprocess(requests))
+        return in_order(requests, self._run, self.preprocess(requests))
 
     def preprocess(self, requests: Sequence[GenRequest]) -> list[tuple[dict[str, Any], list[int]]]:
-        groups = _groups(requests, DIGITS_DEFAULTS, per_item=("digit",))
+        groups = group_by_params(requests, DIGITS_DEFAULTS, per_item=("digit",))
         for params, _ in groups:
             if params["resample"] not in ("nearest", "bilinear"):
                 raise BackendError("resample must be 'nearest' or 'bilinear'")

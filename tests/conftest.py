@@ -15,6 +15,18 @@ PG_ADMIN_URL = os.environ.get("AIGC_TEST_PG_URL", "postgresql://postgres@127.0.0
 REDIS_URL = os.environ.get("AIGC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: tiny models gain nothing from threads, and on a shared 2-core
+    machine OpenMP threads spin-waiting for each other make them crawl."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_text_model(tmp_path_factory) -> Path:
     return build_tiny_text_model(tmp_path_factory.mktemp("models") / "tiny-gpt2")

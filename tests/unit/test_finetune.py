@@ -23,12 +23,8 @@ SHORT = dict(learning_rate=3e-3, batch_size=8, block_size=64, eval_every=10, war
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # a 32-wide model runs fastest on one thread, and several threads crawl on a busy 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """Tiny models on a busy 2-core machine run fastest on one thread."""
 
 
 @pytest.fixture(scope="module")

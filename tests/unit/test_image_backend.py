@@ -17,12 +17,8 @@ from aigc_models.image import DigitsGenerator
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Models this small gain nothing from threads; on a shared 2-core box OpenMP spin-waits make them crawl.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def one_thread(one_torch_thread):
+    """Tiny models on a busy 2-core machine run fastest on one thread."""
 
 
 @pytest.fixture(scope="module")
