@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import time
@@ -18,7 +17,7 @@ from aigc_core.errors import IdempotencyConflict, NotFound, SpecError
 from aigc_core.jobs import JobView, Result, iter_results, job_prefix, job_view, record_event, release_ready
 from aigc_core.reconcile import ReconcileReport, publish_chunks, reconcile
 from aigc_core.registry import (
-    BUILTIN_MODELS, ModelRef, check_model_name, list_models, register, resolve, safe_join, sync_models_file,
+    BUILTIN_MODELS, ModelRef, list_models, register, resolve, safe_join, sync_models_file,
 )
 from aigc_core.schema import Chunk, ChunkStatus, Item, ItemStatus, Job, JobEvent, JobStatus, Model, utcnow
 from aigc_core.settings import Settings
@@ -69,94 +68,16 @@ class Client:
     def finetune(self, base_model: str, dataset: str | Path, output_model: str,
                  hyperparameters: dict[str, Any] | None = None, *, idempotency_key: str | None = None,
                  metadata: dict[str, Any] | None = None) -> JobView:
-        """Fine-tune ``base_model`` on ``dataset`` (s3://, file:// or a local path, uploaded for you);
-        on success ``output_model`` gets a new version with its lineage."""
-        from aigc_models.finetune import FinetuneConfig  # torch-free: the config and dataset format
+        """Fine-tune ``base_model`` on ``dataset`` (s3://, file:// or a local path, uploaded for you; the
+        digits GAN / VAE train on builtin://sklearn-digits); on success ``output_model`` gets a new
+        version with its lineage."""
+        from scheduler.training import submit_finetune
 
-        try:
-            cfg = FinetuneConfig.from_dict(hyperparameters or {})
-        except (TypeError, ValueError) as e:
-            raise SpecError(f"hyperparameters: {e}") from None
-        try:
-            check_model_name(output_model)
-        except SpecError as e:
-            raise SpecError(f"output_model: {e}") from None
-        if idempotency_key:  # a repeated submit returns its job before the dataset is read again
-            with self.db.session() as s:
-                row = s.execute(select(Job.id, Job.kind).where(Job.idempotency_key == idempotency_key)).first()
-            if row is not None and row.kind == "finetune":
-                return self.status(row.id)
-        uri, sha, stats = self._stage_dataset(str(dataset))
-        params = {"dataset": uri, "dataset_sha256": sha, "output_model": output_model,
-                  "hyperparameters": cfg.to_dict(), "dataset_stats": stats}
-        job_id = self._insert_finetune(base_model, params, cfg.seed, idempotency_key, metadata or {})
+        job_id = submit_finetune(self, base_model, dataset, output_model, hyperparameters or {},
+                                 idempotency_key, metadata or {})
         if self.publish is not None:
             self._publish_job(job_id)
         return self.status(job_id)
-
-    def _stage_dataset(self, dataset: str) -> tuple[str, str, dict[str, int]]:
-        """Validate the dataset (errors name the line) and put a local one into the object store."""
-        import tempfile
-
-        from aigc_models.finetune import DatasetError, dataset_digest, validate_dataset
-
-        from aigc_core.storage import download_uri
-
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(dataset.removeprefix("file://")) if "://" not in dataset or dataset.startswith("file://") \
-                else None
-            path = local or Path(tmp) / ("dataset" + Path(dataset).suffix)
-            if local is None:
-                try:
-                    download_uri(dataset, path, endpoint_url=self.settings.s3_endpoint_url)
-                except NotFound:
-                    raise SpecError(f"dataset {dataset} does not exist") from None
-            try:
-                stats = validate_dataset(path)
-            except DatasetError as e:
-                raise SpecError(f"dataset: {e}") from None
-            sha = dataset_digest(path)
-            if local is None:
-                return dataset, sha, stats
-            key = f"datasets/{sha.removeprefix('sha256:')}{path.suffix}"
-            if not self.store.exists(key):
-                self.store.put(key, path.read_bytes(), "application/octet-stream")
-            return self.store.uri(key), sha, stats
-
-    def _insert_finetune(self, base_model: str, params: dict[str, Any], seed: int, key: str | None,
-                         metadata: dict[str, Any]) -> str:
-        digest = hashlib.sha256(json.dumps([base_model, params, metadata], sort_keys=True).encode()).hexdigest()
-        try:
-            return self._write_finetune(base_model, params, seed, key, metadata, digest)
-        except IntegrityError:
-            if not key:
-                raise
-            with self.db.session() as s:  # a concurrent submit with the same key won the insert
-                existing = self._by_key(s, key, digest)
-            if existing:
-                return existing
-            raise
-
-    def _write_finetune(self, base_model: str, params: dict[str, Any], seed: int, key: str | None,
-                        metadata: dict[str, Any], digest: str) -> str:
-        with self.db.session() as s:
-            existing = self._by_key(s, key, digest)
-            if existing:
-                return existing
-            base = resolve(s, base_model)
-            if base.kind != "text":
-                raise SpecError(f"base model {base.tag} makes {base.kind}; fine-tuning takes text models")
-            job = Job(kind="finetune", model_name=base.name, model_version=base.version, queue="train",
-                      status=JobStatus.queued, params=params, seed=seed, meta=metadata, idempotency_key=key,
-                      payload_digest=digest, item_count=1, chunk_size=1, depends_on=[])
-            s.add(job)
-            s.flush()
-            s.add(Item(job_id=job.id, index=0, chunk_no=0, custom_id="model", prompt="", params={}, seed=seed,
-                       status=ItemStatus.pending, attempts=0))
-            s.add(Chunk(job_id=job.id, chunk_no=0, status=ChunkStatus.pending, publish_count=0))
-            record_event(s, job.id, "submitted", base_model=base.tag, output_model=params["output_model"],
-                         dataset=params["dataset"])
-            return job.id
 
     def _insert(self, spec: JobSpec) -> str:
         digest = spec.payload_digest()

@@ -26,11 +26,13 @@ DONE_MARKER = "checkpoint.complete"  # written last: a checkpoint without it was
 def run_finetune(rt: Runtime, job, token: str, item, res) -> None:
     """Train, checkpoint to the store as it goes, register the model with its lineage, commit the card."""
     from aigc_models.finetune import FinetuneConfig, dataset_digest, finetune_causal_lm, load_dataset_texts
-    from worker.pipeline import _store_and_commit, _fail
+    from worker.pipeline import _fail
 
     p = job.params
     work = rt.settings.cache_dir / "finetune" / job.id
     watch = _Watch(rt, job.id, token)
+    if p.get("trainer") == "digits":
+        return _run_digits(rt, job, token, item, res, work, watch)
     base_dir = materialize(job.model, rt.settings.cache_dir, endpoint_url=rt.settings.s3_endpoint_url)
     watch.heartbeat()
     data = work / ("dataset" + Path(p["dataset"]).suffix)
@@ -59,12 +61,52 @@ def run_finetune(rt: Runtime, job, token: str, item, res) -> None:
 
         res.cancelled += _cancel_rest(rt, token)
         return
-    ref = _register_once(rt, job, work / "out", metrics)
-    card = {"model": ref.tag, "uri": ref.uri, "digest": ref.digest, "lineage": _lineage(job, metrics, ref.digest)}
+    _finish(rt, job, token, item, res, work, metrics, time.perf_counter() - t0)
+
+
+def _finish(rt: Runtime, job, token: str, item, res, work: Path, metrics: dict[str, Any], seconds: float,
+            dataset_sha256: str | None = None) -> None:
+    """Register the trained model, then commit its model card as the item's output."""
+    from worker.pipeline import _store_and_commit
+
+    ref = _register_once(rt, job, work / "out", metrics, dataset_sha256)
+    card = {"model": ref.tag, "uri": ref.uri, "digest": ref.digest,
+            "lineage": _lineage(job, metrics, ref.digest, dataset_sha256)}
     out = Output(json.dumps(card, indent=1, sort_keys=True).encode(), "application/json", "json",
                  {"registered": ref.tag})
-    _store_and_commit(rt, job, token, [item], [(out, None, time.perf_counter() - t0)], _Card(job.model), res)
+    _store_and_commit(rt, job, token, [item], [(out, None, seconds)], _Card(job.model), res)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_digits(rt: Runtime, job, token: str, item, res, work: Path, watch: "_Watch") -> None:
+    """The project's GAN / VAE: a new model of the base's kind trained on scikit-learn's digits."""
+    import hashlib
+
+    from aigc_models import load_backend
+    from aigc_models.digits import digits_data, train_digits
+
+    hp = job.params["hyperparameters"]
+    base = load_backend("digits", materialize(job.model, rt.settings.cache_dir), device="cpu")
+    kind = base.config["kind"]
+    t0 = time.perf_counter()
+
+    def on_step(step: int, losses: dict[str, float]) -> bool:
+        if step % hp["eval_every"] == 0:
+            watch.event({"step": step, "total_steps": hp["max_steps"], "kind": kind,
+                         "loss": sum(losses.values()), **{k: round(v, 5) for k, v in losses.items()}})
+        return watch.cancelled() or time.perf_counter() - t0 > hp["max_seconds"]
+
+    metrics = train_digits(kind, work / "out", seed=hp["seed"], on_step=on_step, max_steps=hp["max_steps"])
+    if watch.lost:
+        return
+    if watch.cancelled():
+        from worker.pipeline import _cancel_rest
+
+        res.cancelled += _cancel_rest(rt, token)
+        return
+    x, y = digits_data()
+    sha = "sha256:" + hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
+    _finish(rt, job, token, item, res, work, metrics, time.perf_counter() - t0, sha)
 
 
 class _Watch:
@@ -131,7 +173,7 @@ def _fetch_latest_checkpoint(rt: Runtime, job_id: str, dest: Path) -> Path | Non
     return dest / name
 
 
-def _register_once(rt: Runtime, job, out: Path, metrics: dict[str, Any]) -> ModelRef:
+def _register_once(rt: Runtime, job, out: Path, metrics: dict[str, Any], dataset_sha256: str | None) -> ModelRef:
     """Upload the model, then register it; a re-run after a crash finds its own version instead."""
     name = job.params["output_model"]
     with rt.db.session() as s:
@@ -143,16 +185,17 @@ def _register_once(rt: Runtime, job, out: Path, metrics: dict[str, Any]) -> Mode
         rt.store.put(f"{prefix}/{f.relative_to(out).as_posix()}", f.read_bytes())
     digest = dir_digest(out)
     with rt.db.session() as s:
-        return register(s, name, "text", rt.store.uri(prefix), backend=job.model.backend, digest=digest,
+        return register(s, name, job.model.kind, rt.store.uri(prefix), backend=job.model.backend, digest=digest,
                         queue=job.model.queue, defaults=job.model.defaults,
-                        lineage=_lineage(job, metrics, digest))
+                        lineage=_lineage(job, metrics, digest, dataset_sha256))
 
 
-def _lineage(job, metrics: dict[str, Any], digest: str) -> dict[str, Any]:
+def _lineage(job, metrics: dict[str, Any], digest: str, dataset_sha256: str | None = None) -> dict[str, Any]:
     p = job.params
     return {
         "job_id": job.id, "base_model": job.model.tag, "base_digest": job.model.digest,
-        "dataset": p["dataset"], "dataset_sha256": p["dataset_sha256"], "hyperparameters": p["hyperparameters"],
+        "dataset": p["dataset"], "dataset_sha256": dataset_sha256 or p["dataset_sha256"],
+        "hyperparameters": p["hyperparameters"],
         "metrics": {k: v for k, v in metrics.items() if k != "checkpoint"}, "weights_digest": digest,
         "versions": {"aigc_runner": __version__, **library_versions()},
     }

@@ -89,3 +89,30 @@ def test_bad_finetune_requests_are_refused_and_nothing_is_written(client, datase
         client.finetune("tiny", dataset, "house@2", FAST)
     with client.db.session() as s:
         assert s.scalars(select(Job)).all() == []
+
+
+def test_the_digits_gan_vae_trains_through_the_same_job_type_and_its_version_draws(client):
+    ft = client.finetune("demo-digits", "builtin://sklearn-digits", "house-digits",
+                         {"max_steps": 300, "eval_every": 100, "seed": 3})
+    draw = client.submit("image", model="house-digits", items=[{"params": {"digit": d}} for d in range(3)],
+                         after=ft.id)
+    assert client.wait(draw.id, timeout=300).status == JobStatus.succeeded
+    (model,) = [m for m in client.models() if m["name"] == "house-digits"]
+    assert model["kind"] == "image" and model["backend"] == "digits"
+    lin = model["lineage"]
+    assert lin["base_model"] == "demo-digits@1" and lin["dataset"] == "builtin://sklearn-digits"
+    assert lin["dataset_sha256"].startswith("sha256:") and lin["metrics"]["steps"] == 300
+    assert lin["metrics"]["loss_after"] < lin["metrics"]["loss_before"]
+    assert [e["step"] for e in client.events(ft.id) if e["type"] == "train"] == [100, 200, 300]
+    assert all(r.provenance["model"]["name"] == "house-digits" for r in client.results(draw.id))
+
+
+def test_digits_training_refuses_other_datasets_and_unknown_options(client, dataset):
+    with pytest.raises(SpecError, match="sklearn-digits"):
+        client.finetune("demo-digits", dataset, "d2", {"max_steps": 10})
+    with pytest.raises(SpecError, match="unknown option"):
+        client.finetune("demo-digits", "builtin://sklearn-digits", "d2", {"learning_rate": 0.1})
+    with pytest.raises(SpecError, match="max_steps must be an integer"):
+        client.finetune("demo-digits", "builtin://sklearn-digits", "d2", {"max_steps": 0})
+    with pytest.raises(SpecError, match="fine-tuning takes text models and the digits"):
+        client.finetune("espeak-en", dataset, "d2", {})
