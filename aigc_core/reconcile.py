@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import timedelta, timezone
 
 from sqlalchemy import and_, select, tuple_, update
 
@@ -52,6 +52,11 @@ def publish_chunks(db: Database, publish: Publish, chunks: Iterable[tuple[str, i
     return len(sent), failed
 
 
+def _aware(t):
+    """SQLite returns naive datetimes for timezone-aware columns; they are UTC."""
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
 def reconcile(db: Database, store: ObjectStore, publish: Publish | None, *, stale_after_s: int,
               job_id: str | None = None, limit: int = 10_000) -> ReconcileReport:
     """Re-publish what was lost, wake chunks whose leases expired, and finalize finished jobs.
@@ -67,13 +72,17 @@ def reconcile(db: Database, store: ObjectStore, publish: Publish | None, *, stal
             select(Item.job_id, Item.chunk_no).where(Item.status == ItemStatus.running,
                                                     Item.lease_until < now, *scope).distinct().limit(limit)
         ).all()
-        stale = s.execute(
-            select(Chunk.job_id, Chunk.chunk_no)
+        candidates = s.execute(
+            select(Chunk.job_id, Chunk.chunk_no, Chunk.published_at, Chunk.publish_count)
             .join(Item, and_(Item.job_id == Chunk.job_id, Item.chunk_no == Chunk.chunk_no))
             .where(Chunk.status == ChunkStatus.published,
                    Chunk.published_at < now - timedelta(seconds=stale_after_s),
                    Item.status == ItemStatus.pending, *scope).distinct().limit(limit)
         ).all()
+        # Backs off: the n-th re-publish waits n periods, so a chunk that is only waiting in a long
+        # queue does not collect a message every period.
+        stale = [r for r in candidates
+                 if _aware(r.published_at) < now - timedelta(seconds=stale_after_s * max(1, r.publish_count))]
         rep.expired_leases, rep.stale_chunks = len(expired), len(stale)
         wake = {(r.job_id, r.chunk_no) for r in [*expired, *stale]}
         if wake:

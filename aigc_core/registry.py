@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from contextlib import contextmanager
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,11 +144,14 @@ def sync_models_file(session: Session, path: str | Path, *, only_missing: bool =
             refs.append(ModelRef.from_row(current))
             continue
         digest = entry.get("digest")
-        if digest is None and uri.startswith("file://") and local_path(uri).is_dir():
-            digest = dir_digest(local_path(uri))
-        if current and (current.uri, current.revision, current.digest) == (uri, entry.get("revision"), digest):
+        same_place = current and (current.uri, current.revision) == (uri, entry.get("revision"))
+        if same_place and digest in (None, current.digest):
+            # Unchanged entry: no re-hashing of the weights at every client start. A directory
+            # rewritten in place needs a new revision (or `aigc models register`).
             refs.append(ModelRef.from_row(current))
             continue
+        if digest is None and uri.startswith("file://") and local_path(uri).is_dir():
+            digest = dir_digest(local_path(uri))
         refs.append(
             register(
                 session, name, entry["kind"], uri, backend=entry.get("backend"), revision=entry.get("revision"),
@@ -200,11 +204,33 @@ def materialize(ref: ModelRef, cache_dir: Path, *, endpoint_url: str | None = No
 
 
 def _fetch_s3(ref: ModelRef, bucket: str, prefix: str, cache_dir: Path, endpoint_url: str | None) -> Path:
+    final = cache_dir / "models" / ref.name / str(ref.version)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # One GPU process per device on a host: the first fetches and checks, the others wait for it.
+    with _file_lock(final.parent / f".{ref.version}.lock"):
+        verified = final / ".verified"
+        if final.is_dir() and verified.exists() and verified.read_text() == str(ref.digest):
+            return final
+        path = _download_checked(ref, bucket, prefix, final, endpoint_url)
+        (path / ".verified").write_text(str(ref.digest))
+        return path
+
+
+@contextmanager
+def _file_lock(path: Path):
+    import fcntl
+
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _download_checked(ref: ModelRef, bucket: str, prefix: str, final: Path, endpoint_url: str | None) -> Path:
     from aigc_core.storage import S3Store
 
-    final = cache_dir / "models" / ref.name / str(ref.version)
-    if final.is_dir() and (ref.digest is None or dir_digest(final) == ref.digest):
-        return final
     store = S3Store(bucket, prefix, endpoint_url=endpoint_url)
     tmp = final.with_name(f".{ref.version}.{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)

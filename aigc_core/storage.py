@@ -72,7 +72,12 @@ class LocalStore:
 
     def list(self, prefix: str) -> Iterator[str]:
         base = self.root
-        for p in sorted(base.rglob("*")):
+        # Walk only the folder the prefix names, not the whole store.
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = base / check_key(folder) if folder else base
+        if not start.is_dir():
+            return
+        for p in sorted(start.rglob("*")):
             if p.is_file() and not p.name.startswith(".tmp-"):
                 key = p.relative_to(base).as_posix()
                 if key.startswith(prefix):
