@@ -13,6 +13,9 @@ from tests.support.models import build_tiny_text_model
 
 PG_ADMIN_URL = os.environ.get("AIGC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("AIGC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+# A database of Redis's 16 per test session (tests flush it), so two suites running at once on one
+# Redis (a developer's and CI's) rarely share one; AIGC_TEST_REDIS_DB fixes it.
+REDIS_DB = int(os.environ.get("AIGC_TEST_REDIS_DB", 2 + os.getpid() % 14))
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +95,7 @@ def redis_url():
     """A Redis database of its own, flushed before and after."""
     import redis
 
-    url = f"{REDIS_URL}/9"
+    url = f"{REDIS_URL}/{REDIS_DB}"
     r = redis.Redis.from_url(url)
     try:
         r.flushdb()
