@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -121,6 +122,18 @@ class JobSpec(BaseModel):
         body = self.model_dump(mode="json", exclude={"idempotency_key"}, by_alias=True)
         raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def load_yaml(path: Path) -> Any:
+    """A YAML (or JSON) file the user wrote, or a SpecError naming the file and the first problem."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SpecError(f"{path}: {e.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
 
 
 def parse_spec(data: Any) -> JobSpec:

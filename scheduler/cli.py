@@ -15,6 +15,7 @@ from rich.table import Table
 
 from aigc_core.errors import AigcError, DatabaseUnavailable, NotFound, SpecError
 from aigc_core.settings import Settings
+from aigc_core.spec import load_yaml
 from scheduler import cli_ops, cli_schedules
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="aigc-runner: batch content generation jobs.")
@@ -89,12 +90,7 @@ def load_items_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def load_job_file(path: Path) -> dict[str, Any]:
     """A job.yaml (or .json): kind, model, params, seed, metadata, and items or items_file."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SpecError(f"{path}: {e.strerror}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    data = load_yaml(path)
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping with kind, model and items")
     if "items_file" in data:

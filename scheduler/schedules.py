@@ -25,7 +25,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -33,7 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from aigc_core.db import Database
 from aigc_core.errors import AigcError, IdempotencyConflict, NotFound, SpecError, TransientError
 from aigc_core.schema import FINAL_JOB_STATES, CatchUp, Job, RunOutcome, Schedule, ScheduleRun, utcnow
-from aigc_core.spec import format_validation_error, parse_spec
+from aigc_core.spec import format_validation_error, load_yaml, parse_spec
 from scheduler.cron import Cron, as_utc, parse_slot, slot_str
 
 log = logging.getLogger("aigc.schedules")
@@ -84,12 +83,7 @@ class Fired:
 
 def load_schedules_file(path: str | Path) -> list[ScheduleDef]:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SpecError(f"{path}: {e.strerror}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    data = load_yaml(path)
     return parse_schedules(data, source=str(path), base_dir=path.resolve().parent)
 
 
