@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -28,6 +26,7 @@ from aigc_core.schema import Job, RunOutcome, Schedule, ScheduleRun
 from scheduler import Client
 from scheduler.cron import parse_slot, slot_str
 from scheduler.schedules import fire_due, parse_schedules, sync_schedules
+from tests.support.workers import ServiceProc
 
 pytestmark = pytest.mark.integration
 
@@ -35,22 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 AIGC = shutil.which("aigc", path=str(Path(sys.executable).parent))
 
 
-@dataclass
-class SchedulerProc:
-    proc: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+SchedulerProc = ServiceProc  # an `aigc scheduler` process
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Real ``celery worker`` processes for integration tests."""
+"""Real ``celery worker`` (and other ``aigc``) processes for integration tests."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from pathlib import Path
 
 
 @dataclass
-class WorkerProc:
+class ServiceProc:
+    """A process started in a session of its own, with its output in a log file."""
+
     proc: subprocess.Popen
     log_path: Path
-    name: str
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -34,6 +35,11 @@ class WorkerProc:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+@dataclass
+class WorkerProc(ServiceProc):
+    name: str = ""
 
 
 def start_worker(env: dict[str, str], log_dir: Path, *, queues: str = "text", pool: str = "solo",
