@@ -18,6 +18,9 @@ log = logging.getLogger("aigc.reconcile")
 
 # publish(queue, job_id, chunk_no) sends one message; it raises if the broker refuses.
 Publish = Callable[[str, str, int], None]
+# held(queue) -> the (job_id, chunk_no) whose messages the broker still holds (queued or unacked), or
+# None when it cannot tell (down, or the queue is too long to read).
+Held = Callable[[str], "set[tuple[str, int]] | None"]
 
 
 @dataclass
@@ -26,6 +29,7 @@ class ReconcileReport:
     publish_failed: int = 0
     expired_leases: int = 0
     stale_chunks: int = 0
+    lost_messages: int = 0
     finalized: list[str] = field(default_factory=list)
     released: int = 0
 
@@ -52,16 +56,45 @@ def publish_chunks(db: Database, publish: Publish, chunks: Iterable[tuple[str, i
     return len(sent), failed
 
 
+def _lost(s, candidates, held: Held, before) -> list[tuple[str, int]]:
+    """Chunks published before ``before`` with pending items whose message the broker no longer holds."""
+    old = [r for r in candidates if _aware(r.published_at) < before]
+    lost: list[tuple[str, int]] = []
+    for queue in sorted({r.queue for r in old}):
+        in_broker = held(queue)
+        if in_broker is None:
+            continue
+        # Read again after asking the broker: a chunk claimed (or published again) meanwhile is not lost.
+        mine = [(r.job_id, r.chunk_no) for r in old if r.queue == queue and (r.job_id, r.chunk_no) not in in_broker]
+        if not mine:
+            continue
+        still = set(s.execute(
+            select(Chunk.job_id, Chunk.chunk_no)
+            .join(Item, and_(Item.job_id == Chunk.job_id, Item.chunk_no == Chunk.chunk_no))
+            .where(tuple_(Chunk.job_id, Chunk.chunk_no).in_(mine), Chunk.status == ChunkStatus.published,
+                   Chunk.published_at < before, Item.status == ItemStatus.pending)
+        ).all())
+        lost += [c for c in mine if c in still]
+    if lost:
+        log.warning("%d published chunks have no message in the broker (lost); publishing them again", len(lost))
+    return lost
+
+
 def _aware(t):
     """SQLite returns naive datetimes for timezone-aware columns; they are UTC."""
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 def reconcile(db: Database, store: ObjectStore, publish: Publish | None, *, stale_after_s: int,
-              job_id: str | None = None, limit: int = 10_000) -> ReconcileReport:
+              job_id: str | None = None, limit: int = 10_000, held: Held | None = None,
+              lost_after_s: float = 15.0) -> ReconcileReport:
     """Re-publish what was lost, wake chunks whose leases expired, and finalize finished jobs.
 
-    With ``publish=None`` (the embedded worker) chunks are put back in the outbox instead.
+    A published chunk with pending items is lost when the broker, asked through ``held``, holds no
+    message for it (a Redis restarted empty; a task that failed outright): it is published again on
+    this pass once ``lost_after_s`` passed since its last publish. Without an answer from the broker
+    it waits ``stale_after_s`` (backing off). With ``publish=None`` (the embedded worker) chunks are
+    put back in the outbox instead.
     """
     rep = ReconcileReport()
     rep.released = len(release_ready(db, store, job_id))
@@ -72,19 +105,23 @@ def reconcile(db: Database, store: ObjectStore, publish: Publish | None, *, stal
             select(Item.job_id, Item.chunk_no).where(Item.status == ItemStatus.running,
                                                     Item.lease_until < now, *scope).distinct().limit(limit)
         ).all()
+        oldest = now - timedelta(seconds=min(stale_after_s, lost_after_s) if held else stale_after_s)
         candidates = s.execute(
-            select(Chunk.job_id, Chunk.chunk_no, Chunk.published_at, Chunk.publish_count)
+            select(Chunk.job_id, Chunk.chunk_no, Chunk.published_at, Chunk.publish_count, Job.queue)
             .join(Item, and_(Item.job_id == Chunk.job_id, Item.chunk_no == Chunk.chunk_no))
-            .where(Chunk.status == ChunkStatus.published,
-                   Chunk.published_at < now - timedelta(seconds=stale_after_s),
+            .join(Job, Job.id == Chunk.job_id)
+            .where(Chunk.status == ChunkStatus.published, Chunk.published_at < oldest,
                    Item.status == ItemStatus.pending, *scope).distinct().limit(limit)
         ).all()
         # Backs off: the n-th re-publish waits n periods, so a chunk that is only waiting in a long
         # queue does not collect a message every period.
         stale = [r for r in candidates
                  if _aware(r.published_at) < now - timedelta(seconds=stale_after_s * max(1, r.publish_count))]
-        rep.expired_leases, rep.stale_chunks = len(expired), len(stale)
-        wake = {(r.job_id, r.chunk_no) for r in [*expired, *stale]}
+        stale_keys = {(r.job_id, r.chunk_no) for r in stale}
+        candidates = [r for r in candidates if (r.job_id, r.chunk_no) not in stale_keys]
+        lost = _lost(s, candidates, held, now - timedelta(seconds=lost_after_s)) if held else []
+        rep.expired_leases, rep.stale_chunks, rep.lost_messages = len(expired), len(stale), len(lost)
+        wake = {(r.job_id, r.chunk_no) for r in [*expired, *stale]} | set(lost)
         if wake:
             s.execute(update(Chunk).where(tuple_(Chunk.job_id, Chunk.chunk_no).in_(list(wake)))
                       .values(status=ChunkStatus.pending))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +84,11 @@ def _run_chunk(rt: Runtime, job_id: str, chunk_no: int) -> ChunkResult:
                 _generate_chunk(rt, job, token, items, res)
         except TransientError:
             release(rt, token)  # back to pending: the retry (or the reconciler) claims them again
+            raise
+        except BaseException:
+            # Anything else (a bug, an interrupt): the items go back at once with this attempt counted,
+            # instead of staying running until their lease expires.
+            _release_quietly(rt, token, give_back_attempt=False)
             raise
         finally:
             metrics.count_items(job.model.tag, res.succeeded, res.failed, res.cancelled)
@@ -197,24 +203,30 @@ def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed],
     model = loaded.model
     # Similar lengths together: less padding per batch. Seeds are per item, so order does not matter.
     ordered = sorted(items, key=lambda c: len(c.prompt))
-    size = max(1, int(rt.settings.micro_batch_size))
+    size = min(max(1, int(rt.settings.micro_batch_size)), rt.batch_caps.get(job.model.tag, 1 << 30))
     if any(c.attempts > 1 for c in items):
         # A delivery of this chunk died before: run it item by item, each committed alone, so an
         # item that kills the worker uses up only its own attempts, not its neighbours'.
         size = 1
-    for start in range(0, len(ordered), size):
+    start = 0
+    while start < len(ordered):
         if _cancelled(rt, job.id):
             n = _cancel_rest(rt, token)
             res.cancelled += n
             return
+        size = min(size, rt.batch_caps.get(job.model.tag, size))  # an out-of-memory split lowers it
         batch = ordered[start : start + size]
+        start += len(batch)
         mine = _renew(rt, token, [c.id for c in batch])  # still ours, and the lease is fresh again
         batch = [c for c in batch if c.id in mine]
         if not batch:
             continue
         t0 = time.perf_counter()
-        outputs = _generate_isolated(model, job, batch)
-        metrics.observe_generation(job.model.tag, job.kind, time.perf_counter() - t0, len(batch))
+        outputs = _generate_isolated(rt, model, job, batch)
+        secs = time.perf_counter() - t0
+        metrics.observe_generation(job.model.tag, job.kind, secs, len(batch))
+        log.info("generated %d items in %.3f s", len(batch), secs,
+                 extra={"items": [c.index for c in batch], "attempts": [c.attempts for c in batch]})
         _store_and_commit(rt, job, token, batch, outputs, model, res)
 
 
@@ -223,18 +235,49 @@ def _requests(job: JobInfo, batch: list[Claimed]) -> list[GenRequest]:
     return [GenRequest(c.index, c.prompt, {**defaults, **job.params, **c.params}, c.seed) for c in batch]
 
 
-def _generate_isolated(model, job: JobInfo, batch: list[Claimed]) -> list[tuple[Output | None, str | None, float]]:
-    """Generate a batch; if it fails, each item alone, so one bad item never fails its neighbours."""
+def _generate_isolated(rt: Runtime, model, job: JobInfo,
+                       batch: list[Claimed]) -> list[tuple[Output | None, str | None, float]]:
+    """Generate a batch; if it fails, each item alone, so one bad item never fails its neighbours.
+
+    Out of memory is not the items' fault: the batch is split in halves and retried, and the size that
+    fitted caps this model's micro-batches in this process from then on. Seeds are per item, so the
+    outputs are the same as an unsplit run's."""
+    cap = rt.batch_caps.get(job.model.tag)
+    if cap is not None and len(batch) > cap:  # a split earlier in this batch found a smaller size
+        return [r for k in range(0, len(batch), cap) for r in _generate_isolated(rt, model, job, batch[k : k + cap])]
     t0 = time.perf_counter()
     try:
         outs = model.generate(_requests(job, batch))
         per = (time.perf_counter() - t0) / len(batch)
         return [(o, None, per) for o in outs]
     except Exception as e:  # a backend may raise anything; isolate before judging
+        if is_out_of_memory(e) and len(batch) > 1:
+            half = (len(batch) + 1) // 2
+            rt.batch_caps[job.model.tag] = min(half, rt.batch_caps.get(job.model.tag, half))
+            log.warning("out of memory at a batch of %d; retrying as batches of %d", len(batch), half,
+                        extra={"job_id": job.id})
+            _free_device_memory()
+            return (_generate_isolated(rt, model, job, batch[:half])
+                    + _generate_isolated(rt, model, job, batch[half:]))
         if len(batch) == 1:
             log.warning("item %d failed: %s", batch[0].index, e, extra={"job_id": job.id, "item": batch[0].index})
             return [(None, f"{type(e).__name__}: {e}", time.perf_counter() - t0)]
-    return [r for c in batch for r in _generate_isolated(model, job, [c])]
+    return [r for c in batch for r in _generate_isolated(rt, model, job, [c])]
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA and the rest), or an allocator's RuntimeError saying so."""
+    torch = sys.modules.get("torch")  # a backend that never imported torch cannot raise its OOM
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom is not None and isinstance(e, oom):
+        return True
+    return isinstance(e, (RuntimeError, MemoryError)) and "out of memory" in str(e).lower()
+
+
+def _free_device_memory() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed], outputs, model,
@@ -336,14 +379,22 @@ def _fail(rt: Runtime, token: str, failures: dict[int, str]) -> None:
         _fail_in(s, token, failures)
 
 
-def release(rt: Runtime, token: str) -> None:
-    """Give uncommitted items back (pending, no lease) after a transient fault. The attempt is given
+def release(rt: Runtime, token: str, *, give_back_attempt: bool = True) -> None:
+    """Give uncommitted items back (pending, no lease). After a transient fault the attempt is given
     back too: an S3 or database blip is not a crash, and must not use up an item's attempts."""
     with rt.db.session() as s:
         s.execute(update(Item).where(Item.claim_token == token, Item.status == ItemStatus.running)
                   .values(status=ItemStatus.pending, lease_until=None, claim_token=None,
-                          attempts=Item.attempts - 1)
+                          attempts=Item.attempts - (1 if give_back_attempt else 0))
                   .execution_options(synchronize_session=False))
+
+
+def _release_quietly(rt: Runtime, token: str, *, give_back_attempt: bool) -> None:
+    """Release on the way out of a failure; if the database is the failure, the leases expire instead."""
+    try:
+        release(rt, token, give_back_attempt=give_back_attempt)
+    except Exception as e:
+        log.warning("could not release the chunk's items (%s); they return when their lease expires", e)
 
 
 def _cancelled(rt: Runtime, job_id: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from aigc_core.db import Database
@@ -26,6 +26,8 @@ class Runtime:
     store: ObjectStore
     # Sends released chunks of waiting jobs at once (the Celery worker sets it); None: the outbox keeps them.
     publish: Callable[[str, str, int], None] | None = None
+    # name@version -> the largest micro-batch that fitted after an out-of-memory split in this process.
+    batch_caps: dict[str, int] = field(default_factory=dict)
 
     @cached_property
     def worker_id(self) -> str:

@@ -251,3 +251,57 @@ def test_a_retry_that_lands_while_the_job_is_being_finalized_is_not_lost(client)
     run_chunk(rt, job.id, 0)
     view = client.status(job.id)
     assert view.final and view.status == JobStatus.succeeded and view.counts["succeeded"] == 2
+
+
+class OomGen(FakeGen):
+    """Runs out of memory on batches larger than ``fits``, as a GPU would."""
+
+    def __init__(self, fits: int):
+        super().__init__()
+        self.fits = fits
+
+    def generate(self, reqs):
+        import torch
+
+        if len(reqs) > self.fits:
+            self.calls.append([r.index for r in reqs])
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().generate(reqs)
+
+
+def test_out_of_memory_splits_the_batch_and_the_outputs_match_an_unsplit_run(client):
+    prompts = [f"prompt number {i}" for i in range(12)]
+    big = submit(client, prompts, seed=7, chunk_size=12)
+    rt = runtime(client, OomGen(fits=3), micro_batch_size=8)
+    res = run_chunk(rt, big.id, 0)
+    assert (res.succeeded, res.failed) == (12, 0)
+    # 8 -> 4 -> 2 fits; after that the cap holds: no more batches above it in this process.
+    assert rt.batch_caps["tiny@1"] == 2
+    sizes = [len(c) for c in rt.pool.get(client.model("tiny")).model.calls]
+    assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) <= 2
+
+    ref = submit(client, prompts, seed=7, chunk_size=12, idempotency_key="unsplit")
+    run_chunk(runtime(client, FakeGen(), micro_batch_size=16), ref.id, 0)
+    digests = {jid: {r.custom_id: r.sha256 for r in client.results(jid)} for jid in (big.id, ref.id)}
+    assert digests[big.id] == digests[ref.id]
+
+
+def test_out_of_memory_on_a_single_item_fails_that_item_with_the_reason(client):
+    job = submit(client, ["a", "b"])
+    res = run_chunk(runtime(client, OomGen(fits=0), micro_batch_size=2), job.id, 0)
+    assert res.failed == 2
+    assert all("OutOfMemoryError" in i.error for i in items(client, job.id).values())
+
+
+def test_an_unexpected_error_gives_the_items_back_at_once_with_the_attempt_counted(client):
+    class BuggyStore(CountingStore):
+        def put(self, key, data, content_type="application/octet-stream"):
+            raise KeyError("a bug in the runner")
+
+    job = submit(client, ["a", "b", "c"])
+    with pytest.raises(KeyError):
+        run_chunk(runtime(client, FakeGen(), BuggyStore(client.store)), job.id, 0)
+    rows = items(client, job.id).values()
+    assert {i.status for i in rows} == {ItemStatus.pending}  # not running until a lease expires
+    assert {i.attempts for i in rows} == {1} and {i.lease_until for i in rows} == {None}
+    assert run_chunk(runtime(client, FakeGen()), job.id, 0).succeeded == 3

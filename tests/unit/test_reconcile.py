@@ -36,3 +36,52 @@ def test_a_chunk_republished_before_waits_longer_each_time(client):
     published(15, 1)  # sent once: one period is enough
     reconcile(client.db, client.store, publish, stale_after_s=10)
     assert sent == [(job.id, 0), (job.id, 0)]
+
+
+def test_a_chunk_the_broker_no_longer_holds_is_published_again_on_the_next_pass(client):
+    lost = client.submit("text", model="tiny", items=["a"])
+    queued = client.submit("text", model="tiny", items=["b"])
+    fresh = client.submit("text", model="tiny", items=["c"])
+    sent, asked = [], []
+
+    def publish(queue, job_id, chunk_no):
+        sent.append(job_id)
+
+    def held(queue):  # the broker still has a message for `queued` only
+        asked.append(queue)
+        return {(queued.id, 0)}
+
+    with client.db.session() as s:
+        for job_id, ago in ((lost.id, 60), (queued.id, 60), (fresh.id, 2)):
+            s.execute(update(Chunk).where(Chunk.job_id == job_id).values(
+                status=ChunkStatus.published, publish_count=1, published_at=utcnow() - timedelta(seconds=ago)))
+    rep = reconcile(client.db, client.store, publish, stale_after_s=3600, held=held, lost_after_s=15)
+    assert asked == ["text"] and rep.lost_messages == 1
+    assert sent == [lost.id]  # not the one still queued, nor the one published 2 s ago
+
+    # A broker that cannot answer is no evidence of loss: nothing is sent before stale_after_s.
+    sent.clear()
+    with client.db.session() as s:
+        s.execute(update(Chunk).where(Chunk.job_id == lost.id).values(
+            published_at=utcnow() - timedelta(seconds=60)))
+    rep = reconcile(client.db, client.store, publish, stale_after_s=3600, held=lambda q: None, lost_after_s=15)
+    assert sent == [] and rep.lost_messages == 0
+
+
+def test_the_redis_probe_reads_chunk_ids_from_queued_and_unacked_messages(redis_url):
+    import redis
+
+    from scheduler.broker import RedisChunkProbe
+    from scheduler.dispatch import CeleryPublisher
+
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()
+    CeleryPublisher(redis_url)("probe-q", "job-a", 3)
+    CeleryPublisher(redis_url)("probe-q", "job-b", 0)
+    # Move one message to the unacked hash, as a worker holding it (acks_late) leaves it.
+    raw = r.rpop("probe-q")
+    r.hset("unacked", "tag-1", f'[{raw.decode()}, "", "probe-q"]')
+    r.lpush("probe-q", b"not json", b'{"headers": {"task": "other.task"}, "body": "W10="}')
+    assert RedisChunkProbe(redis_url)("probe-q") == {("job-a", 3), ("job-b", 0)}
+    assert RedisChunkProbe(redis_url, max_scan=1)("probe-q") is None  # too long to read: no opinion
+    assert RedisChunkProbe("redis://127.0.0.1:1/0")("probe-q") is None  # unreachable: no opinion
