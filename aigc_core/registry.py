@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from aigc_core.errors import ModelLoadError, NotFound, SpecError
 from aigc_core.schema import Model
-from aigc_core.spec import KINDS
+from aigc_core.spec import KINDS, format_validation_error, load_yaml
 
 DEFAULT_BACKEND = {"text": "hf-causal-lm", "image": "diffusers", "audio": "hf-tts"}
 
@@ -133,9 +133,8 @@ BUILTIN_MODELS = Path(__file__).with_name("builtin_models.yaml")
 def sync_models_file(session: Session, path: str | Path, *, only_missing: bool = False) -> list[ModelRef]:
     """Register every models.yaml entry whose URI/revision/digest is not the newest version yet
     (with ``only_missing``, only names the registry does not know at all)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
     refs = []
-    for entry in data.get("models", []):
+    for entry in _models_file_entries(path):
         name, uri = entry["name"], os.path.expandvars(entry["uri"])
         current = session.scalars(
             select(Model).where(Model.name == name).order_by(Model.version.desc()).limit(1)
@@ -159,6 +158,38 @@ def sync_models_file(session: Session, path: str | Path, *, only_missing: bool =
             )
         )
     return refs
+
+
+class _ModelEntry(BaseModel):
+    """One entry of models.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: str
+    uri: str
+    backend: str | None = None
+    revision: str | None = None
+    digest: str | None = None
+    queue: str | None = None
+    defaults: dict[str, Any] | None = None
+
+
+def _models_file_entries(path: str | Path) -> list[dict[str, Any]]:
+    """The entries of a models.yaml, each checked, or a SpecError naming the file and the entry."""
+    data = load_yaml(Path(path)) or {}
+    entries = data.get("models", []) if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise SpecError(f"{path}: expected 'models:' with a list of models")
+    out = []
+    for i, raw in enumerate(entries):
+        if not isinstance(raw, dict):
+            raise SpecError(f"{path}: models[{i}]: expected a mapping with name, kind and uri")
+        try:
+            out.append(_ModelEntry.model_validate(raw).model_dump())
+        except ValidationError as e:
+            raise SpecError(f"{path}: models[{i}]: {format_validation_error(e)}") from None
+    return out
 
 
 def list_models(session: Session) -> list[Model]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,6 +17,12 @@ class Limits(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AIGC_LIMIT_", extra="ignore")
 
     max_items_per_job: int = 100_000
+    # Input files are refused by size before they are read: an items JSONL file (streamed, one
+    # line at a time), and a YAML file (job, schedules, models), which is parsed whole.
+    max_items_file_bytes: int = 256 * 1024 * 1024
+    max_yaml_file_bytes: int = 16 * 1024 * 1024
+    # How deeply params / metadata / any value in an input file may nest.
+    max_nesting_depth: int = 32
     max_prompt_bytes: int = 16_384
     max_new_tokens: int = 1024
     max_custom_id_chars: int = 128
@@ -34,6 +43,12 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
     broker_url: str | None = None
+    # TLS to Redis, for a ``rediss://`` broker URL: certificates are verified unless
+    # broker_ssl_cert_reqs says otherwise. ssl_* query parameters in the URL take precedence.
+    broker_ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
+    broker_ssl_ca_certs: str | None = None
+    broker_ssl_certfile: str | None = None
+    broker_ssl_keyfile: str | None = None
     # Redis re-delivers an unacked message after this; longer than the longest chunk.
     visibility_timeout_s: int = 3600
     models_file: str | None = None
@@ -48,6 +63,9 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     # A published chunk whose items are still pending after this is published again.
     republish_after_s: int = 3600
+    # A published chunk with pending items that the broker holds no message for (asked by the
+    # reconciler: Redis restarted empty, a task that failed outright) is published again after this.
+    lost_message_after_s: float = Field(15.0, ge=0)
     model_memory_budget_mb: int = 8192
     storage_workers: int = 8
     # Logs: one JSON object a line (with job_id / chunk / item) instead of text; the level for
@@ -72,3 +90,34 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return not self.broker_url
+
+    def broker_ssl(self) -> dict[str, Any] | None:
+        """Celery's ``broker_use_ssl`` (and redis-py's keyword arguments) for a ``rediss://`` broker, else None.
+
+        Without it kombu connects to ``rediss://`` with certificate checks off; here they are on by default.
+        """
+        if not self.broker_url or urlsplit(self.broker_url).scheme != "rediss":
+            return None
+        opts: dict[str, Any] = {"ssl_cert_reqs": _CERT_REQS[self.broker_ssl_cert_reqs]}
+        for key in ("ca_certs", "certfile", "keyfile"):
+            if value := getattr(self, f"broker_ssl_{key}"):
+                opts[f"ssl_{key}"] = value
+        return opts
+
+
+_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+
+
+def mask_url(url: str | None) -> str:
+    """A URL fit to print or log: its password (``redis://:pw@host``, ``postgresql://u:pw@host``) becomes ***."""
+    if not url:
+        return str(url)
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:  # not a URL we can take apart: show its scheme only
+        return url.split("://", 1)[0] + "://***" if "://" in url else "***"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,16 +127,155 @@ class JobSpec(BaseModel):
         return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def load_yaml(path: Path) -> Any:
-    """A YAML (or JSON) file the user wrote, or a SpecError naming the file and the first problem."""
+def load_yaml(path: Path, limits: Limits | None = None) -> Any:
+    """A YAML (or JSON) file the user wrote, or a SpecError naming the file and the first problem.
+
+    The file is refused by its size before it is read, and by its shape after: nesting deeper than
+    the limit, or aliases that expand it far beyond its size (a "billion laughs" file), are errors.
+    """
     import yaml
 
+    limits = limits or Limits()
     try:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            raw = f.read(limits.max_yaml_file_bytes + 1)
     except OSError as e:
         raise SpecError(f"{path}: {e.strerror}") from None
+    if len(raw) > limits.max_yaml_file_bytes:
+        raise SpecError(f"{path}: larger than the limit of {limits.max_yaml_file_bytes} bytes "
+                        "(AIGC_LIMIT_MAX_YAML_FILE_BYTES); put the items in an items_file")
+    try:
+        data = yaml.load(raw.decode("utf-8"), Loader=_json_loader())  # noqa: S506 - a SafeLoader
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise SpecError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply") from None
+    check_shape(data, max_depth=limits.max_nesting_depth, max_nodes=2 * len(raw) + 10_000, where=str(path))
+    return data
+
+
+@functools.cache
+def _json_loader():
+    """yaml.SafeLoader, less what JSON cannot carry: a date stays the text it was written as, and
+    ``!!binary`` and ``!!set`` are refused (they would fail later, when the job is stored)."""
+    import yaml
+
+    class JsonSafeLoader(yaml.SafeLoader):
+        pass
+
+    def refuse(loader, node):
+        raise yaml.constructor.ConstructorError(None, None, f"{node.tag} values are not allowed", node.start_mark)
+
+    JsonSafeLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
+    for tag in ("binary", "set"):
+        JsonSafeLoader.add_constructor(f"tag:yaml.org,2002:{tag}", refuse)
+    return JsonSafeLoader
+
+
+def check_shape(data: Any, *, max_depth: int, max_nodes: int, where: str) -> None:
+    """Refuse values nested deeper than ``max_depth`` or with more than ``max_nodes`` values in all,
+    counting a value each time it is reached (YAML aliases share one object between many places)."""
+    stack = [(data, 0)]
+    nodes = 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > max_nodes:
+            raise SpecError(f"{where}: expands to more than {max_nodes} values (YAML aliases?)")
+        if isinstance(value, dict):
+            children = [*value.keys(), *value.values()]
+        elif isinstance(value, (list, tuple, set)):
+            children = list(value)
+        else:
+            continue
+        if depth >= max_depth and children:
+            raise SpecError(f"{where}: nested deeper than {max_depth} levels")
+        stack.extend((c, depth + 1) for c in children)
+
+
+MAX_LINE_BYTES = 1024 * 1024  # one item's JSON: a prompt within the limit and its params fit easily
+
+
+def load_items_jsonl(path: Path, limits: Limits | None = None) -> list[dict[str, Any]]:
+    """One ``{"custom_id", "prompt", "params"?}`` per line; errors name the line.
+
+    Streamed with bounded memory: a file over ``max_items_file_bytes`` is refused before it is read,
+    and one with more than ``max_items_per_job`` items after counting its lines, before any is parsed.
+    """
+    limits = limits or Limits()
+    path = Path(path)
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise SpecError(f"{path}: {e.strerror}") from None
+    with f:
+        size = _file_size(f)
+        if size is not None and size > limits.max_items_file_bytes:
+            raise SpecError(f"{path}: {size} bytes is over the limit of {limits.max_items_file_bytes} "
+                            "(AIGC_LIMIT_MAX_ITEMS_FILE_BYTES); split the job")
+        if size is not None:  # a regular file: count first, so a huge one costs no memory
+            _count_items(f, path, limits)
+            f.seek(0)
+        return [_parse_item_line(raw, n, path, limits) for n, raw in _item_lines(f, path, limits)]
+
+
+def _file_size(f) -> int | None:
+    st = os.fstat(f.fileno())
+    return st.st_size if stat.S_ISREG(st.st_mode) else None  # a pipe or device: counted while read
+
+
+def _item_lines(f, path: Path, limits: Limits):
+    """(line number, bytes) of each non-blank line, refusing over-long lines, too many bytes or items."""
+    total = items = 0
+    n = 0
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        n += 1
+        total += len(raw)
+        if total > limits.max_items_file_bytes:
+            raise SpecError(f"{path}: more than {limits.max_items_file_bytes} bytes, over the limit "
+                            "(AIGC_LIMIT_MAX_ITEMS_FILE_BYTES); split the job")
+        if len(raw) > MAX_LINE_BYTES:
+            raise SpecError(f"{path} line {n}: longer than {MAX_LINE_BYTES} bytes")
+        if not raw.strip():
+            continue
+        items += 1
+        if items > limits.max_items_per_job:
+            raise SpecError(f"{path}: more than {limits.max_items_per_job} items, over the limit of "
+                            f"{limits.max_items_per_job} per job (AIGC_LIMIT_MAX_ITEMS_PER_JOB)")
+        yield n, raw
+
+
+def _count_items(f, path: Path, limits: Limits) -> None:
+    for _ in _item_lines(f, path, limits):
+        pass
+
+
+def _parse_item_line(raw: bytes, n: int, path: Path, limits: Limits) -> dict[str, Any]:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"{path} line {n}: not UTF-8 text") from None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise SpecError(f"{path} line {n}: nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise SpecError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
+    check_shape(obj, max_depth=limits.max_nesting_depth, max_nodes=MAX_LINE_BYTES, where=f"{path} line {n}")
+    if "text" in obj and "prompt" not in obj and "from" not in obj:
+        obj["prompt"] = obj.pop("text")
+    return obj
+
+
+def check_item_count(n: int, limits: Limits) -> None:
+    """Cheap and first: a million items are refused before any of them is validated."""
+    if n > limits.max_items_per_job:
+        raise SpecError(f"items: {n} items is over the limit of {limits.max_items_per_job} per job")
 
 
 def parse_spec(data: Any) -> JobSpec:
@@ -177,8 +319,7 @@ def check_limits(spec: JobSpec, limits: Limits, model_defaults: dict[str, Any]) 
     n = len(spec.items)
     if n == 0:
         raise SpecError("items: a job needs at least one item")
-    if n > limits.max_items_per_job:
-        raise SpecError(f"items: {n} items is over the limit of {limits.max_items_per_job} per job")
+    check_item_count(n, limits)
     meta_bytes = len(json.dumps(spec.metadata, default=str).encode())
     if meta_bytes > limits.max_metadata_bytes:
         raise SpecError(f"metadata: {meta_bytes} bytes is over the limit of {limits.max_metadata_bytes}")

@@ -11,6 +11,12 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 from aigc_core.errors import NotFound, SpecError, StorageError
+from aigc_core.settings import mask_url
+
+
+# Presigned download URLs are short-lived: 15 minutes unless asked, never more than a day.
+PRESIGN_DEFAULT_S = 900
+PRESIGN_MAX_S = 86_400
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,7 @@ class S3Store:
             connect_timeout=5,
             read_timeout=60,
             s3={"addressing_style": "path"},
+            signature_version="s3v4",  # presigned URLs too: X-Amz-Expires, at most 7 days, the method signed
         )
         # A session of its own: the default one caches the first credentials it resolved, process-wide.
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=cfg)
@@ -164,7 +171,10 @@ class S3Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(self.get(key))
 
-    def presign_get(self, key: str, expires_s: int = 900) -> str:
+    def presign_get(self, key: str, expires_s: int = PRESIGN_DEFAULT_S) -> str:
+        """A URL that lets its holder GET this one object (no other method, no other key) for ``expires_s``."""
+        if not 1 <= expires_s <= PRESIGN_MAX_S:
+            raise SpecError(f"presigned URL expiry {expires_s}s: give 1 to {PRESIGN_MAX_S} seconds")
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._full(key)}, ExpiresIn=expires_s
         )
@@ -177,9 +187,12 @@ def open_store(url: str, endpoint_url: str | None = None, region: str | None = N
         return LocalStore(url.removeprefix("file://") or ".")
     if parsed.scheme == "s3":
         if not parsed.netloc:
-            raise SpecError(f"storage URL {url!r} names no bucket")
+            raise SpecError(f"storage URL {mask_url(url)!r} names no bucket")
+        if "@" in parsed.netloc:
+            raise SpecError(f"storage URL {mask_url(url)!r}: S3 credentials never go in a URL; they come from "
+                            "the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), a profile or a role")
         return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region)
-    raise SpecError(f"storage URL {url!r}: use file://DIR or s3://bucket/prefix")
+    raise SpecError(f"storage URL {mask_url(url)!r}: use file://DIR or s3://bucket/prefix")
 
 
 def download_uri(uri: str, dest: Path, *, endpoint_url: str | None = None) -> Path:

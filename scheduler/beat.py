@@ -43,7 +43,7 @@ def make_app(settings: Settings):
     app.conf.update(
         task_serializer="json", result_serializer="json", event_serializer="json", accept_content=["json"],
         task_ignore_result=True, task_default_queue=QUEUE, worker_prefetch_multiplier=1,
-        broker_connection_retry_on_startup=True,
+        broker_connection_retry_on_startup=True, broker_use_ssl=settings.broker_ssl(),
         beat_scheduler="celery.beat:Scheduler",  # in memory: catch-up is the database's business
         beat_max_loop_interval=max(1.0, min(settings.scheduler_tick_s, 5.0)),
         beat_schedule={

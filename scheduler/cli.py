@@ -12,10 +12,11 @@ import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from aigc_core.errors import AigcError, DatabaseUnavailable, NotFound, SpecError
-from aigc_core.settings import Settings
-from aigc_core.spec import load_yaml
+from aigc_core.settings import Limits, Settings
+from aigc_core.spec import load_items_jsonl, load_yaml
 from scheduler import cli_ops, cli_schedules
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="aigc-runner: batch content generation jobs.")
@@ -43,14 +44,21 @@ def main() -> None:
     try:
         app()
     except SpecError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        _error("error:", e)
         sys.exit(2)
     except NotFound as e:
-        err.print(f"[red]not found:[/red] {e}", highlight=False)
+        _error("not found:", e)
         sys.exit(1)
     except (DatabaseUnavailable, AigcError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        _error("error:", e)
         sys.exit(1)
+
+
+def _error(label: str, e: Exception) -> None:
+    """One line on stderr: the message is text, never markup (a custom_id may read "[/b]"), and any
+    control character in it (a newline in a key of the user's file) is shown escaped."""
+    msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
+    err.print(Text.assemble((label, "red"), " ", msg), highlight=False)
 
 
 def _client():
@@ -61,40 +69,16 @@ def _client():
 
 # ---- input files ------------------------------------------------------------------------------
 
-def load_items_jsonl(path: Path) -> list[dict[str, Any]]:
-    """One ``{"custom_id", "prompt", "params"?}`` per line; errors name the line."""
-    items = []
-    try:
-        f = path.open("rb")
-    except OSError as e:
-        raise SpecError(f"{path}: {e.strerror}") from None
-    with f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise SpecError(f"{path} line {n}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SpecError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise SpecError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
-            if "text" in obj and "prompt" not in obj and "from" not in obj:
-                obj["prompt"] = obj.pop("text")
-            items.append(obj)
-    return items
-
-
-def load_job_file(path: Path) -> dict[str, Any]:
+def load_job_file(path: Path, limits: Limits | None = None) -> dict[str, Any]:
     """A job.yaml (or .json): kind, model, params, seed, metadata, and items or items_file."""
-    data = load_yaml(path)
+    data = load_yaml(path, limits)
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping with kind, model and items")
     if "items_file" in data:
-        data["items"] = load_items_jsonl(path.parent / str(data.pop("items_file")))
+        name = data.pop("items_file")
+        if not isinstance(name, str) or not name:
+            raise SpecError(f"{path}: items_file must be a path to a JSONL file")
+        data["items"] = load_items_jsonl(path.parent / name, limits)
     return data
 
 
@@ -104,7 +88,10 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
         k, sep, v = p.partition("=")
         if not sep or not k:
             raise SpecError(f"--param {p!r}: use NAME=VALUE")
-        params[k] = yaml.safe_load(v)
+        try:
+            params[k] = yaml.safe_load(v)
+        except (yaml.YAMLError, RecursionError):
+            raise SpecError(f"--param {p!r}: the value is not valid YAML") from None
     return params
 
 
@@ -129,6 +116,8 @@ def submit(
         if value is not None:
             data[name] = value
     if param:
+        if not isinstance(data.get("params", {}), dict):
+            raise SpecError(f"{job_file}: params must be a mapping of NAME: VALUE")
         data["params"] = {**data.get("params", {}), **_parse_params(param)}
     if "items" not in data:
         raise SpecError("no items: give a job file with items/items_file, or --items FILE.jsonl")

@@ -88,7 +88,8 @@ def status_overview(client, limit: int = 20, *, console: Console | None = None) 
     """Queues, workers, jobs in flight with progress, the last failures and the latest jobs."""
     from scheduler.ops import BrokerProbe, gather_overview
 
-    broker = BrokerProbe(client.settings.broker_url) if client.settings.broker_url else None
+    settings = client.settings
+    broker = BrokerProbe(settings.broker_url, ssl=settings.broker_ssl()) if settings.broker_url else None
     ov = gather_overview(client.db, broker, latest=client.jobs(limit))
     (console or out).print(render_overview(ov, broker_configured=broker is not None))
 

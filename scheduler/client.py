@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from aigc_core.registry import (
 )
 from aigc_core.schema import Chunk, ChunkStatus, Item, ItemStatus, Job, JobEvent, JobStatus, Model, utcnow
 from aigc_core.settings import Settings
-from aigc_core.spec import JobSpec, check_limits, parse_spec
+from aigc_core.spec import JobSpec, check_item_count, check_limits, parse_spec
 from aigc_core.storage import ObjectStore, open_store
 from scheduler.dispatch import CeleryPublisher
 
@@ -37,7 +39,7 @@ class Client:
             self.settings.storage_url, self.settings.s3_endpoint_url, self.settings.s3_region
         )
         self.publish = (
-            CeleryPublisher(self.settings.broker_url, self.settings.visibility_timeout_s)
+            CeleryPublisher(self.settings.broker_url, self.settings.visibility_timeout_s, self.settings.broker_ssl())
             if self.settings.broker_url else None
         )
         with self.db.session() as s:
@@ -54,8 +56,11 @@ class Client:
                metadata: dict[str, Any] | None = None, chunk_size: int | None = None,
                after: str | list[str] | None = None) -> JobView:
         """Validate, then write the job, its items and its outbox in one transaction, then publish."""
+        limits = self.settings.limits
+        if isinstance(kind, dict) and isinstance(kind.get("items"), (list, tuple)):
+            check_item_count(len(kind["items"]), limits)  # before a million items are validated
         spec = kind if isinstance(kind, JobSpec) else parse_spec(kind if isinstance(kind, dict) else {
-            "kind": kind, "model": model, "items": [_item(i) for i in (items or [])],
+            "kind": kind, "model": model, "items": _take_items(items or [], limits.max_items_per_job),
             "params": params or {}, "seed": seed, "idempotency_key": idempotency_key,
             "metadata": metadata or {}, "chunk_size": chunk_size, "after": after or [],
         })
@@ -223,7 +228,18 @@ class Client:
         return n
 
     def reconcile(self) -> ReconcileReport:
-        return reconcile(self.db, self.store, self.publish, stale_after_s=self.settings.republish_after_s)
+        return reconcile(self.db, self.store, self.publish, stale_after_s=self.settings.republish_after_s,
+                         held=self._held, lost_after_s=self.settings.lost_message_after_s)
+
+    @cached_property
+    def _held(self):
+        """Asks Redis which chunks it still holds, so the reconciler finds lost messages in one pass."""
+        url = self.settings.broker_url or ""
+        if not url.startswith(("redis://", "rediss://")):
+            return None
+        from scheduler.broker import RedisChunkProbe
+
+        return RedisChunkProbe(url, self.settings.broker_ssl())
 
     # ---- models -------------------------------------------------------------------------------
 
@@ -242,6 +258,17 @@ class Client:
 
 def _item(i: dict[str, Any] | str) -> dict[str, Any]:
     return {"prompt": i} if isinstance(i, str) else i
+
+
+def _take_items(items: Iterable[dict[str, Any] | str], limit: int) -> list[dict[str, Any]]:
+    """The items as a list, refused as soon as there is one more than the limit: a generator of
+    millions is never materialised."""
+    if isinstance(items, Sized) and len(items) > limit:
+        raise SpecError(f"items: {len(items)} items is over the limit of {limit} per job")
+    taken = [_item(i) for i in itertools.islice(items, limit + 1)]
+    if len(taken) > limit:
+        raise SpecError(f"items: more than {limit} items is over the limit of {limit} per job")
+    return taken
 
 
 def dependencies(s, spec: JobSpec) -> list[dict[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Any
 
 TASK = "worker.run_chunk"
 
@@ -10,9 +11,10 @@ TASK = "worker.run_chunk"
 class CeleryPublisher:
     """Publishes ``worker.run_chunk(job_id, chunk_no)``: ids only, JSON only."""
 
-    def __init__(self, broker_url: str, visibility_timeout_s: int = 3600):
+    def __init__(self, broker_url: str, visibility_timeout_s: int = 3600, ssl: dict[str, Any] | None = None):
         self.broker_url = broker_url
         self.visibility_timeout_s = visibility_timeout_s
+        self.ssl = ssl  # Settings.broker_ssl(): TLS options for a rediss:// broker
 
     @cached_property
     def app(self):
@@ -22,7 +24,7 @@ class CeleryPublisher:
         app.conf.update(
             task_serializer="json", accept_content=["json"], task_ignore_result=True,
             broker_transport_options={"visibility_timeout": self.visibility_timeout_s},
-            broker_connection_retry_on_startup=False,
+            broker_connection_retry_on_startup=False, broker_use_ssl=self.ssl,
         )
         return app
 

@@ -113,7 +113,7 @@ def serve(settings, port: int, addr: str = "0.0.0.0"):
 
     from aigc_core.db import database
 
-    broker = BrokerProbe(settings.broker_url) if settings.broker_url else None
+    broker = BrokerProbe(settings.broker_url, ssl=settings.broker_ssl()) if settings.broker_url else None
     registry = make_registry(database(settings.database_url), broker)
     result = start_http_server(port, addr, registry=registry)
     log.info("metrics on http://%s:%d/metrics", addr, port)

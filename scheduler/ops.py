@@ -123,9 +123,10 @@ def jobs_in_flight(s: Session, limit: int = 20) -> list[JobView]:
 class BrokerProbe:
     """Queue depths straight from Redis, and the workers that answer a broadcast right now."""
 
-    def __init__(self, broker_url: str, inspect_timeout: float = 1.0):
+    def __init__(self, broker_url: str, inspect_timeout: float = 1.0, ssl: dict[str, Any] | None = None):
         self.broker_url = broker_url
         self.inspect_timeout = inspect_timeout
+        self.ssl = ssl  # Settings.broker_ssl()
 
     @property
     def is_redis(self) -> bool:
@@ -135,7 +136,7 @@ class BrokerProbe:
     def redis(self):
         import redis
 
-        return redis.Redis.from_url(self.broker_url, socket_timeout=2, socket_connect_timeout=2)
+        return redis.Redis.from_url(self.broker_url, socket_timeout=2, socket_connect_timeout=2, **(self.ssl or {}))
 
     def queue_depths(self, queues: Iterable[str]) -> dict[str, int]:
         """Messages waiting in each queue (every priority list summed); not those a worker holds unacked."""
@@ -158,7 +159,7 @@ class BrokerProbe:
         """{worker name: its running tasks} from the workers that answer within the timeout."""
         from scheduler.dispatch import CeleryPublisher
 
-        app = CeleryPublisher(self.broker_url).app
+        app = CeleryPublisher(self.broker_url, ssl=self.ssl).app
         return app.control.inspect(timeout=self.inspect_timeout).active() or {}
 
 

@@ -32,7 +32,14 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         # Redis re-delivers an unacked message after this; it must outlast the longest chunk.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # kombu sweeps for unacked messages past that timeout only every interval x throttle seconds
+        # (100 s by default); sweep every few seconds so the timeout means what it says.
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 2)),
+            "unacked_restore_throttle": 1,
+        },
+        broker_use_ssl=settings.broker_ssl(),  # rediss://: certificates verified (AIGC_BROKER_SSL_*)
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     return app

@@ -43,12 +43,13 @@ class WorkerProc(ServiceProc):
 
 
 def start_worker(env: dict[str, str], log_dir: Path, *, queues: str = "text", pool: str = "solo",
-                 concurrency: int = 1, timeout: float = 60.0) -> WorkerProc:
+                 concurrency: int = 1, timeout: float = 60.0, loglevel: str = "INFO", app: str = "worker.app",
+                 extra_args: tuple[str, ...] = ()) -> WorkerProc:
     name = f"w{uuid.uuid4().hex[:6]}@%h"
     log_path = log_dir / f"worker-{name.split('@')[0]}.log"
-    args = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queues, "--pool", pool,
-            "--concurrency", str(concurrency), "--loglevel", "INFO", "-n", name,
-            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    args = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues, "--pool", pool,
+            "--concurrency", str(concurrency), "--loglevel", loglevel, "-n", name,
+            "--without-gossip", "--without-mingle", "--without-heartbeat", *extra_args]
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=full_env,
                             start_new_session=True, cwd=Path(__file__).resolve().parents[2])

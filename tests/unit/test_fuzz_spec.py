@@ -11,7 +11,7 @@ from aigc_core.errors import SpecError
 from aigc_core.jobs import item_key, job_prefix
 from aigc_core.schema import new_id
 from aigc_core.settings import Limits
-from aigc_core.spec import JobSpec, check_limits, parse_spec
+from aigc_core.spec import JobSpec, check_limits, load_items_jsonl, load_yaml, parse_spec
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -54,3 +54,42 @@ def test_object_keys_come_from_server_ids_and_stay_under_the_job_prefix(index, e
     job_id = new_id()
     key = item_key(job_id, index, ext)
     assert key.startswith(job_prefix(job_id) + "/items/") and ".." not in key and "//" not in key
+
+
+small = Limits(max_items_per_job=4, max_prompt_bytes=40, max_new_tokens=16, max_custom_id_chars=6,
+               max_metadata_bytes=60, max_image_pixels=64 * 64, max_inference_steps=5, max_tts_chars=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 7), prompt=st.text(min_size=1, max_size=60), cid=st.text(st.characters(categories=["L", "N", "P"]), min_size=1, max_size=9),
+       tokens=st.integers(1, 40), meta=st.text(max_size=80))
+def test_limits_hold_exactly_at_their_edges(n, prompt, cid, tokens, meta):
+    items = [{"prompt": prompt, "custom_id": f"{cid}{i}"} for i in range(n)]
+    spec = parse_spec({"kind": "text", "model": "m", "items": items, "params": {"max_new_tokens": tokens},
+                       "metadata": {"m": meta}})
+    within = (1 <= n <= small.max_items_per_job and len(prompt.encode()) <= small.max_prompt_bytes
+              and all(len(f"{cid}{i}") <= small.max_custom_id_chars for i in range(n))
+              and tokens <= small.max_new_tokens and len(json.dumps({"m": meta}).encode()) <= small.max_metadata_bytes)
+    try:
+        check_limits(spec, small, {})
+    except SpecError as e:
+        assert not within, f"refused within the limits: {e}"
+        return
+    assert within, "accepted over a limit"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300) | st.text(max_size=200).map(str.encode))
+def test_any_bytes_as_a_yaml_or_items_file_give_data_or_a_spec_error(tmp_path_factory, raw):
+    path = tmp_path_factory.getbasetemp() / "fuzz-input"
+    path.write_bytes(raw)
+    try:
+        data = load_yaml(path)
+        json.dumps(data, allow_nan=True)  # what a job file gives is JSON: it can be stored as it is
+    except SpecError as e:
+        assert str(e).strip() and "\n" not in str(e)
+    try:
+        items = load_items_jsonl(path)
+        assert all(isinstance(i, dict) for i in items)
+    except SpecError as e:
+        assert str(e).strip() and "\n" not in str(e)
