@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import and_, insert, or_, select, tuple_, update
 
 from aigc_core import __version__
-from aigc_core.errors import ModelLoadError, TransientError
-from aigc_core.jobs import finalize_if_done, item_key, record_event, release_ready, sidecar_key
+from aigc_core.errors import ModelLoadError, StorageError, TransientError
+from aigc_core.jobs import finalize_if_done, item_key, job_prefix, record_event, release_ready, sidecar_key
 from aigc_core.logs import log_context
 from aigc_core.reconcile import publish_chunks
 from aigc_core.registry import ModelRef, resolve
@@ -82,8 +82,10 @@ def _run_chunk(rt: Runtime, job_id: str, chunk_no: int) -> ChunkResult:
                 _finetune(rt, job, token, items[0], res)
             else:
                 _generate_chunk(rt, job, token, items, res)
-        except TransientError:
+        except TransientError as e:
             release(rt, token)  # back to pending: the retry (or the reconciler) claims them again
+            if isinstance(e, StorageError):
+                rt.storage_failed = True  # the next delivery checks the store before generating
             raise
         except BaseException:
             # Anything else (a bug, an interrupt): the items go back at once with this attempt counted,
@@ -201,6 +203,11 @@ def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed],
             record_event(s, job.id, "model_loaded", model=job.model.tag, worker=rt.worker_id,
                          seconds=round(loaded.load_seconds, 3), device=rt.device)
     model = loaded.model
+    if rt.storage_failed:
+        # The store failed the last chunk: ask it before generating, so an outage costs no
+        # generation that could not be stored (raises StorageError while it is still down).
+        rt.store.exists(f"{job_prefix(job.id)}/items/.probe")
+        rt.storage_failed = False
     # Similar lengths together: less padding per batch. Seeds are per item, so order does not matter.
     ordered = sorted(items, key=lambda c: len(c.prompt))
     size = min(max(1, int(rt.settings.micro_batch_size)), rt.batch_caps.get(job.model.tag, 1 << 30))

@@ -28,6 +28,8 @@ class Runtime:
     publish: Callable[[str, str, int], None] | None = None
     # name@version -> the largest micro-batch that fitted after an out-of-memory split in this process.
     batch_caps: dict[str, int] = field(default_factory=dict)
+    # The last chunk ended on a storage error: the next one checks the store before it generates.
+    storage_failed: bool = False
 
     @cached_property
     def worker_id(self) -> str:

@@ -305,3 +305,32 @@ def test_an_unexpected_error_gives_the_items_back_at_once_with_the_attempt_count
     assert {i.status for i in rows} == {ItemStatus.pending}  # not running until a lease expires
     assert {i.attempts for i in rows} == {1} and {i.lease_until for i in rows} == {None}
     assert run_chunk(runtime(client, FakeGen()), job.id, 0).succeeded == 3
+
+
+def test_while_the_store_stays_down_a_retry_generates_nothing(client):
+    class DownStore(CountingStore):
+        down = True
+
+        def put(self, key, data, content_type="application/octet-stream"):
+            if self.down:
+                raise StorageError("S3 is down")
+            return super().put(key, data, content_type)
+
+        def exists(self, key):
+            if self.down:
+                raise StorageError("S3 is down")
+            return self.inner.exists(key)
+
+    job = submit(client, ["a", "b", "c", "d"])
+    gen, store = FakeGen(), DownStore(client.store)
+    rt = runtime(client, gen, store, micro_batch_size=2)
+    with pytest.raises(TransientError):
+        run_chunk(rt, job.id, 0)
+    assert len(gen.calls) == 1  # the first delivery learns of the outage by generating once
+    for _ in range(3):  # retries during the outage: the store is asked first, nothing is generated
+        with pytest.raises(StorageError):
+            run_chunk(rt, job.id, 0)
+    assert len(gen.calls) == 1
+    assert {(i.status, i.attempts) for i in items(client, job.id).values()} == {(ItemStatus.pending, 0)}
+    store.down = False
+    assert run_chunk(rt, job.id, 0).succeeded == 4 and len(gen.calls) == 3
