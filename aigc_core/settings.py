@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     lost_message_after_s: float = Field(15.0, ge=0)
     model_memory_budget_mb: int = 8192
     storage_workers: int = 8
+    # Each output's provenance as a `NNNNNN.provenance.json` object beside it. Off: provenance stays
+    # in the database row (and inside PNG/WAV files), and each text item costs one PUT, not two.
+    provenance_sidecars: bool = True
     # Logs: one JSON object a line (with job_id / chunk / item) instead of text; the level for
     # long-running commands (worker, scheduler, metrics); short commands log warnings only unless set.
     log_json: bool = False

@@ -342,8 +342,8 @@ def _store_one(rt: Runtime, job: JobInfo, model, c: Claimed, out: Output, gen_se
     prov["output"] = {"sha256": sha, "size": len(data), "media_type": out.media_type, **out.info}
     info = rt.store.put(key, data, out.media_type)
     prov["timings"]["store_s"] = round(time.perf_counter() - t0, 4)
-    sidecar = sidecar_key(job.id, c.index)
-    rt.store.put(sidecar, _json(prov), "application/json")
+    if rt.settings.provenance_sidecars:
+        rt.store.put(sidecar_key(job.id, c.index), _json(prov), "application/json")
     return {"item_id": c.id, "job_id": job.id, "key": key, "uri": info.uri, "sha256": sha,
             "size": len(data), "media_type": out.media_type, "provenance": prov,
             "duration_s": out.info.get("duration_s")}

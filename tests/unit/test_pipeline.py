@@ -334,3 +334,11 @@ def test_while_the_store_stays_down_a_retry_generates_nothing(client):
     assert {(i.status, i.attempts) for i in items(client, job.id).values()} == {(ItemStatus.pending, 0)}
     store.down = False
     assert run_chunk(rt, job.id, 0).succeeded == 4 and len(gen.calls) == 3
+
+
+def test_without_sidecars_each_item_costs_one_put_and_keeps_its_provenance_in_the_row(client):
+    job = submit(client, ["one", "two", "three"], seed=41)
+    rt = runtime(client, FakeGen(), provenance_sidecars=False)
+    run_chunk(rt, job.id, 0)
+    assert sorted(k for k in rt.store.puts if "/items/" in k) == [f"jobs/{job.id}/items/{i:06d}.txt" for i in range(3)]
+    assert all(r.provenance["seed"] == 41 + r.index for r in client.results(job.id))
