@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class ObjectStore(Protocol):
     def list(self, prefix: str) -> Iterator[str]: ...
     def uri(self, key: str) -> str: ...
     def download(self, key: str, path: Path) -> None: ...
+    def upload(self, key: str, path: Path, content_type: str = "application/octet-stream") -> ObjectInfo: ...
 
 
 def check_key(key: str) -> str:
@@ -93,8 +95,31 @@ class LocalStore:
         return self._path(key).as_uri()
 
     def download(self, key: str, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self.get(key))
+        src = self._path(key)
+        if not src.is_file():
+            raise NotFound(f"no object {key}")
+        _atomic_copy(src, path)
+
+    def upload(self, key: str, path: Path, content_type: str = "application/octet-stream") -> ObjectInfo:
+        """A file copied in without reading it into memory (model weights, checkpoints, datasets)."""
+        dest = self._path(key)
+        try:
+            _atomic_copy(Path(path), dest)
+        except OSError as e:
+            raise StorageError(f"upload {key} failed: {e}") from e
+        return ObjectInfo(key, self.uri(key), dest.stat().st_size)
+
+
+def _atomic_copy(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class S3Store:
@@ -168,8 +193,34 @@ class S3Store:
         return f"s3://{self.bucket}/{self._full(key)}"
 
     def download(self, key: str, path: Path) -> None:
+        """Streamed to disk in parallel ranges (boto3's transfer manager), never whole in memory."""
+        from botocore.exceptions import ClientError
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self.get(key))
+        tmp = path.with_name(f".tmp-{path.name}")
+        try:
+            self.client.download_file(self.bucket, self._full(key), str(tmp))
+            os.replace(tmp, path)
+        except ClientError as e:
+            tmp.unlink(missing_ok=True)
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise NotFound(f"no object {self.uri(key)}") from None
+            raise StorageError(f"download {self.uri(key)} failed: {e}") from e
+        except Exception as e:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"download {self.uri(key)} failed: {e}") from e
+
+    def upload(self, key: str, path: Path, content_type: str = "application/octet-stream") -> ObjectInfo:
+        """A file streamed from disk; multipart above 64 MiB, so weights past PUT's 5 GB limit go too."""
+        from boto3.s3.transfer import TransferConfig
+
+        cfg = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20)
+        try:
+            self.client.upload_file(str(path), self.bucket, self._full(key), ExtraArgs={"ContentType": content_type},
+                                    Config=cfg)
+        except Exception as e:
+            raise StorageError(f"upload s3://{self.bucket}/{self._full(key)} failed: {e}") from e
+        return ObjectInfo(key, self.uri(key), Path(path).stat().st_size)
 
     def presign_get(self, key: str, expires_s: int = PRESIGN_DEFAULT_S) -> str:
         """A URL that lets its holder GET this one object (no other method, no other key) for ``expires_s``."""
@@ -204,7 +255,7 @@ def download_uri(uri: str, dest: Path, *, endpoint_url: str | None = None) -> Pa
         if not src.is_file():
             raise NotFound(f"no file {src}")
         if src.resolve() != dest.resolve():
-            dest.write_bytes(src.read_bytes())
+            _atomic_copy(src, dest)
         return dest
     if parsed.scheme == "s3":
         store = S3Store(parsed.netloc, endpoint_url=endpoint_url)

@@ -100,7 +100,7 @@ def _stage_dataset(client, dataset: str) -> tuple[str, str, dict[str, int]]:
             return dataset, sha, stats
         key = f"datasets/{sha.removeprefix('sha256:')}{path.suffix}"
         if not client.store.exists(key):
-            client.store.put(key, path.read_bytes(), "application/octet-stream")
+            client.store.upload(key, path)
         return client.store.uri(key), sha, stats
 
 def _insert_finetune(client, base_model: str, params: dict[str, Any], seed: int, key: str | None,

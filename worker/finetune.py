@@ -150,7 +150,7 @@ def _ckpt_prefix(job_id: str) -> str:
 def _upload_checkpoint(rt: Runtime, job_id: str, path: Path, watch: _Watch) -> None:
     prefix = f"{_ckpt_prefix(job_id)}/{path.name}"
     for f in sorted(q for q in path.rglob("*") if q.is_file()):
-        rt.store.put(f"{prefix}/{f.relative_to(path).as_posix()}", f.read_bytes())
+        rt.store.upload(f"{prefix}/{f.relative_to(path).as_posix()}", f)
     rt.store.put(f"{prefix}/{DONE_MARKER}", b"")
     with rt.db.session() as s:
         record_event(s, job_id, "checkpoint", name=path.name, key=prefix)
@@ -182,7 +182,7 @@ def _register_once(rt: Runtime, job, out: Path, metrics: dict[str, Any], dataset
                 return ModelRef.from_row(m)
     prefix = f"models/{name}/{job.id}"
     for f in sorted(q for q in out.rglob("*") if q.is_file()):
-        rt.store.put(f"{prefix}/{f.relative_to(out).as_posix()}", f.read_bytes())
+        rt.store.upload(f"{prefix}/{f.relative_to(out).as_posix()}", f)
     digest = dir_digest(out)
     with rt.db.session() as s:
         return register(s, name, job.model.kind, rt.store.uri(prefix), backend=job.model.backend, digest=digest,

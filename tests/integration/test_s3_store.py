@@ -43,3 +43,21 @@ def test_wrong_credentials_are_a_storage_error_without_the_secret(s3_bucket, s3_
     with pytest.raises(StorageError) as e:
         store.put("a/b", b"x")
     assert "not-the-secret" not in str(e.value)
+
+
+def test_large_files_go_up_in_parts_and_come_back_streamed(s3_bucket, s3_server, tmp_path):
+    import hashlib
+    import os
+
+    src = tmp_path / "model.safetensors"
+    src.write_bytes(os.urandom(70 * 2**20))  # over the 64 MiB multipart threshold
+    store = S3Store(s3_bucket, "models", endpoint_url=s3_server.endpoint)
+    assert store.upload("big/1/model.safetensors", src).size == 70 * 2**20
+    head = s3_server.client().head_object(Bucket=s3_bucket, Key="models/big/1/model.safetensors")
+    assert head["ETag"].strip('"').endswith("-2")  # two parts: a multipart upload, not one PUT
+    store.download("big/1/model.safetensors", tmp_path / "back.safetensors")
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(tmp_path / "back.safetensors") == digest(src)
+    with pytest.raises(NotFound):
+        store.download("big/1/missing", tmp_path / "missing")
+    assert not list(tmp_path.glob(".tmp-*"))

@@ -125,3 +125,13 @@ def test_open_store_refuses_unknown_schemes(url):
 def test_open_store_refuses_an_s3_url_without_a_bucket():
     with pytest.raises(SpecError, match="bucket"):
         open_store("s3:///prefix")
+
+
+def test_upload_copies_a_file_in_and_download_copies_it_out(store, tmp_path):
+    src = tmp_path / "weights.safetensors"
+    src.write_bytes(b"w" * 100_000)
+    info = store.upload("models/m/1/weights.safetensors", src)
+    assert info.size == 100_000
+    store.download("models/m/1/weights.safetensors", tmp_path / "back" / "w.bin")
+    assert (tmp_path / "back" / "w.bin").read_bytes() == src.read_bytes()
+    assert list(store.list("models/")) == ["models/m/1/weights.safetensors"]  # no temporary file left
