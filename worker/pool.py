@@ -8,6 +8,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from aigc_core.errors import ModelLoadError
 from aigc_core.registry import ModelRef
 from aigc_models import Generator
 from worker import metrics
@@ -21,11 +22,23 @@ class Loaded:
 
 
 class ModelPool:
-    """Keyed by name@version, so a pinned old version stays valid next to a newer one."""
+    """Keyed by name@version, so a pinned old version stays valid next to a newer one.
 
-    def __init__(self, loader: Callable[[ModelRef], Generator], budget_bytes: int):
+    ``estimate(ref)`` (bytes, e.g. the weights on disk) lets the pool evict *before* a load, so peak
+    memory stays near the budget instead of budget + the new model. A model that failed to load is
+    remembered for ``failure_ttl_s``: the chunks after it fail at once instead of fetching and
+    checking the same broken files again.
+    """
+
+    def __init__(self, loader: Callable[[ModelRef], Generator], budget_bytes: int, *,
+                 estimate: Callable[[ModelRef], int] | None = None, failure_ttl_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
         self._loader = loader
         self._budget = budget_bytes
+        self._estimate = estimate
+        self._failure_ttl_s = failure_ttl_s
+        self._clock = clock
+        self._failed: dict[str, tuple[float, ModelLoadError]] = {}
         self._models: OrderedDict[str, tuple[Generator, float]] = OrderedDict()
         self._lock = threading.Lock()
         self.loads: Counter[str] = Counter()
@@ -38,8 +51,19 @@ class ModelPool:
                 self._models.move_to_end(ref.tag)
                 model, secs = self._models[ref.tag]
                 return Loaded(model, secs, False)
+            failed = self._failed.get(ref.tag)
+            if failed is not None and self._clock() - failed[0] < self._failure_ttl_s:
+                raise ModelLoadError(f"{failed[1]} (failed {self._clock() - failed[0]:.0f} s ago; "
+                                     f"tried again after {self._failure_ttl_s:.0f} s)")
             t0 = time.perf_counter()
-            model = self._loader(ref)
+            try:
+                if self._estimate is not None:
+                    self._make_room(self._estimate(ref))
+                model = self._loader(ref)
+            except ModelLoadError as e:
+                self._failed[ref.tag] = (self._clock(), e)
+                raise
+            self._failed.pop(ref.tag, None)
             secs = time.perf_counter() - t0
             self.loads[ref.tag] += 1
             metrics.MODEL_LOADS.labels(ref.tag).inc()
@@ -47,12 +71,18 @@ class ModelPool:
             self._evict(keep=ref.tag)
             return Loaded(model, secs, True)
 
+    def _make_room(self, incoming: int) -> None:
+        while self._models and self.memory_bytes() + incoming > self._budget:
+            self._evict_one(next(iter(self._models)))
+
+    def _evict_one(self, tag: str) -> None:
+        del self._models[tag]
+        self.evictions[tag] += 1
+        metrics.MODEL_EVICTIONS.labels(tag).inc()
+
     def _evict(self, keep: str) -> None:
         while len(self._models) > 1 and self.memory_bytes() > self._budget:
-            tag = next(t for t in self._models if t != keep)
-            del self._models[tag]
-            self.evictions[tag] += 1
-            metrics.MODEL_EVICTIONS.labels(tag).inc()
+            self._evict_one(next(t for t in self._models if t != keep))
 
     def memory_bytes(self) -> int:
         return sum(m.memory_bytes() for m, _ in self._models.values())

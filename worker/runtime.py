@@ -47,7 +47,14 @@ class Runtime:
 
     @cached_property
     def pool(self) -> ModelPool:
-        return ModelPool(self._load, self.settings.model_memory_budget_mb * 2**20)
+        return ModelPool(self._load, self.settings.model_memory_budget_mb * 2**20, estimate=self._weights_bytes)
+
+    def _weights_bytes(self, ref: ModelRef) -> int:
+        """The model's files on disk: what loading it will take, about, before it is loaded."""
+        path = materialize(ref, self.settings.cache_dir, endpoint_url=self.settings.s3_endpoint_url)
+        if isinstance(path, str):  # built-in or hub models: nothing on disk to measure
+            return 0
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
     def _load(self, ref: ModelRef) -> Generator:
         path = materialize(ref, self.settings.cache_dir, endpoint_url=self.settings.s3_endpoint_url)
