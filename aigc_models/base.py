@@ -70,6 +70,7 @@ BACKENDS: dict[str, str] = {
     "digits": "aigc_models.image:DigitsGenerator",
     "hf-tts": "aigc_models.audio:TTSGenerator",
     "espeak": "aigc_models.audio:EspeakGenerator",
+    "null": "aigc_models.null:NullGenerator",  # fixed bytes, no model: benchmarks the machinery
 }
 
 

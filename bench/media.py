@@ -1,0 +1,157 @@
+"""Images and audio: the efficiency ratio E (runner items/s / bare loop items/s) for the diffusers and
+VITS backends, on the tests' tiny checkpoints (a 16x16 DDIM UNet, a tiny VitsModel), through real
+PostgreSQL, Redis, S3 and a solo worker per provenance-sidecar setting (on, the default, and off:
+AIGC_PROVENANCE_SIDECARS=false), side by side. The bare loops make the same outputs the backends do,
+file bytes included (PNG, 16-bit WAV), on one torch thread: for images a batched pipeline call per
+micro-batch, for audio one forward per item under its own seed, as the VITS backend runs it.
+
+    python -m bench.media [--quick] [--pairs 3] [--sidecars on|off|both]
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+from bench.common import (
+    NO_SIDECARS, Stack, check_outputs, fmt_range, headline_prompts, interleave_many, one_torch_thread, quick_arg,
+    run_job, summary, table, write_json,
+)
+
+
+class BareImage:
+    def __init__(self, path):
+        from diffusers import DiffusionPipeline
+
+        self.pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True, local_files_only=True)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def run(self, n: int, *, batch: int, steps: int, chunk: int) -> float:
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        sizes = [min(batch, min(chunk, n - c) - b) for c in range(0, n, chunk) for b in range(0, min(chunk, n - c), batch)]
+        t0 = time.perf_counter()
+        seed = 0
+        with torch.inference_mode():
+            for size in sizes:
+                gens = [torch.Generator().manual_seed(seed + i) for i in range(size)]
+                seed += size
+                images = self.pipe(batch_size=size, generator=gens, num_inference_steps=steps, eta=0.0,
+                                   output_type="np").images
+                pixels = (np.clip(np.asarray(images, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
+                for px in pixels:
+                    buf = io.BytesIO()
+                    Image.fromarray(px).save(buf, format="PNG")
+        return time.perf_counter() - t0
+
+
+class BareAudio:
+    def __init__(self, path):
+        from transformers import AutoModelForTextToWaveform, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModelForTextToWaveform.from_pretrained(path, use_safetensors=True, local_files_only=True).eval()
+
+    def run(self, texts: list[str]) -> float:
+        import numpy as np
+        import soundfile as sf
+        import torch
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for i, text in enumerate(texts):
+                enc = self.tok(text, return_tensors="pt")
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(i)
+                    out = self.model(**enc)
+                n = int(out.sequence_lengths[0]) if out.sequence_lengths is not None else out.waveform.shape[-1]
+                wave = np.clip(out.waveform[0, :n].float().numpy(), -1, 1)
+                sf.write(io.BytesIO(), wave, int(self.model.config.sampling_rate), format="WAV", subtype="PCM_16")
+        return time.perf_counter() - t0
+
+
+VARIANTS = {"on": {}, "off": NO_SIDECARS}  # AIGC_PROVENANCE_SIDECARS: two PUTs per item, or one
+
+
+def main(argv=None) -> dict:
+    from tests.support.models import build_tiny_ddim, build_tiny_vits
+
+    p = quick_arg()
+    p.add_argument("--pairs", type=int, default=None, help="interleaved rounds per case")
+    p.add_argument("--sidecars", choices=("on", "off", "both"), default="both",
+                   help="provenance sidecars of the runner (both: two workers, side by side)")
+    args = p.parse_args(argv)
+    pairs_n = args.pairs or (2 if args.quick else 3)
+    variants = list(VARIANTS) if args.sidecars == "both" else [args.sidecars]
+    chunk, batch = 32, 16
+    one_torch_thread()
+    cases = [("image", "DDIM 16x16, 10 steps", 10, 192), ("image", "DDIM 16x16, 50 steps", 50, 96),
+             ("audio", "VITS tiny", None, 96)]
+    if args.quick:
+        cases = [cases[0], cases[2]]
+    out = []
+    with Stack("media", chunk_size=chunk, micro_batch_size=batch) as st:
+        client = st.client()
+        ddim = build_tiny_ddim(st.tmp / "models" / "ddim")
+        vits = build_tiny_vits(st.tmp / "models" / "vits")
+        for v in variants:
+            client.register_model(f"ddim-{v}", "image", ddim.as_uri(), queue=f"media-{v}")
+            client.register_model(f"vits-{v}", "audio", vits.as_uri(), queue=f"media-{v}")
+            st.worker(f"media-{v}", env=VARIANTS[v])
+        bare_image, bare_audio = BareImage(ddim), BareAudio(vits)
+        for kind, label, steps, n in cases:
+            if kind == "image":
+                items = [{"prompt": f"picture {i}"} for i in range(n)]
+                params, model = {"num_inference_steps": steps}, "ddim"
+
+                def bare(n=n, steps=steps):
+                    return bare_image.run(n, batch=batch, steps=steps, chunk=chunk)
+            else:
+                texts = [h.removeprefix("Headline: ").strip() for h in headline_prompts(n)]
+                items = [{"text": t} for t in texts]
+                params, model = {}, "vits"
+
+                def bare(texts=texts):
+                    return bare_audio.run(texts)
+
+            for v in variants:  # warm-up: each worker loads and pins the model
+                run_job(client, f"{model}-{v}", items[:chunk], params=params, kind=kind)
+            bare()
+
+            def runner(v, model=model, items=items, params=params, kind=kind, n=n):
+                r = run_job(client, f"{model}-{v}", items, params=params, kind=kind)
+                check_outputs(client, r["job_id"], n, sidecars=v == "on")
+                return r["seconds"]
+
+            fns = {v: (lambda v=v: runner(v)) for v in variants}
+            fns["bare"] = bare
+            runs = interleave_many(pairs_n, fns)
+            res = {"kind": kind, "case": label, "items": n, "seconds": runs,
+                   "bare_items_s": summary([n / b for b in runs["bare"]])}
+            for v in variants:
+                res[v] = {"E": summary([b / a for a, b in zip(runs[v], runs["bare"])]),
+                          "runner_items_s": summary([n / a for a in runs[v]]),
+                          "extra_ms_per_item": summary([(a - b) / n * 1e3 for a, b in zip(runs[v], runs["bare"])])}
+            out.append(res)
+    rows = []
+    for r in out:
+        row = [r["kind"], r["case"], r["items"], f"{1e3 / r['bare_items_s']['median']:.1f}",
+               f"{r['bare_items_s']['median']:.1f}"]
+        for v in variants:
+            row += [f"{r[v]['runner_items_s']['median']:.1f}", fmt_range(r[v]["E"]),
+                    f"{r[v]['extra_ms_per_item']['median']:.2f}"]
+        rows.append(row)
+    heads = ["kind", "model", "items", "bare ms/item", "bare it/s"]
+    for v in variants:
+        heads += [f"runner it/s ({v})", f"E (sidecars {v})", f"extra ms/item ({v})"]
+    text = table(f"Efficiency E for images and audio (micro-batch {batch}, chunk {chunk}; {pairs_n} interleaved "
+                 "rounds, median [range]; sidecars on = the default, off = AIGC_PROVENANCE_SIDECARS=false)", heads, rows)
+    result = {"sidecars": variants, "cases": out, "table": text}
+    write_json("media", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

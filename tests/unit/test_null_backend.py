@@ -1,0 +1,35 @@
+"""The null backend (benchmarks): fixed bytes, no model, no torch, and it runs through the real pipeline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from aigc_core.schema import JobStatus
+from aigc_models import GenRequest, load_backend
+from aigc_models.null import NULL_OUTPUT
+
+
+def test_null_backend_returns_the_same_text_bytes_for_every_request(tmp_path):
+    gen = load_backend("null", tmp_path, device="cpu")
+    outs = gen.generate([GenRequest(i, f"prompt {i}", {}, seed=i) for i in range(5)])
+    assert [o.data for o in outs] == [NULL_OUTPUT] * 5
+    assert {(o.media_type.split(";")[0], o.ext) for o in outs} == {("text/plain", "txt")}
+    assert gen.memory_bytes() == 0 and gen.describe()["class"] == "NullGenerator"
+
+
+def test_null_backend_never_imports_torch(tmp_path):
+    code = ("import sys; from aigc_models import load_backend, GenRequest; "
+            f"g = load_backend('null', {str(tmp_path)!r}, 'cpu'); g.generate([GenRequest(0, 'x', {{}}, 0)]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_job_on_a_null_model_commits_every_item(client, tmp_path):
+    model_dir = tmp_path / "null-model"
+    model_dir.mkdir()
+    client.register_model("null", "text", model_dir.as_uri(), backend="null")
+    job = client.submit("text", model="null", items=[f"item {i}" for i in range(7)])
+    view = client.wait(job.id, timeout=120)
+    assert view.status == JobStatus.succeeded and view.counts["succeeded"] == 7
+    assert {client.store.get(r.key) for r in client.results(job.id)} == {NULL_OUTPUT}
