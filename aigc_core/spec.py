@@ -10,7 +10,7 @@ import stat
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from aigc_core.errors import SpecError
 from aigc_core.settings import Limits
@@ -114,6 +114,7 @@ class JobSpec(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     chunk_size: int | None = Field(None, ge=1, le=10_000)
     after: list[str] = Field(default_factory=list, max_length=16)
+    _digest: str | None = PrivateAttr(default=None)
 
     @field_validator("after", mode="before")
     @classmethod
@@ -121,10 +122,12 @@ class JobSpec(BaseModel):
         return [v] if isinstance(v, str) else (v or [])
 
     def payload_digest(self) -> str:
-        """What the idempotency key protects: everything but the key itself."""
-        body = self.model_dump(mode="json", exclude={"idempotency_key"}, by_alias=True)
-        raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(raw.encode()).hexdigest()
+        """What the idempotency key protects: everything but the key itself (computed once)."""
+        if self._digest is None:
+            body = self.model_dump(mode="json", exclude={"idempotency_key"}, by_alias=True)
+            raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            self._digest = hashlib.sha256(raw.encode()).hexdigest()
+        return self._digest
 
 
 def load_yaml(path: Path, limits: Limits | None = None) -> Any:
@@ -282,6 +285,13 @@ def parse_spec(data: Any) -> JobSpec:
     """Validate raw JSON-like data into a JobSpec, or raise SpecError naming the field."""
     if not isinstance(data, dict):
         raise SpecError(f"a job spec must be a mapping, got {type(data).__name__}")
+    try:  # every string, keys too, must encode as UTF-8: the database and the digest need it
+        json.dumps(data, ensure_ascii=False, default=str).encode()
+    except UnicodeEncodeError as e:
+        raise SpecError(f"text that is not valid Unicode (a lone surrogate such as {e.object[e.start:e.end]!a})"
+                        ) from None
+    except (ValueError, TypeError, RecursionError):
+        pass  # not JSON-shaped: validation says what is wrong
     try:
         return JobSpec.model_validate(data)
     except ValidationError as e:

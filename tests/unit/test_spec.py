@@ -265,3 +265,14 @@ def test_check_limits_validates_model_defaults_merged_with_job_params():
     with pytest.raises(SpecError, match="max_new_tokens"):
         check_limits(spec, Limits(max_new_tokens=10), {"max_new_tokens": 11})
     check_limits(spec, Limits(max_new_tokens=10), {"max_new_tokens": 10})
+
+
+def test_text_with_a_lone_surrogate_is_a_spec_error_not_a_crash():
+    """Found by the CLI fuzz test: JSON may escape a lone surrogate ("\\ud800"), which no database or
+    digest can encode as UTF-8."""
+    import json
+
+    for item in ('{"prompt": "\\ud800"}', '{"prompt": "ok", "params": {"x\\ud83d": 1}}',
+                 '{"prompt": "ok", "params": {"stop": ["\\udfff"]}}'):
+        with pytest.raises(SpecError, match="not valid Unicode"):
+            parse_spec({"kind": "text", "model": "m", "items": [json.loads(item)]})
