@@ -24,7 +24,7 @@ CATEGORIES = {
 NEUTRAL = ("~", "threading.py", "queue.py", "contextlib.py", "weakref.py", "functools.py", "abc.py",
            "typing.py", "enum.py", "_weakrefset.py", "selectors.py", "socket.py", "ssl.py")
 # The pipeline's steps, by function name in worker/pipeline.py and aigc_core/jobs.py.
-STEPS = ("claim", "_renew", "_cancelled", "_generate_isolated", "_store_and_commit", "_store_one",
+STEPS = ("claim", "_begin_batch", "_renew", "_generate_isolated", "_store_and_commit", "_store_one",
          "finalize_if_done", "release_ready", "record_event", "provenance", "_json")
 
 

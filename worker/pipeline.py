@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select, tuple_, update
+from sqlalchemy import and_, insert, or_, select, text, tuple_, update
 
 from aigc_core import __version__
 from aigc_core.errors import ModelLoadError, StorageError, TransientError
@@ -217,14 +217,13 @@ def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed],
         size = 1
     start = 0
     while start < len(ordered):
-        if _cancelled(rt, job.id):
-            n = _cancel_rest(rt, token)
-            res.cancelled += n
-            return
         size = min(size, rt.batch_caps.get(job.model.tag, size))  # an out-of-memory split lowers it
         batch = ordered[start : start + size]
         start += len(batch)
-        mine = _renew(rt, token, [c.id for c in batch])  # still ours, and the lease is fresh again
+        mine = _begin_batch(rt, job.id, token, [c.id for c in batch])
+        if mine is None:  # cancelled: no new item starts
+            res.cancelled += _cancel_rest(rt, token)
+            return
         batch = [c for c in batch if c.id in mine]
         if not batch:
             continue
@@ -313,19 +312,37 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
             if rows:
                 s.execute(insert(Artifact), rows)
         _fail_in(s, token, failures)
-        # Heartbeat: the rest of the chunk keeps its lease while we work.
-        s.execute(update(Item).where(Item.claim_token == token, Item.status == ItemStatus.running)
-                  .values(lease_until=utcnow() + timedelta(seconds=rt.settings.lease_s))
-                  .execution_options(synchronize_session=False))
     res.succeeded += len(done)
     res.failed += len(failures)
     for err in failures.values():
         res.errors[err] = res.errors.get(err, 0) + 1
 
 
-def _renew(rt: Runtime, token: str, ids: list[int]) -> set[int]:
-    """The items still ours, with their lease renewed: checked before generating and before storing."""
+def _begin_batch(rt: Runtime, job_id: str, token: str, ids: list[int]) -> set[int] | None:
+    """One transaction before each micro-batch: None when the job was cancelled; else the batch's items
+    still ours, with the lease of every item the chunk still holds renewed (the chunk's heartbeat)."""
     with rt.db.session() as s:
+        _lease_write(s)
+        if s.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.cancelled:
+            return None
+        held = set(s.scalars(
+            update(Item).where(Item.claim_token == token, Item.status == ItemStatus.running)
+            .values(lease_until=utcnow() + timedelta(seconds=rt.settings.lease_s))
+            .returning(Item.id).execution_options(synchronize_session=False)))
+    return held.intersection(ids)
+
+
+def _lease_write(s) -> None:
+    """A lease renewal need not wait for the WAL flush: lost in a database crash, the lease only ends
+    sooner, and the commit's claim-token check still keeps a second delivery from committing twice."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SET LOCAL synchronous_commit = off"))
+
+
+def _renew(rt: Runtime, token: str, ids: list[int]) -> set[int]:
+    """The items still ours, with their lease renewed: checked again before storing."""
+    with rt.db.session() as s:
+        _lease_write(s)
         return set(s.scalars(
             update(Item).where(Item.id.in_(ids), Item.claim_token == token, Item.status == ItemStatus.running)
             .values(lease_until=utcnow() + timedelta(seconds=rt.settings.lease_s))
@@ -402,11 +419,6 @@ def _release_quietly(rt: Runtime, token: str, *, give_back_attempt: bool) -> Non
         release(rt, token, give_back_attempt=give_back_attempt)
     except Exception as e:
         log.warning("could not release the chunk's items (%s); they return when their lease expires", e)
-
-
-def _cancelled(rt: Runtime, job_id: str) -> bool:
-    with rt.db.session() as s:
-        return s.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.cancelled
 
 
 def _cancel_rest(rt: Runtime, token: str) -> int:

@@ -342,3 +342,17 @@ def test_without_sidecars_each_item_costs_one_put_and_keeps_its_provenance_in_th
     run_chunk(rt, job.id, 0)
     assert sorted(k for k in rt.store.puts if "/items/" in k) == [f"jobs/{job.id}/items/{i:06d}.txt" for i in range(3)]
     assert all(r.provenance["seed"] == 41 + r.index for r in client.results(job.id))
+
+
+def test_each_micro_batch_renews_the_lease_of_every_item_the_chunk_still_holds(client):
+    job = submit(client, ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"], chunk_size=6)
+    seen = []
+
+    def hook(_n):  # the lease of the chunk's last item, as each micro-batch starts generating
+        with client.db.session() as s:
+            seen.append(s.scalar(select(Item.lease_until).where(Item.job_id == job.id, Item.index == 5)))
+
+    res = run_chunk(runtime(client, FakeGen(hook=hook), micro_batch_size=2, lease_s=300), job.id, 0)
+    assert res.succeeded == 6 and len(seen) == 3
+    assert seen[0] < seen[1] < seen[2]  # renewed before every batch, not only its own
+    assert all(t.replace(tzinfo=None) > utcnow().replace(tzinfo=None) + timedelta(seconds=250) for t in seen)
