@@ -12,8 +12,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -81,23 +79,7 @@ def drop_database(url: str) -> None:
 def start_celery(app: str, env: dict[str, str], log_dir: Path, *, queues: str, pool: str = "solo",
                  concurrency: int = 1, timeout: float = 90.0) -> WorkerProc:
     """A ``celery -A APP worker`` process (for apps other than worker.app: the naive baseline)."""
-    name = f"b{uuid.uuid4().hex[:6]}@%h"
-    log_path = log_dir / f"celery-{name.split('@')[0]}.log"
-    args = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues, "--pool", pool,
-            "--concurrency", str(concurrency), "--loglevel", "INFO", "-n", name,
-            "--without-gossip", "--without-mingle", "--without-heartbeat"]
-    proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-                            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, start_new_session=True, cwd=ROOT)
-    w = WorkerProc(proc, log_path, name)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"celery worker exited {proc.returncode}:\n{w.log()[-3000:]}")
-        if " ready." in w.log():
-            return w
-        time.sleep(0.1)
-    w.kill()
-    raise RuntimeError(f"celery worker not ready in {timeout}s:\n{w.log()[-3000:]}")
+    return start_worker(env, log_dir, queues=queues, pool=pool, concurrency=concurrency, timeout=timeout, app=app)
 
 
 @dataclass
@@ -466,3 +448,32 @@ def task_seconds(worker_log: str, job_id: str) -> tuple[int, float]:
     pat = re.compile(r"succeeded in ([0-9.eE-]+)s: \{'job_id': '" + re.escape(job_id) + "'")
     times = [float(m.group(1)) for m in pat.finditer(worker_log)]
     return len(times), sum(times)
+
+
+def efficiency_ratios(runs: dict[str, list[float]], variants, n: int) -> dict[str, dict]:
+    """Per runner variant, against the interleaved bare runs: E, items/s and the extra ms per item."""
+    bare = runs["bare"]
+    return {v: {"E": summary([b / a for a, b in zip(runs[v], bare)]),
+                "runner_items_s": summary([n / a for a in runs[v]]),
+                "extra_ms_per_item": summary([(a - b) / n * 1e3 for a, b in zip(runs[v], bare)])}
+            for v in variants}
+
+
+def variant_heads(variants) -> list[str]:
+    return [h for v in variants for h in (f"runner it/s ({v})", f"E (sidecars {v})", f"extra ms/item ({v})")]
+
+
+def variant_cells(r: dict, variants) -> list[str]:
+    return [c for v in variants for c in (f"{r[v]['runner_items_s']['median']:.1f}", fmt_range(r[v]["E"]),
+                                          f"{r[v]['extra_ms_per_item']['median']:.2f}")]
+
+
+def add_rounds_and_sidecars(p, pairs_help: str) -> None:
+    p.add_argument("--pairs", type=int, default=None, help=pairs_help)
+    p.add_argument("--sidecars", choices=("on", "off", "both"), default="both",
+                   help="provenance sidecars of the runner (both: two workers, side by side)")
+
+
+def rounds_and_variants(args) -> tuple[int, list[str]]:
+    """(interleaved rounds, the runner variants: sidecars on and/or off)."""
+    return args.pairs or (2 if args.quick else 3), (["on", "off"] if args.sidecars == "both" else [args.sidecars])

@@ -13,7 +13,8 @@ thread. Rounds are interleaved (order rotated); E per round = bare seconds / run
 from __future__ import annotations
 
 from bench.common import (
-    NO_SIDECARS, BareText, Stack, build_text_model, check_outputs, fmt_range, headline_prompts, interleave_many,
+    add_rounds_and_sidecars, efficiency_ratios, rounds_and_variants, variant_cells, variant_heads,
+    NO_SIDECARS, BareText, Stack, build_text_model, check_outputs, headline_prompts, interleave_many,
     one_torch_thread, quick_arg, run_job, summary, table, text_params, verdict, write_json,
 )
 
@@ -39,12 +40,9 @@ def main(argv=None) -> dict:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=16, help="micro-batch size (AIGC_MICRO_BATCH_SIZE)")
     p.add_argument("--chunk", type=int, default=32, help="chunk size (AIGC_CHUNK_SIZE)")
-    p.add_argument("--pairs", type=int, default=None, help="interleaved rounds per size")
-    p.add_argument("--sidecars", choices=("on", "off", "both"), default="both",
-                   help="provenance sidecars of the runner (both: two workers, side by side)")
+    add_rounds_and_sidecars(p, "interleaved rounds per size")
     args = p.parse_args(argv)
-    pairs_n = args.pairs or (2 if args.quick else 3)
-    variants = list(VARIANTS) if args.sidecars == "both" else [args.sidecars]
+    pairs_n, variants = rounds_and_variants(args)
     sizes = [(*s, args.new_tokens) for s in SIZES if not args.quick or s[0] in QUICK]
     if not args.quick:
         sizes += EXTRA
@@ -86,22 +84,15 @@ def main(argv=None) -> dict:
                    "parameters": sum(p.numel() for p in bare.model.parameters()),
                    "batch_s": summary([t / n_batches for t in runs["bare"]]), "seconds": runs,
                    "bare_items_s": summary([n / t for t in runs["bare"]])}
-            for v in variants:
-                res[v] = {"E": summary([b / a for a, b in zip(runs[v], runs["bare"])]),
-                          "runner_items_s": summary([n / a for a in runs[v]]),
-                          "extra_ms_per_item": summary([(a - b) / n * 1e3 for a, b in zip(runs[v], runs["bare"])])}
+            res.update(efficiency_ratios(runs, variants, n))
             out.append(res)
     rows = []
     for r in out:
         row = [r["model"], f"{r['parameters'] / 1e6:.2f}M", r["items"], f"{r['batch_s']['median']:.3f}",
                f"{r['bare_items_s']['median']:.1f}"]
-        for v in variants:
-            row += [f"{r[v]['runner_items_s']['median']:.1f}", fmt_range(r[v]["E"]),
-                    f"{r[v]['extra_ms_per_item']['median']:.2f}"]
-        rows.append(row)
+        rows.append(row + variant_cells(r, variants))
     heads = ["model", "params", "items", "s/batch", "bare it/s"]
-    for v in variants:
-        heads += [f"runner it/s ({v})", f"E (sidecars {v})", f"extra ms/item ({v})"]
+    heads += variant_heads(variants)
     title = (f"Efficiency E = runner items/s / bare items/s (micro-batch {args.batch}, chunk {args.chunk}, "
              f"{args.new_tokens} new tokens unless named, greedy, EOS off; {pairs_n} interleaved rounds; "
              f"median [range]; sidecars on = the default, two PUTs per item; off = AIGC_PROVENANCE_SIDECARS=false)")

@@ -14,7 +14,8 @@ import io
 import time
 
 from bench.common import (
-    NO_SIDECARS, Stack, check_outputs, fmt_range, headline_prompts, interleave_many, one_torch_thread, quick_arg,
+    add_rounds_and_sidecars, efficiency_ratios, rounds_and_variants, variant_cells, variant_heads,
+    NO_SIDECARS, Stack, check_outputs, headline_prompts, interleave_many, one_torch_thread, quick_arg,
     run_job, summary, table, write_json,
 )
 
@@ -79,12 +80,9 @@ def main(argv=None) -> dict:
     from tests.support.models import build_tiny_ddim, build_tiny_vits
 
     p = quick_arg()
-    p.add_argument("--pairs", type=int, default=None, help="interleaved rounds per case")
-    p.add_argument("--sidecars", choices=("on", "off", "both"), default="both",
-                   help="provenance sidecars of the runner (both: two workers, side by side)")
+    add_rounds_and_sidecars(p, "interleaved rounds per case")
     args = p.parse_args(argv)
-    pairs_n = args.pairs or (2 if args.quick else 3)
-    variants = list(VARIANTS) if args.sidecars == "both" else [args.sidecars]
+    pairs_n, variants = rounds_and_variants(args)
     chunk, batch = 32, 16
     one_torch_thread()
     cases = [("image", "DDIM 16x16, 10 steps", 10, 192), ("image", "DDIM 16x16, 50 steps", 50, 96),
@@ -130,22 +128,15 @@ def main(argv=None) -> dict:
             runs = interleave_many(pairs_n, fns)
             res = {"kind": kind, "case": label, "items": n, "seconds": runs,
                    "bare_items_s": summary([n / b for b in runs["bare"]])}
-            for v in variants:
-                res[v] = {"E": summary([b / a for a, b in zip(runs[v], runs["bare"])]),
-                          "runner_items_s": summary([n / a for a in runs[v]]),
-                          "extra_ms_per_item": summary([(a - b) / n * 1e3 for a, b in zip(runs[v], runs["bare"])])}
+            res.update(efficiency_ratios(runs, variants, n))
             out.append(res)
     rows = []
     for r in out:
         row = [r["kind"], r["case"], r["items"], f"{1e3 / r['bare_items_s']['median']:.1f}",
                f"{r['bare_items_s']['median']:.1f}"]
-        for v in variants:
-            row += [f"{r[v]['runner_items_s']['median']:.1f}", fmt_range(r[v]["E"]),
-                    f"{r[v]['extra_ms_per_item']['median']:.2f}"]
-        rows.append(row)
+        rows.append(row + variant_cells(r, variants))
     heads = ["kind", "model", "items", "bare ms/item", "bare it/s"]
-    for v in variants:
-        heads += [f"runner it/s ({v})", f"E (sidecars {v})", f"extra ms/item ({v})"]
+    heads += variant_heads(variants)
     text = table(f"Efficiency E for images and audio (micro-batch {batch}, chunk {chunk}; {pairs_n} interleaved "
                  "rounds, median [range]; sidecars on = the default, off = AIGC_PROVENANCE_SIDECARS=false)", heads, rows)
     result = {"sidecars": variants, "cases": out, "table": text}

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from sqlalchemy import select, text
 
 from tests.faults.harness import FaultEnv, Report, Run
+from tests.support.workers import WorkerProc
 from tests.support.models import corpus_texts
 
 JOB_ITEMS = 48
@@ -46,93 +47,95 @@ def _started(run: Run, **kw):
     return run.start_worker(**kw)
 
 
+def mid_job_fault(env: FaultEnv, name: str, seed: int, fault: Callable[[Run, WorkerProc, str], float], *,
+                  worker: dict | None = None, settings: dict | None = None,
+                  after: Callable[[Run, Report], None] | None = None) -> Report:
+    """The common shape: start a scheduler and a worker, submit a job, do ``fault`` once the job is
+    mid-way (it returns the time the fault was cleared), wait for the job, check; it must succeed."""
+    with env.run(name, **(settings or {})) as run:
+        w = _started(run, **(worker or {}))
+        job = run.client.submit("text", model="tiny", items=prompts(), seed=seed)
+        run.wait_until(mid_job(run, job.id), 120, "mid-job")
+        cleared_at = fault(run, w, job.id)
+        view = run.wait_final(job.id, timeout=300)
+        rep = run.check([job.id], fault_cleared_at=cleared_at)
+        rep.expect(view.status.value == "succeeded", f"job ended {view.status.value}")
+        rep.expect(rep.succeeded == JOB_ITEMS, "not every item succeeded")
+        if after is not None:
+            after(run, rep)
+        return rep
+
+
 # ---- the scenarios -------------------------------------------------------------------------------
 
 def kill_worker_child(env: FaultEnv, full: bool) -> Report:
     """1. SIGKILL the prefork child mid-chunk: the parent forks a new one, the lease expires, the
     reconciler wakes the chunk, its items run again item by item."""
-    with env.run("kill-child") as run:
-        w = _started(run, pool="prefork", concurrency=1)
-        job = run.client.submit("text", model="tiny", items=prompts(), seed=1)
-        run.wait_until(mid_job(run, job.id), 120, "mid-job")
-        children = _pids_of_children(w.proc.pid)
-        os.kill(children[0], signal.SIGKILL)
-        killed_at = time.time()
-        view = run.wait_final(job.id)
-        rep = run.check([job.id], fault_cleared_at=killed_at)
-        rep.expect(view.status.value == "succeeded", f"job ended {view.status.value}")
-        rep.expect(rep.succeeded == JOB_ITEMS, "not every item succeeded")
-        return rep
+    def fault(run: Run, w: WorkerProc, job_id: str) -> float:
+        os.kill(_pids_of_children(w.proc.pid)[0], signal.SIGKILL)
+        return time.time()
+
+    return mid_job_fault(env, "kill-child", 1, fault, worker={"pool": "prefork", "concurrency": 1})
 
 
 def kill_whole_worker(env: FaultEnv, full: bool) -> Report:
     """2. SIGKILL the whole worker (two children, so two messages in flight); a new worker takes over."""
-    with env.run("kill-worker", AIGC_VISIBILITY_TIMEOUT_S="10") as run:
-        w = _started(run, pool="prefork", concurrency=2)
-        job = run.client.submit("text", model="tiny", items=prompts(), seed=2)
-        run.wait_until(mid_job(run, job.id), 120, "mid-job")
+    def fault(run: Run, w: WorkerProc, job_id: str) -> float:
         w.kill()
         killed_at = time.time()
         run.start_worker()
-        view = run.wait_final(job.id)
-        rep = run.check([job.id], fault_cleared_at=killed_at)
-        rep.expect(view.status.value == "succeeded", f"job ended {view.status.value}")
-        return rep
+        return killed_at
+
+    return mid_job_fault(env, "kill-worker", 2, fault, worker={"pool": "prefork", "concurrency": 2},
+                         settings={"AIGC_VISIBILITY_TIMEOUT_S": "10"})
 
 
 def warm_shutdown(env: FaultEnv, full: bool) -> Report:
     """3. SIGTERM mid-job: the worker finishes its chunk and exits cleanly; the rest waits for the next."""
-    with env.run("warm-shutdown") as run:
-        w = _started(run)
-        job = run.client.submit("text", model="tiny", items=prompts(), seed=3)
-        run.wait_until(mid_job(run, job.id), 120, "mid-job")
+    seen = {}
+
+    def fault(run: Run, w: WorkerProc, job_id: str) -> float:
         os.killpg(w.proc.pid, signal.SIGTERM)
-        rc = w.proc.wait(60)
+        seen["rc"] = w.proc.wait(60)
         stopped_at = time.time()
-        left = run.counts(job.id)
+        seen["left"] = run.counts(job_id)
         run.start_worker()
-        view = run.wait_final(job.id)
-        rep = run.check([job.id], fault_cleared_at=stopped_at)
+        return stopped_at
+
+    def after(run: Run, rep: Report) -> None:
+        rc, left = seen["rc"], seen["left"]
         rep.expect(rc == 0, f"warm shutdown exited {rc}")
         rep.expect(left["running"] == 0, f"{left['running']} items left running by a warm shutdown")
-        rep.expect(view.status.value == "succeeded", f"job ended {view.status.value}")
         rep.notes.append(f"worker exited {rc}; {left['pending']} items waited for the next worker")
-        return rep
+
+    return mid_job_fault(env, "warm-shutdown", 3, fault, after=after)
 
 
 def redis_restart(env: FaultEnv, full: bool) -> Report:
     """4. Redis restarted mid-job, its AOF kept: workers and the scheduler reconnect and go on."""
-    with env.run("redis-restart") as run:
-        _started(run)
-        job = run.client.submit("text", model="tiny", items=prompts(), seed=4)
-        run.wait_until(mid_job(run, job.id), 120, "mid-job")
+    def fault(run: Run, w: WorkerProc, job_id: str) -> float:
         env.redis.stop()
         time.sleep(2)
         env.redis.start()
-        back_at = time.time()
-        view = run.wait_final(job.id)
-        rep = run.check([job.id], fault_cleared_at=back_at)
-        rep.expect(view.status.value == "succeeded", f"job ended {view.status.value}")
-        return rep
+        return time.time()
+
+    return mid_job_fault(env, "redis-restart", 4, fault)
 
 
 def redis_restarted_empty(env: FaultEnv, full: bool) -> Report:
     """5. Redis comes back empty (every queued message gone): the reconciler asks Redis which chunks it
     still holds and publishes the others again."""
-    with env.run("redis-empty") as run:
-        _started(run)
-        job = run.client.submit("text", model="tiny", items=prompts(), seed=5)
-        run.wait_until(mid_job(run, job.id), 120, "mid-job")
+    def fault(run: Run, w: WorkerProc, job_id: str) -> float:
         env.redis.stop(signal.SIGKILL)
         env.redis.wipe()
         env.redis.start()
-        back_at = time.time()
-        view = run.wait_final(job.id)
-        rep = run.check([job.id], fault_cleared_at=back_at)
-        rep.expect(view.status.value == "succeeded", f"job ended {view.status.value}")
+        return time.time()
+
+    def after(run: Run, rep: Report) -> None:
         logs = "".join(p.log() for p in run.procs)
         rep.expect("no message in the broker" in logs, "the reconciler never found the lost messages")
-        return rep
+
+    return mid_job_fault(env, "redis-empty", 5, fault, after=after)
 
 
 def submit_while_redis_down(env: FaultEnv, full: bool) -> Report:
@@ -158,46 +161,40 @@ def submit_while_redis_down(env: FaultEnv, full: bool) -> Report:
 def s3_outage(env: FaultEnv, full: bool) -> Report:
     """7. The S3 endpoint refuses connections for 30 s (8 s in the fast subset) mid-job."""
     outage = 30 if full else 8
-    with env.run("s3-down") as run:
-        _started(run)
-        job = run.client.submit("text", model="tiny", items=prompts(), seed=7)
-        run.wait_until(mid_job(run, job.id), 120, "mid-job")
+    during: list[int] = []
+
+    def fault(run: Run, w: WorkerProc, job_id: str) -> float:
         env.proxy.cut()
         cut_at = time.time()
-        during = []
         while time.time() - cut_at < outage:
-            during.append(run.counts(job.id)["succeeded"])
+            during.append(run.counts(job_id)["succeeded"])
             time.sleep(0.5)
         env.proxy.restore()
-        back_at = time.time()
-        view = run.wait_final(job.id, timeout=300)
-        rep = run.check([job.id], fault_cleared_at=back_at)
-        rep.expect(view.status.value == "succeeded", f"job ended {view.status.value}")
+        return time.time()
+
+    def after(run: Run, rep: Report) -> None:
         # Nothing may commit while its object cannot be written (the first reading may race the cut).
         rep.expect(len(set(during[1:])) <= 1, f"items committed while S3 was down: {sorted(set(during))}")
         rep.notes.append(f"outage {outage} s")
-        return rep
+
+    return mid_job_fault(env, "s3-down", 7, fault, after=after)
 
 
 def database_connections_killed(env: FaultEnv, full: bool) -> Report:
     """8. pg_terminate_backend on every connection of the job's database, three times, mid-job."""
-    with env.run("pg-terminate") as run:
-        _started(run)
-        job = run.client.submit("text", model="tiny", items=prompts(), seed=8)
-        run.wait_until(mid_job(run, job.id), 120, "mid-job")
-        killed = 0
+    killed = []
+
+    def fault(run: Run, w: WorkerProc, job_id: str) -> float:
         for _ in range(3):
             with run._admin.connect() as c:
-                killed += len(c.execute(text(
+                killed.extend(c.execute(text(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                     "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": run.db_name}).all())
             time.sleep(0.7)
-        done_at = time.time()
-        view = run.wait_final(job.id)
-        rep = run.check([job.id], fault_cleared_at=done_at)
-        rep.expect(view.status.value == "succeeded", f"job ended {view.status.value}")
-        rep.notes.append(f"{killed} connections terminated")
-        return rep
+        return time.time()
+
+    return mid_job_fault(env, "pg-terminate", 8, fault,
+                         after=lambda run, rep: rep.notes.append(f"{len(killed)} connections terminated"))
 
 
 def poison(env: FaultEnv, full: bool) -> Report:

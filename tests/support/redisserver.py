@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.s3server import free_port
+from tests.support.s3server import free_port, stop_process, wait_serving
 
 
 @dataclass
@@ -34,13 +33,7 @@ class RedisServer:
                            socket_timeout=5, **kw)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def make_certificates(d: Path) -> tuple[Path, Path, Path]:
@@ -77,14 +70,5 @@ def start_redis(data_dir: Path, password: str, *, tls: bool = False, timeout: fl
     log_path = data_dir / "redis.log"
     proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     server = RedisServer(port, password, proc, log_path, ca)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"redis-server exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            server.client().ping()
-            return server
-        except Exception:
-            time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"redis-server did not answer in {timeout}s: {log_path.read_text()[-2000:]}")
+    wait_serving(server, lambda: server.client().ping(), "redis-server", timeout)
+    return server

@@ -57,13 +57,18 @@ class S3Server:
         self.client().create_bucket(Bucket=name)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, and SIGKILL after 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def weed_binary() -> str:
@@ -84,14 +89,21 @@ def start_s3_server(data_dir: Path, timeout: float = 30.0) -> S3Server:
     proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{ports['s3']}", data_dir, proc, log_path)
+    wait_serving(server, lambda: server.client().list_buckets(), "weed mini", timeout, 0.2)
+    return server
+
+
+def wait_serving(server, probe, what: str, timeout: float, interval: float = 0.1) -> None:
+    """Poll ``probe()`` until it stops raising; a server that exits or never answers is stopped and its
+    log tail raised."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"weed mini exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{what} exited {server.proc.returncode}: {server.log_path.read_text()[-2000:]}")
         try:
-            server.client().list_buckets()
-            return server
+            probe()
+            return
         except Exception:
-            time.sleep(0.2)
+            time.sleep(interval)
     server.stop()
-    raise RuntimeError(f"weed mini did not answer S3 in {timeout}s: {log_path.read_text()[-2000:]}")
+    raise RuntimeError(f"{what} did not answer in {timeout}s: {server.log_path.read_text()[-2000:]}")
