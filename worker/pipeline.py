@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select, text, tuple_, update
+from sqlalchemy import and_, case, insert, or_, select, text, tuple_, update
 
 from aigc_core import __version__
 from aigc_core.errors import ModelLoadError, StorageError, TransientError
@@ -52,9 +52,12 @@ class ChunkResult:
     cancelled: int = 0
     final_status: str | None = None
     errors: dict[str, int] = field(default_factory=dict)
+    # Items whose attempt this delivery charged (their generation began): a transient fault gives
+    # those back; items it never reached were never charged.
+    charged: set[int] = field(default_factory=set)
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "charged"}
 
 
 @dataclass(frozen=True)
@@ -83,14 +86,14 @@ def _run_chunk(rt: Runtime, job_id: str, chunk_no: int) -> ChunkResult:
             else:
                 _generate_chunk(rt, job, token, items, res)
         except TransientError as e:
-            release(rt, token)  # back to pending: the retry (or the reconciler) claims them again
+            release(rt, token, res.charged)  # back to pending: the retry (or the reconciler) claims them
             if isinstance(e, StorageError):
                 rt.storage_failed = True  # the next delivery checks the store before generating
             raise
         except BaseException:
             # Anything else (a bug, an interrupt): the items go back at once with this attempt counted,
             # instead of staying running until their lease expires.
-            _release_quietly(rt, token, give_back_attempt=False)
+            _release_quietly(rt, token)
             raise
         finally:
             metrics.count_items(job.model.tag, res.succeeded, res.failed, res.cancelled)
@@ -104,7 +107,9 @@ def _run_chunk(rt: Runtime, job_id: str, chunk_no: int) -> ChunkResult:
 
 
 def claim(rt: Runtime, job_id: str, chunk_no: int) -> tuple[JobInfo | None, str, list[Claimed]]:
-    """One statement: unfinished items become ours (status running, a lease, attempt + 1)."""
+    """One statement: unfinished items become ours (status running, a lease). The attempt is charged
+    later, when an item's generation begins (``_begin_batch``), so items a dead delivery never
+    reached are not blamed for its death."""
     token, now = uuid.uuid4().hex, utcnow()
     with rt.db.session() as s:
         job = s.get(Job, job_id)
@@ -126,7 +131,7 @@ def claim(rt: Runtime, job_id: str, chunk_no: int) -> tuple[JobInfo | None, str,
                 or_(Item.status == ItemStatus.pending,
                     and_(Item.status == ItemStatus.running, Item.lease_until < now)),
             )
-            .values(status=ItemStatus.running, attempts=Item.attempts + 1, claim_token=token,
+            .values(status=ItemStatus.running, claim_token=token,
                     lease_until=now + timedelta(seconds=rt.settings.lease_s), worker=rt.worker_id, started_at=now)
             .returning(Item.id, Item.index, Item.custom_id, Item.prompt, Item.params, Item.seed, Item.attempts,
                        Item.source)
@@ -139,12 +144,13 @@ def claim(rt: Runtime, job_id: str, chunk_no: int) -> tuple[JobInfo | None, str,
                       .values(status=JobStatus.running, started_at=now))
         info = JobInfo(job.id, job.kind, dict(job.params or {}), resolve(s, f"{job.model_name}@{job.model_version}"))
     items = sorted((Claimed(*r) for r in rows), key=lambda c: c.index)
-    # Items that already used up their attempts (they crashed a worker each time) fail now.
-    poison = [c for c in items if c.attempts > rt.settings.max_attempts]
+    # Items whose generation began max_attempts times and never finished (the worker died each time)
+    # fail now.
+    poison = [c for c in items if c.attempts >= rt.settings.max_attempts]
     if poison:
-        _fail(rt, token, {c.id: f"gave up after {c.attempts - 1} attempts (the worker died each time)"
+        _fail(rt, token, {c.id: f"gave up after {c.attempts} attempts (the worker died each time)"
                           for c in poison})
-    items = [c for c in items if c.attempts <= rt.settings.max_attempts]
+    items = [c for c in items if c.attempts < rt.settings.max_attempts]
     return info, token, _read_sources(rt, token, items)
 
 
@@ -181,6 +187,13 @@ def _read_sources(rt: Runtime, token: str, items: list[Claimed]) -> list[Claimed
 def _finetune(rt: Runtime, job: JobInfo, token: str, item: Claimed, res: ChunkResult) -> None:
     from worker.finetune import run_finetune
 
+    charged = _begin_batch(rt, job.id, token, [item.id])
+    if not charged:  # cancelled, or no longer ours
+        if charged is None:
+            res.cancelled += _cancel_rest(rt, token)
+        return
+    res.charged.add(item.id)
+    item = replace(item, attempts=charged[item.id])
     try:
         run_finetune(rt, job, token, item, res)
     except TransientError:
@@ -211,7 +224,7 @@ def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed],
     # Similar lengths together: less padding per batch. Seeds are per item, so order does not matter.
     ordered = sorted(items, key=lambda c: len(c.prompt))
     size = min(max(1, int(rt.settings.micro_batch_size)), rt.batch_caps.get(job.model.tag, 1 << 30))
-    if any(c.attempts > 1 for c in items):
+    if any(c.attempts > 0 for c in items):
         # A delivery of this chunk died before: run it item by item, each committed alone, so an
         # item that kills the worker uses up only its own attempts, not its neighbours'.
         size = 1
@@ -224,7 +237,8 @@ def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed],
         if mine is None:  # cancelled: no new item starts
             res.cancelled += _cancel_rest(rt, token)
             return
-        batch = [c for c in batch if c.id in mine]
+        batch = [replace(c, attempts=mine[c.id]) for c in batch if c.id in mine]
+        res.charged.update(c.id for c in batch)
         if not batch:
             continue
         t0 = time.perf_counter()
@@ -318,18 +332,20 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
         res.errors[err] = res.errors.get(err, 0) + 1
 
 
-def _begin_batch(rt: Runtime, job_id: str, token: str, ids: list[int]) -> set[int] | None:
+def _begin_batch(rt: Runtime, job_id: str, token: str, ids: list[int]) -> dict[int, int] | None:
     """One transaction before each micro-batch: None when the job was cancelled; else the batch's items
-    still ours, with the lease of every item the chunk still holds renewed (the chunk's heartbeat)."""
+    still ours with their attempt charged ({id: attempt}), and the lease of every item the chunk still
+    holds renewed (the chunk's heartbeat)."""
     with rt.db.session() as s:
-        _lease_write(s)
         if s.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.cancelled:
             return None
-        held = set(s.scalars(
+        rows = s.execute(
             update(Item).where(Item.claim_token == token, Item.status == ItemStatus.running)
-            .values(lease_until=utcnow() + timedelta(seconds=rt.settings.lease_s))
-            .returning(Item.id).execution_options(synchronize_session=False)))
-    return held.intersection(ids)
+            .values(lease_until=utcnow() + timedelta(seconds=rt.settings.lease_s),
+                    attempts=case((Item.id.in_(ids), Item.attempts + 1), else_=Item.attempts))
+            .returning(Item.id, Item.attempts).execution_options(synchronize_session=False)).all()
+    wanted = set(ids)
+    return {i: a for i, a in rows if i in wanted}
 
 
 def _lease_write(s) -> None:
@@ -403,20 +419,23 @@ def _fail(rt: Runtime, token: str, failures: dict[int, str]) -> None:
         _fail_in(s, token, failures)
 
 
-def release(rt: Runtime, token: str, *, give_back_attempt: bool = True) -> None:
-    """Give uncommitted items back (pending, no lease). After a transient fault the attempt is given
-    back too: an S3 or database blip is not a crash, and must not use up an item's attempts."""
+def release(rt: Runtime, token: str, give_back: set[int] | frozenset[int] = frozenset()) -> None:
+    """Give uncommitted items back (pending, no lease). After a transient fault the attempts this
+    delivery charged (``give_back``) are returned too: an S3 or database blip is not a crash, and must
+    not use up an item's attempts."""
+    attempts = case((Item.id.in_(list(give_back)), Item.attempts - 1), else_=Item.attempts) if give_back \
+        else Item.attempts
     with rt.db.session() as s:
         s.execute(update(Item).where(Item.claim_token == token, Item.status == ItemStatus.running)
-                  .values(status=ItemStatus.pending, lease_until=None, claim_token=None,
-                          attempts=Item.attempts - (1 if give_back_attempt else 0))
+                  .values(status=ItemStatus.pending, lease_until=None, claim_token=None, attempts=attempts)
                   .execution_options(synchronize_session=False))
 
 
-def _release_quietly(rt: Runtime, token: str, *, give_back_attempt: bool) -> None:
-    """Release on the way out of a failure; if the database is the failure, the leases expire instead."""
+def _release_quietly(rt: Runtime, token: str) -> None:
+    """Release on the way out of a failure, the attempts counted; if the database is the failure, the
+    leases expire instead."""
     try:
-        release(rt, token, give_back_attempt=give_back_attempt)
+        release(rt, token)
     except Exception as e:
         log.warning("could not release the chunk's items (%s); they return when their lease expires", e)
 

@@ -300,10 +300,11 @@ def test_an_unexpected_error_gives_the_items_back_at_once_with_the_attempt_count
 
     job = submit(client, ["a", "b", "c"])
     with pytest.raises(KeyError):
-        run_chunk(runtime(client, FakeGen(), BuggyStore(client.store)), job.id, 0)
+        run_chunk(runtime(client, FakeGen(), BuggyStore(client.store), micro_batch_size=2), job.id, 0)
     rows = items(client, job.id).values()
     assert {i.status for i in rows} == {ItemStatus.pending}  # not running until a lease expires
-    assert {i.attempts for i in rows} == {1} and {i.lease_until for i in rows} == {None}
+    # The first micro-batch began (its attempt counts); the item it never reached is not charged.
+    assert sorted(i.attempts for i in rows) == [0, 1, 1] and {i.lease_until for i in rows} == {None}
     assert run_chunk(runtime(client, FakeGen()), job.id, 0).succeeded == 3
 
 
@@ -356,3 +357,28 @@ def test_each_micro_batch_renews_the_lease_of_every_item_the_chunk_still_holds(c
     assert res.succeeded == 6 and len(seen) == 3
     assert seen[0] < seen[1] < seen[2]  # renewed before every batch, not only its own
     assert all(t.replace(tzinfo=None) > utcnow().replace(tzinfo=None) + timedelta(seconds=250) for t in seen)
+
+
+def test_a_retried_chunk_charges_an_attempt_only_to_the_items_it_began(client):
+    """The worker died on item c1 three times: c1 gives up; the items it never reached do not."""
+    job = submit(client, ["a", "bb", "ccc", "dddd"], chunk_size=4)
+    with client.db.session() as s:  # as after a delivery died generating c1 (alone: item by item)
+        s.execute(update(Item).where(Item.job_id == job.id, Item.custom_id == "c1")
+                  .values(attempts=2))
+        s.execute(update(Item).where(Item.job_id == job.id, Item.custom_id == "c0")
+                  .values(status=ItemStatus.succeeded))
+    crashes = []
+
+    def die_on_c1(n):  # item by item: the first batch generated is c1 (shortest prompt left)
+        if not crashes:
+            crashes.append(n)
+            raise SystemExit("the worker process died")
+
+    with pytest.raises(SystemExit):
+        run_chunk(runtime(client, FakeGen(hook=die_on_c1), max_attempts=3), job.id, 0)
+    it = items(client, job.id)
+    assert (it["c1"].attempts, it["c2"].attempts, it["c3"].attempts) == (3, 0, 0)
+    res = run_chunk(runtime(client, FakeGen(), max_attempts=3), job.id, 0)
+    it = items(client, job.id)
+    assert it["c1"].status == ItemStatus.failed and "gave up after 3 attempts" in it["c1"].error
+    assert it["c2"].status == it["c3"].status == ItemStatus.succeeded and res.succeeded == 2
