@@ -201,7 +201,9 @@ class S3Store:
         from botocore.exceptions import ClientError
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{path.name}")
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+        os.close(fd)
+        tmp = Path(name)
         try:
             self.client.download_file(self.bucket, self._full(key), str(tmp))
             os.replace(tmp, path)

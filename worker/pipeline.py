@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import and_, case, insert, or_, select, text, tuple_, update
 
 from aigc_core import __version__
-from aigc_core.errors import ModelLoadError, StorageError, TransientError
+from aigc_core.errors import ModelLoadError, NotFound, StorageError, TransientError
 from aigc_core.jobs import finalize_if_done, item_key, job_prefix, record_event, release_ready, sidecar_key
 from aigc_core.logs import log_context
 from aigc_core.reconcile import publish_chunks
@@ -93,7 +93,7 @@ def _run_chunk(rt: Runtime, job_id: str, chunk_no: int) -> ChunkResult:
         except BaseException:
             # Anything else (a bug, an interrupt): the items go back at once with this attempt counted,
             # instead of staying running until their lease expires.
-            _release_quietly(rt, token)
+            _release_quietly(rt, token, charge_all=not res.charged)
             raise
         finally:
             metrics.count_items(job.model.tag, res.succeeded, res.failed, res.cancelled)
@@ -151,7 +151,7 @@ def claim(rt: Runtime, job_id: str, chunk_no: int) -> tuple[JobInfo | None, str,
         _fail(rt, token, {c.id: f"gave up after {c.attempts} attempts (the worker died each time)"
                           for c in poison})
     items = [c for c in items if c.attempts < rt.settings.max_attempts]
-    return info, token, _read_sources(rt, token, items)
+    return info, token, items
 
 
 def _read_sources(rt: Runtime, token: str, items: list[Claimed]) -> list[Claimed]:
@@ -178,7 +178,10 @@ def _read_sources(rt: Runtime, token: str, items: list[Claimed]) -> list[Claimed
         elif not row.media_type.startswith("text/"):
             failures[c.id] = f"source item {ref[1]!r} of job {ref[0]} is {row.media_type}, not text"
         else:
-            out.append(replace(c, prompt=rt.store.get(row.key).decode("utf-8")))
+            try:
+                out.append(replace(c, prompt=rt.store.get(row.key).decode("utf-8")))
+            except NotFound:
+                failures[c.id] = f"the output of source item {ref[1]!r} of job {ref[0]} is missing from the store"
     if failures:
         _fail(rt, token, failures)
     return out
@@ -205,6 +208,25 @@ def _finetune(rt: Runtime, job: JobInfo, token: str, item: Claimed, res: ChunkRe
 
 
 def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed], res: ChunkResult) -> None:
+    retried = any(c.attempts > 0 for c in items)  # a delivery of this chunk began and died before
+    items = _read_sources(rt, token, items)
+    if not items:
+        return
+    # Similar lengths together: less padding per batch. Seeds are per item, so order does not matter.
+    ordered = sorted(items, key=lambda c: len(c.prompt))
+    size = min(max(1, int(rt.settings.micro_batch_size)), rt.batch_caps.get(job.model.tag, 1 << 30))
+    if retried:
+        # A delivery of this chunk died before: run it item by item, each committed alone, so an
+        # item that kills the worker uses up only its own attempts, not its neighbours'.
+        size = 1
+    if job.model.tag not in rt.pool.pinned():
+        # A load that kills the process (out of memory, a segfault) counts against the first
+        # micro-batch, as its generation would: else the message is redelivered, and kills, forever.
+        first = _begin_batch(rt, job.id, token, [c.id for c in ordered[:size]])
+        if first is None:
+            res.cancelled += _cancel_rest(rt, token)
+            return
+        res.charged.update(first)
     try:
         loaded = rt.pool.get(job.model)
     except ModelLoadError as e:
@@ -221,19 +243,13 @@ def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed],
         # generation that could not be stored (raises StorageError while it is still down).
         rt.store.exists(f"{job_prefix(job.id)}/items/.probe")
         rt.storage_failed = False
-    # Similar lengths together: less padding per batch. Seeds are per item, so order does not matter.
-    ordered = sorted(items, key=lambda c: len(c.prompt))
-    size = min(max(1, int(rt.settings.micro_batch_size)), rt.batch_caps.get(job.model.tag, 1 << 30))
-    if any(c.attempts > 0 for c in items):
-        # A delivery of this chunk died before: run it item by item, each committed alone, so an
-        # item that kills the worker uses up only its own attempts, not its neighbours'.
-        size = 1
     start = 0
     while start < len(ordered):
         size = min(size, rt.batch_caps.get(job.model.tag, size))  # an out-of-memory split lowers it
         batch = ordered[start : start + size]
         start += len(batch)
-        mine = _begin_batch(rt, job.id, token, [c.id for c in batch])
+        mine = _begin_batch(rt, job.id, token, [c.id for c in batch],
+                            charge=[c.id for c in batch if c.id not in res.charged])
         if mine is None:  # cancelled: no new item starts
             res.cancelled += _cancel_rest(rt, token)
             return
@@ -266,32 +282,41 @@ def _generate_isolated(rt: Runtime, model, job: JobInfo,
     if cap is not None and len(batch) > cap:  # a split earlier in this batch found a smaller size
         return [r for k in range(0, len(batch), cap) for r in _generate_isolated(rt, model, job, batch[k : k + cap])]
     t0 = time.perf_counter()
+    oom = False
     try:
         outs = model.generate(_requests(job, batch))
         per = (time.perf_counter() - t0) / len(batch)
         return [(o, None, per) for o in outs]
     except Exception as e:  # a backend may raise anything; isolate before judging
-        if is_out_of_memory(e) and len(batch) > 1:
-            half = (len(batch) + 1) // 2
-            rt.batch_caps[job.model.tag] = min(half, rt.batch_caps.get(job.model.tag, half))
-            log.warning("out of memory at a batch of %d; retrying as batches of %d", len(batch), half,
-                        extra={"job_id": job.id})
-            _free_device_memory()
-            return (_generate_isolated(rt, model, job, batch[:half])
-                    + _generate_isolated(rt, model, job, batch[half:]))
         if len(batch) == 1:
             log.warning("item %d failed: %s", batch[0].index, e, extra={"job_id": job.id, "item": batch[0].index})
             return [(None, f"{type(e).__name__}: {e}", time.perf_counter() - t0)]
+        oom = is_out_of_memory(e)
+    # Out of the except block: the failed batch's frames (and their device memory) are freed now.
+    if oom:
+        half = (len(batch) + 1) // 2
+        rt.batch_caps[job.model.tag] = min(half, rt.batch_caps.get(job.model.tag, half))
+        log.warning("out of memory at a batch of %d; retrying as batches of %d", len(batch), half,
+                    extra={"job_id": job.id})
+        _free_device_memory()
+        return (_generate_isolated(rt, model, job, batch[:half])
+                + _generate_isolated(rt, model, job, batch[half:]))
     return [r for c in batch for r in _generate_isolated(rt, model, job, [c])]
 
 
-def is_out_of_memory(e: BaseException) -> bool:
-    """torch's OutOfMemoryError (CUDA and the rest), or an allocator's RuntimeError saying so."""
+def is_out_of_memory(e: BaseException | None) -> bool:
+    """torch's OutOfMemoryError (CUDA and the rest), or an allocator's RuntimeError saying so, also
+    when a backend wrapped it (its cause or context)."""
     torch = sys.modules.get("torch")  # a backend that never imported torch cannot raise its OOM
     oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    if oom is not None and isinstance(e, oom):
-        return True
-    return isinstance(e, (RuntimeError, MemoryError)) and "out of memory" in str(e).lower()
+    for _ in range(8):
+        if e is None:
+            return False
+        if (oom is not None and isinstance(e, oom)) or (
+                isinstance(e, (RuntimeError, MemoryError)) and "out of memory" in str(e).lower()):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _free_device_memory() -> None:
@@ -332,7 +357,8 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
         res.errors[err] = res.errors.get(err, 0) + 1
 
 
-def _begin_batch(rt: Runtime, job_id: str, token: str, ids: list[int]) -> dict[int, int] | None:
+def _begin_batch(rt: Runtime, job_id: str, token: str, ids: list[int],
+                 charge: list[int] | None = None) -> dict[int, int] | None:
     """One transaction before each micro-batch: None when the job was cancelled; else the batch's items
     still ours with their attempt charged ({id: attempt}), and the lease of every item the chunk still
     holds renewed (the chunk's heartbeat)."""
@@ -342,7 +368,8 @@ def _begin_batch(rt: Runtime, job_id: str, token: str, ids: list[int]) -> dict[i
         rows = s.execute(
             update(Item).where(Item.claim_token == token, Item.status == ItemStatus.running)
             .values(lease_until=utcnow() + timedelta(seconds=rt.settings.lease_s),
-                    attempts=case((Item.id.in_(ids), Item.attempts + 1), else_=Item.attempts))
+                    attempts=case((Item.id.in_(ids if charge is None else charge), Item.attempts + 1),
+                                  else_=Item.attempts))
             .returning(Item.id, Item.attempts).execution_options(synchronize_session=False)).all()
     wanted = set(ids)
     return {i: a for i, a in rows if i in wanted}
@@ -419,23 +446,29 @@ def _fail(rt: Runtime, token: str, failures: dict[int, str]) -> None:
         _fail_in(s, token, failures)
 
 
-def release(rt: Runtime, token: str, give_back: set[int] | frozenset[int] = frozenset()) -> None:
+def release(rt: Runtime, token: str, give_back: set[int] | frozenset[int] = frozenset(), *,
+            charge_all: bool = False) -> None:
     """Give uncommitted items back (pending, no lease). After a transient fault the attempts this
     delivery charged (``give_back``) are returned too: an S3 or database blip is not a crash, and must
-    not use up an item's attempts."""
-    attempts = case((Item.id.in_(list(give_back)), Item.attempts - 1), else_=Item.attempts) if give_back \
-        else Item.attempts
+    not use up an item's attempts. ``charge_all`` counts an attempt for every item instead."""
+    if charge_all:
+        attempts = Item.attempts + 1
+    elif give_back:
+        attempts = case((Item.id.in_(list(give_back)), Item.attempts - 1), else_=Item.attempts)
+    else:
+        attempts = Item.attempts
     with rt.db.session() as s:
         s.execute(update(Item).where(Item.claim_token == token, Item.status == ItemStatus.running)
                   .values(status=ItemStatus.pending, lease_until=None, claim_token=None, attempts=attempts)
                   .execution_options(synchronize_session=False))
 
 
-def _release_quietly(rt: Runtime, token: str) -> None:
-    """Release on the way out of a failure, the attempts counted; if the database is the failure, the
-    leases expire instead."""
+def _release_quietly(rt: Runtime, token: str, *, charge_all: bool) -> None:
+    """Release on the way out of a failure, the attempts counted (all of them charged now if the
+    failure came before any generation began, or it would repeat forever); if the database is the
+    failure, the leases expire instead."""
     try:
-        release(rt, token)
+        release(rt, token, charge_all=charge_all)
     except Exception as e:
         log.warning("could not release the chunk's items (%s); they return when their lease expires", e)
 

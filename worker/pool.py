@@ -8,7 +8,6 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aigc_core.errors import ModelLoadError
 from aigc_core.registry import ModelRef
 from aigc_models import Generator
 from worker import metrics
@@ -25,20 +24,14 @@ class ModelPool:
     """Keyed by name@version, so a pinned old version stays valid next to a newer one.
 
     ``estimate(ref)`` (bytes, e.g. the weights on disk) lets the pool evict *before* a load, so peak
-    memory stays near the budget instead of budget + the new model. A model that failed to load is
-    remembered for ``failure_ttl_s``: the chunks after it fail at once instead of fetching and
-    checking the same broken files again.
+    memory stays near the budget instead of budget + the new model.
     """
 
     def __init__(self, loader: Callable[[ModelRef], Generator], budget_bytes: int, *,
-                 estimate: Callable[[ModelRef], int] | None = None, failure_ttl_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 estimate: Callable[[ModelRef], int] | None = None):
         self._loader = loader
         self._budget = budget_bytes
         self._estimate = estimate
-        self._failure_ttl_s = failure_ttl_s
-        self._clock = clock
-        self._failed: dict[str, tuple[float, ModelLoadError]] = {}
         self._models: OrderedDict[str, tuple[Generator, float]] = OrderedDict()
         self._lock = threading.Lock()
         self.loads: Counter[str] = Counter()
@@ -51,19 +44,10 @@ class ModelPool:
                 self._models.move_to_end(ref.tag)
                 model, secs = self._models[ref.tag]
                 return Loaded(model, secs, False)
-            failed = self._failed.get(ref.tag)
-            if failed is not None and self._clock() - failed[0] < self._failure_ttl_s:
-                raise ModelLoadError(f"{failed[1]} (failed {self._clock() - failed[0]:.0f} s ago; "
-                                     f"tried again after {self._failure_ttl_s:.0f} s)")
             t0 = time.perf_counter()
-            try:
-                if self._estimate is not None:
-                    self._make_room(self._estimate(ref))
-                model = self._loader(ref)
-            except ModelLoadError as e:
-                self._failed[ref.tag] = (self._clock(), e)
-                raise
-            self._failed.pop(ref.tag, None)
+            if self._estimate is not None:
+                self._make_room(self._estimate(ref))
+            model = self._loader(ref)
             secs = time.perf_counter() - t0
             self.loads[ref.tag] += 1
             metrics.MODEL_LOADS.labels(ref.tag).inc()

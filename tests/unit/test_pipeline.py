@@ -382,3 +382,41 @@ def test_a_retried_chunk_charges_an_attempt_only_to_the_items_it_began(client):
     it = items(client, job.id)
     assert it["c1"].status == ItemStatus.failed and "gave up after 3 attempts" in it["c1"].error
     assert it["c2"].status == it["c3"].status == ItemStatus.succeeded and res.succeeded == 2
+
+
+def test_a_model_load_that_crashes_each_time_counts_against_the_chunk_and_ends(client):
+    """Found in review: attempts were charged only when generation began, so a load that killed the
+    worker (or raised something unexpected) before it was redelivered forever."""
+    job = submit(client, ["a", "b"])
+
+    def crashing_load(ref):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    for _ in range(3):
+        rt = runtime(client, FakeGen(), max_attempts=3)
+        rt.__dict__["pool"] = ModelPool(crashing_load, 1 << 40)
+        with pytest.raises(RuntimeError):
+            run_chunk(rt, job.id, 0)
+    # Each crash counts against the items it would have generated first (after the first crash,
+    # item by item): the loop is bounded, and the other item is not blamed for every crash.
+    assert sorted(i.attempts for i in items(client, job.id).values()) == [1, 3]
+    run_chunk(runtime(client, FakeGen(), max_attempts=3), job.id, 0)
+    assert sorted(i.status.value for i in items(client, job.id).values()) == ["failed", "succeeded"]
+    assert client.status(job.id).final
+
+
+def test_a_wrapped_out_of_memory_still_splits_the_batch(client):
+    import torch
+
+    class WrappingOom(FakeGen):
+        def generate(self, reqs):
+            if len(reqs) > 1:
+                try:
+                    raise torch.OutOfMemoryError("CUDA out of memory")
+                except RuntimeError as e:  # as the diffusers backend wraps it
+                    raise ValueError("pipeline failed") from e
+            return super().generate(reqs)
+
+    job = submit(client, ["a", "b", "c", "d"], chunk_size=4)
+    rt = runtime(client, WrappingOom(), micro_batch_size=4)
+    assert run_chunk(rt, job.id, 0).succeeded == 4 and rt.batch_caps["tiny@1"] == 1

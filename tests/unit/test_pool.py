@@ -152,26 +152,3 @@ def test_room_is_made_before_a_load_so_peak_memory_stays_near_the_budget():
     assert at_load == [0, 100 * MB, 0]  # a and b were both let go before big was loaded
     assert pool.pinned() == ["big@1"] and pool.evictions == {"a@1": 1, "b@1": 1}
 
-
-def test_a_failed_load_is_remembered_for_a_while_then_tried_again():
-    import pytest
-
-    from aigc_core.errors import ModelLoadError
-
-    now = [0.0]
-    calls = []
-
-    def broken(r):
-        calls.append(r.tag)
-        raise ModelLoadError(f"{r.tag}: digest mismatch")
-
-    pool = ModelPool(broken, budget_bytes=1000 * MB, failure_ttl_s=60, clock=lambda: now[0])
-    for t in (0.0, 10.0, 59.0):
-        now[0] = t
-        with pytest.raises(ModelLoadError, match="digest mismatch"):
-            pool.get(ref("bad"))
-    assert calls == ["bad@1"]  # the chunks after the first failed at once, without fetching again
-    now[0] = 61.0
-    with pytest.raises(ModelLoadError):
-        pool.get(ref("bad"))
-    assert calls == ["bad@1", "bad@1"]
