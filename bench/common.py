@@ -76,12 +76,6 @@ def drop_database(url: str) -> None:
     admin.dispose()
 
 
-def start_celery(app: str, env: dict[str, str], log_dir: Path, *, queues: str, pool: str = "solo",
-                 concurrency: int = 1, timeout: float = 90.0) -> WorkerProc:
-    """A ``celery -A APP worker`` process (for apps other than worker.app: the naive baseline)."""
-    return start_worker(env, log_dir, queues=queues, pool=pool, concurrency=concurrency, timeout=timeout, app=app)
-
-
 @dataclass
 class Stack:
     """Real servers for one benchmark run; ``with Stack("name") as st:`` starts and removes them."""
@@ -164,7 +158,7 @@ class Stack:
         return w
 
     def celery(self, app: str, queues: str, env: dict[str, str] | None = None) -> WorkerProc:
-        w = start_celery(app, {**self.env, **(env or {})}, self.tmp, queues=queues)
+        w = start_worker({**self.env, **(env or {})}, self.tmp, queues=queues, timeout=90.0, app=app)
         self.procs.append(w)
         return w
 

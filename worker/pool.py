@@ -46,7 +46,7 @@ class ModelPool:
                 return Loaded(model, secs, False)
             t0 = time.perf_counter()
             if self._estimate is not None:
-                self._make_room(self._estimate(ref))
+                self._evict(incoming=self._estimate(ref))
             model = self._loader(ref)
             secs = time.perf_counter() - t0
             self.loads[ref.tag] += 1
@@ -55,18 +55,15 @@ class ModelPool:
             self._evict(keep=ref.tag)
             return Loaded(model, secs, True)
 
-    def _make_room(self, incoming: int) -> None:
-        while self._models and self.memory_bytes() + incoming > self._budget:
-            self._evict_one(next(iter(self._models)))
-
-    def _evict_one(self, tag: str) -> None:
-        del self._models[tag]
-        self.evictions[tag] += 1
-        metrics.MODEL_EVICTIONS.labels(tag).inc()
-
-    def _evict(self, keep: str) -> None:
-        while len(self._models) > 1 and self.memory_bytes() > self._budget:
-            self._evict_one(next(t for t in self._models if t != keep))
+    def _evict(self, keep: str | None = None, incoming: int = 0) -> None:
+        """Least recently used first, until the pinned models (and ``incoming`` bytes) fit; never ``keep``."""
+        while self.memory_bytes() + incoming > self._budget:
+            tag = next((t for t in self._models if t != keep), None)
+            if tag is None:
+                return
+            del self._models[tag]
+            self.evictions[tag] += 1
+            metrics.MODEL_EVICTIONS.labels(tag).inc()
 
     def memory_bytes(self) -> int:
         return sum(m.memory_bytes() for m, _ in self._models.values())

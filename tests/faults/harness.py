@@ -127,17 +127,22 @@ class Run:
     @property
     def client(self):
         if self._client is None:
-            from aigc_core.settings import Settings
-            from scheduler import Client
-
-            old = {k: os.environ.get(k) for k in self.env_vars}
-            os.environ.update(self.env_vars)
-            try:
-                self._client = Client(Settings())
-            finally:
-                for k, v in old.items():
-                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            self._client = self.new_client()
         return self._client
+
+    def new_client(self):
+        """A Client as this run's processes see it: its AIGC_* and AWS_* environment, swapped in while
+        the settings are read and boto3 resolves its credentials."""
+        from aigc_core.settings import Settings
+        from scheduler import Client
+
+        old = {k: os.environ.get(k) for k in self.env_vars}
+        os.environ.update(self.env_vars)
+        try:
+            return Client(Settings())
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
     def register_model(self, name: str = "tiny", backend: str = "hf-causal-lm", **defaults: Any) -> None:
         """The model uploaded straight to S3 (not through the proxy), registered by digest."""

@@ -257,23 +257,19 @@ def out_of_memory(env: FaultEnv, full: bool) -> Report:
 def idempotent_submits(env: FaultEnv, full: bool) -> Report:
     """11. Ten concurrent submits with one idempotency key make one job; another payload is refused."""
     from aigc_core.errors import IdempotencyConflict
-    from aigc_core.settings import Settings
-    from scheduler import Client
 
     with env.run("idempotency") as run:
         _started(run)
         ids, errors, gate = [], [], threading.Barrier(10)
 
-        def submit() -> None:
-            c = Client(Settings(**{k.removeprefix("AIGC_").lower(): v for k, v in run.env_vars.items()
-                                   if k.startswith("AIGC_")}))
+        def submit(c) -> None:
             gate.wait()
             try:
                 ids.append(c.submit("text", model="tiny", items=prompts(), seed=11, idempotency_key="nightly").id)
             except Exception as e:
                 errors.append(repr(e))
 
-        threads = [threading.Thread(target=submit) for _ in range(10)]
+        threads = [threading.Thread(target=submit, args=(run.new_client(),)) for _ in range(10)]
         for t in threads:
             t.start()
         for t in threads:
