@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     storage_url: str = "file://./aigc-data"
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
+    # Small PUTs (outputs, sidecars) as one signed request each, beside botocore (aigc_core/s3put.py):
+    # a third of botocore's CPU per object. Any failure goes to botocore; false: botocore only.
+    s3_fast_put: bool = True
     broker_url: str | None = None
     # TLS to Redis, for a ``rediss://`` broker URL: certificates are verified unless
     # broker_ssl_cert_reqs says otherwise. ssl_* query parameters in the URL take precedence.

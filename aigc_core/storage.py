@@ -12,6 +12,7 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 from aigc_core.errors import NotFound, SpecError, StorageError
+from aigc_core.s3put import FastPut
 from aigc_core.settings import mask_url
 
 
@@ -125,7 +126,8 @@ def _atomic_copy(src: Path, dest: Path) -> None:
 class S3Store:
     """An S3 bucket (any S3-compatible server); credentials come from the default boto3 chain."""
 
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None):
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
+                 *, fast_put: bool = True):
         import boto3
         from botocore.config import Config
 
@@ -144,17 +146,25 @@ class S3Store:
             response_checksum_validation="when_required",
         )
         # A session of its own: the default one caches the first credentials it resolved, process-wide.
-        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=cfg)
+        session = boto3.session.Session()
+        self.client = session.client("s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=cfg)
+        # Small PUTs (each output and its sidecar) skip botocore's request pipeline: see aigc_core/s3put.py.
+        self.fast = FastPut.for_client(self.client, session.get_credentials(), bucket) if fast_put else None
 
     def _full(self, key: str) -> str:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> ObjectInfo:
+        fast = self.fast.put(self._full(key), data, content_type) if self.fast is not None else "skipped"
+        if fast == "ok":
+            return ObjectInfo(key, self.uri(key), len(data))
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data, ContentType=content_type)
         except Exception as e:  # botocore raises many unrelated types; all are storage faults here
             raise StorageError(f"put s3://{self.bucket}/{self._full(key)} failed: {e}") from e
+        if fast == "refused":  # botocore stored what the fast path could not: it is not for this server
+            self.fast.disable()
         return ObjectInfo(key, self.uri(key), len(data))
 
     def get(self, key: str) -> bytes:
@@ -237,7 +247,8 @@ class S3Store:
         )
 
 
-def open_store(url: str, endpoint_url: str | None = None, region: str | None = None) -> ObjectStore:
+def open_store(url: str, endpoint_url: str | None = None, region: str | None = None, *,
+               fast_put: bool = True) -> ObjectStore:
     """``file://DIR`` (relative paths allowed: ``file://./aigc-data``) or ``s3://bucket/prefix``."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
@@ -248,7 +259,7 @@ def open_store(url: str, endpoint_url: str | None = None, region: str | None = N
         if "@" in parsed.netloc:
             raise SpecError(f"storage URL {mask_url(url)!r}: S3 credentials never go in a URL; they come from "
                             "the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), a profile or a role")
-        return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region)
+        return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region, fast_put=fast_put)
     raise SpecError(f"storage URL {mask_url(url)!r}: use file://DIR or s3://bucket/prefix")
 
 

@@ -36,7 +36,8 @@ class Client:
         self.db: Database = database(self.settings.database_url)
         self.db.ensure_schema()
         self.store: ObjectStore = open_store(
-            self.settings.storage_url, self.settings.s3_endpoint_url, self.settings.s3_region
+            self.settings.storage_url, self.settings.s3_endpoint_url, self.settings.s3_region,
+            fast_put=self.settings.s3_fast_put,
         )
         self.publish = (
             CeleryPublisher(self.settings.broker_url, self.settings.visibility_timeout_s, self.settings.broker_ssl())

@@ -66,7 +66,8 @@ class Runtime:
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
         db = Database(settings.database_url)  # never an engine inherited across fork
-        store = open_store(settings.storage_url, settings.s3_endpoint_url, settings.s3_region)
+        store = open_store(settings.storage_url, settings.s3_endpoint_url, settings.s3_region,
+                           fast_put=settings.s3_fast_put)
         return cls(settings, db, InstrumentedStore(store))  # counts storage errors for Prometheus
 
 

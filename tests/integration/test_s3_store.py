@@ -6,6 +6,7 @@ import pytest
 
 from aigc_core.errors import NotFound, StorageError
 from aigc_core.storage import S3Store, open_store
+from tests.support.s3server import ACCESS_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -61,3 +62,51 @@ def test_large_files_go_up_in_parts_and_come_back_streamed(s3_bucket, s3_server,
     with pytest.raises(NotFound):
         store.download("big/1/missing", tmp_path / "missing")
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_small_puts_take_the_signed_fast_path(s3_bucket, s3_server):
+    store = S3Store(s3_bucket, "fast", endpoint_url=s3_server.endpoint)
+    assert store.fast is not None
+    for i, (key, ctype) in enumerate([("jobs/j/items/000001.txt", "text/plain"),
+                                      ("jobs/j/items/000001.json", "application/json"),
+                                      ("jobs/j/a b/ünï~code+.txt", "text/plain; charset=utf-8")]):
+        store.put(key, f"body {i}".encode(), ctype)
+        head = s3_server.client().head_object(Bucket=s3_bucket, Key=f"fast/{key}")
+        assert head["ContentType"] == ctype and store.get(key) == f"body {i}".encode()
+    assert store.fast.sent == 3 and store.fast.enabled  # botocore stored none of them
+
+
+def test_the_server_checks_the_fast_paths_signature(s3_bucket, s3_server):
+    from botocore.credentials import Credentials
+
+    from aigc_core.s3put import FastPut
+
+    fast = FastPut(Credentials(ACCESS_KEY, "not-the-secret"), s3_server.endpoint, "us-east-1", s3_bucket)
+    assert fast.put("forged", b"x", "text/plain") == "refused"
+    assert not S3Store(s3_bucket, endpoint_url=s3_server.endpoint).exists("forged")
+
+
+def test_a_refused_fast_put_goes_to_botocore_and_turns_the_path_off(s3_bucket, s3_server, caplog):
+    from botocore.credentials import Credentials
+
+    store = S3Store(s3_bucket, endpoint_url=s3_server.endpoint)
+    store.fast.credentials = Credentials(ACCESS_KEY, "a-wrong-secret")  # this server refuses it, botocore not
+    assert store.put("a/1", b"one").size == 3 and store.get("a/1") == b"one"
+    assert not store.fast.enabled and "botocore does every PUT from now on" in caplog.text
+    store.put("a/2", b"two")
+    assert store.get("a/2") == b"two" and store.fast.sent == 0
+
+
+def test_a_network_error_on_the_fast_path_is_retried_by_botocore(s3_bucket, s3_server):
+    store = S3Store(s3_bucket, endpoint_url=s3_server.endpoint)
+    store.fast.origin = "http://127.0.0.1:9"  # nothing listens: the fast PUT cannot connect
+    store.put("b/1", b"kept")
+    assert store.get("b/1") == b"kept" and store.fast.enabled and store.fast.sent == 0
+
+
+def test_wrong_credentials_leave_the_fast_path_on(s3_bucket, s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    store = S3Store(s3_bucket, endpoint_url=s3_server.endpoint)
+    with pytest.raises(StorageError):
+        store.put("c/1", b"x")
+    assert store.fast.enabled  # botocore failed too: the credentials, not the path, are wrong
