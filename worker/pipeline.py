@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, wait
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
@@ -248,6 +248,7 @@ def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed],
         size = min(size, rt.batch_caps.get(job.model.tag, size))  # an out-of-memory split lowers it
         batch = ordered[start : start + size]
         start += len(batch)
+        leased_at = time.time()  # the wall clock, as the leases themselves
         mine = _begin_batch(rt, job.id, token, [c.id for c in batch],
                             charge=[c.id for c in batch if c.id not in res.charged])
         if mine is None:  # cancelled: no new item starts
@@ -263,7 +264,7 @@ def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed],
         metrics.observe_generation(job.model.tag, job.kind, secs, len(batch))
         log.info("generated %d items in %.3f s", len(batch), secs,
                  extra={"items": [c.index for c in batch], "attempts": [c.attempts for c in batch]})
-        _store_and_commit(rt, job, token, batch, outputs, model, res)
+        _store_and_commit(rt, job, token, batch, outputs, model, res, leased_at=leased_at)
 
 
 def _requests(job: JobInfo, batch: list[Claimed]) -> list[GenRequest]:
@@ -326,8 +327,14 @@ def _free_device_memory() -> None:
 
 
 def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed], outputs, model,
-                      res: ChunkResult) -> None:
-    mine = _renew(rt, token, [c.id for c in batch])
+                      res: ChunkResult, *, leased_at: float | None = None) -> None:
+    """``leased_at``: when ``_begin_batch`` began renewing the batch's leases (``time.time``), if known."""
+    if leased_at is not None and 0 <= time.time() - leased_at < rt.settings.lease_s / 2:
+        # The leases renewed just before generating have most of their time left: no other delivery
+        # can have claimed these items (a claim takes only expired leases), so no round trip to ask.
+        mine = {c.id for c in batch}
+    else:
+        mine = _renew(rt, token, [c.id for c in batch])
     # An item whose lease expired and was claimed by another delivery is theirs now: write nothing.
     outputs = [r if c.id in mine else (None, None, 0.0) for c, r in zip(batch, outputs)]
     limit = rt.settings.limits.max_audio_seconds
@@ -336,8 +343,7 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
                for o, err, s_ in outputs]
     ok = [(c, o, secs) for c, (o, err, secs) in zip(batch, outputs) if o is not None]
     failures = {c.id: err for c, (o, err, _) in zip(batch, outputs) if o is None and err is not None}
-    with ThreadPoolExecutor(max_workers=max(1, rt.settings.storage_workers)) as ex:
-        artifacts = list(ex.map(lambda a: _store_one(rt, job, model, *a), ok))
+    artifacts = _store_all(rt, job, model, ok)
     with rt.db.session() as s:
         done = set()
         if artifacts:
@@ -355,6 +361,21 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
     res.failed += len(failures)
     for err in failures.values():
         res.errors[err] = res.errors.get(err, 0) + 1
+
+
+def _store_all(rt: Runtime, job: JobInfo, model, ok: list) -> list[dict[str, Any]]:
+    """Each output stored side by side on the runtime's upload threads. After the first failure the
+    uploads not yet begun are dropped, and this returns (raises) only when none is still running: an
+    item given back after a storage fault is never written to afterwards."""
+    futures = [rt.uploads.submit(_store_one, rt, job, model, *a) for a in ok]
+    wait(futures, return_when=FIRST_EXCEPTION)
+    for f in futures:
+        f.cancel()  # only those not yet begun
+    wait(futures)
+    failed = next((f for f in futures if not f.cancelled() and f.exception() is not None), None)
+    if failed is not None:
+        raise failed.exception()
+    return [f.result() for f in futures]
 
 
 def _begin_batch(rt: Runtime, job_id: str, token: str, ids: list[int],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -44,6 +45,11 @@ class Runtime:
 
             torch.set_num_threads(self.settings.torch_threads)
         return resolve_device(self.settings.device)
+
+    @cached_property
+    def uploads(self) -> ThreadPoolExecutor:
+        """Threads that store a micro-batch's outputs side by side; kept for the process's life."""
+        return ThreadPoolExecutor(max_workers=max(1, self.settings.storage_workers), thread_name_prefix="aigc-upload")
 
     @cached_property
     def pool(self) -> ModelPool:

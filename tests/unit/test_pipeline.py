@@ -41,12 +41,13 @@ class FakeGen:
 
 
 class CountingStore:
-    def __init__(self, inner, fail_puts: int = 0):
-        self.inner, self.puts, self.fail_puts = inner, [], fail_puts
+    """Records the keys put; while ``puts_down``, every put fails as an S3 outage would."""
+
+    def __init__(self, inner, puts_down: bool = False):
+        self.inner, self.puts, self.puts_down = inner, [], puts_down
 
     def put(self, key, data, content_type="application/octet-stream"):
-        if self.fail_puts > 0:
-            self.fail_puts -= 1
+        if self.puts_down:
             raise StorageError("S3 is down")
         self.puts.append(key)
         return self.inner.put(key, data, content_type)
@@ -101,16 +102,17 @@ def test_redelivered_chunk_writes_each_output_once(client):
 
 def test_a_chunk_running_elsewhere_is_not_claimed_until_its_lease_expires(client):
     job = submit(client, ["a", "b"])
+    import time
+
     gen = FakeGen()
-    slow = runtime(client, gen)
+    slow = runtime(client, gen, lease_s=2)
     other = runtime(client, gen)
     state = {}
 
     def redeliver_meanwhile(n):
         if n == 1:  # while the first delivery generates: a second one claims nothing...
             state["early"] = run_chunk(other, job.id, 0).claimed
-            with client.db.session() as s:  # ...until the first one's lease has expired
-                s.execute(update(Item).where(Item.job_id == job.id).values(lease_until=utcnow() - timedelta(1)))
+            time.sleep(2.1)  # ...until the first one's lease has expired
             state["late"] = run_chunk(other, job.id, 0).succeeded
 
     gen.hook = redeliver_meanwhile
@@ -140,10 +142,11 @@ def test_cancel_mid_chunk_keeps_finished_outputs_and_starts_nothing_new(client):
 
 def test_a_storage_fault_gives_the_items_back_and_a_retry_completes(client):
     job = submit(client, ["a", "b"])
-    rt = runtime(client, FakeGen(), store=CountingStore(client.store, fail_puts=1))
+    rt = runtime(client, FakeGen(), store=CountingStore(client.store, puts_down=True))
     with pytest.raises(TransientError):
         run_chunk(rt, job.id, 0)
     assert {i.status for i in items(client, job.id).values()} == {ItemStatus.pending}
+    rt.store.puts_down = False
     assert run_chunk(rt, job.id, 0).succeeded == 2
     assert client.status(job.id).status == JobStatus.succeeded
 
@@ -207,12 +210,41 @@ def test_provenance_is_in_the_sidecar_and_the_row(client):
     assert len(p["prompt_sha256"]) == 64
 
 
+def test_a_storage_fault_returns_only_once_no_upload_is_still_running(client):
+    import threading
+    import time
+
+    class OneBadPut(CountingStore):
+        running = 0
+        lock = threading.Lock()
+
+        def put(self, key, data, content_type="application/octet-stream"):
+            if key.endswith("000000.txt"):
+                raise StorageError("S3 refused this one")
+            with self.lock:
+                self.running += 1
+            time.sleep(0.2)
+            with self.lock:
+                self.running -= 1
+            return super().put(key, data, content_type)
+
+    job = submit(client, ["a", "bb", "ccc"])
+    rt = runtime(client, FakeGen(), OneBadPut(client.store), micro_batch_size=3)
+    with pytest.raises(StorageError, match="refused this one"):
+        run_chunk(rt, job.id, 0)
+    assert rt.store.running == 0  # nothing writes after the items were given back
+    assert {i.status for i in items(client, job.id).values()} == {ItemStatus.pending}
+
+
 def test_storage_faults_do_not_use_up_an_items_attempts(client):
     job = submit(client, ["a", "b"])
-    rt = runtime(client, FakeGen(), store=CountingStore(client.store, fail_puts=5), max_attempts=3)
+    gen = FakeGen()
+    rt = runtime(client, gen, store=CountingStore(client.store, puts_down=True), max_attempts=3)
     for _ in range(5):  # five transient faults in a row: more than max_attempts
         with pytest.raises(TransientError):
             run_chunk(rt, job.id, 0)
+    assert len(gen.calls) == 5  # each delivery began generating (the store answered its probe)
+    rt.store.puts_down = False
     assert run_chunk(rt, job.id, 0).succeeded == 2
     assert {i.attempts for i in items(client, job.id).values()} == {1}
 
@@ -357,6 +389,43 @@ def test_each_micro_batch_renews_the_lease_of_every_item_the_chunk_still_holds(c
     assert res.succeeded == 6 and len(seen) == 3
     assert seen[0] < seen[1] < seen[2]  # renewed before every batch, not only its own
     assert all(t.replace(tzinfo=None) > utcnow().replace(tzinfo=None) + timedelta(seconds=250) for t in seen)
+
+
+def test_a_batch_that_outlasts_half_its_lease_asks_again_and_skips_items_taken_meanwhile(client):
+    import time
+
+    job = submit(client, ["a", "bb", "ccc"], chunk_size=3)
+
+    def hook(_n):  # while generating: item c0's lease "expired" and another delivery claimed it
+        with client.db.session() as s:
+            s.execute(update(Item).where(Item.job_id == job.id, Item.custom_id == "c0")
+                      .values(claim_token="another-delivery"))
+        time.sleep(1.1)  # past half of the 2 s lease
+
+    rt = runtime(client, FakeGen(hook=hook), micro_batch_size=3, lease_s=2)
+    assert run_chunk(rt, job.id, 0).succeeded == 2
+    assert not any(k.endswith("/000000.txt") for k in rt.store.puts)  # nothing written over theirs
+    assert items(client, job.id)["c0"].status == ItemStatus.running
+
+
+def test_a_batch_well_inside_its_lease_stores_without_asking_again(client):
+    from sqlalchemy import event
+
+    job = submit(client, ["a", "bb", "ccc", "dddd"], chunk_size=4)
+    seen = []
+
+    def record(conn, cursor, statement, *_):
+        seen.append(" ".join(statement.split()))
+
+    event.listen(client.db.engine, "before_cursor_execute", record)
+    try:
+        assert run_chunk(runtime(client, FakeGen(), micro_batch_size=2, lease_s=600), job.id, 0).succeeded == 4
+    finally:
+        event.remove(client.db.engine, "before_cursor_execute", record)
+    sets = [q.split(" WHERE ")[0] for q in seen if q.startswith("UPDATE items SET")]
+    leases = [q for q in sets if "lease_until" in q and "status" not in q]  # renewals, not state changes
+    # Each micro-batch's begin renews the leases and charges the attempt; nothing renews them again.
+    assert len(leases) == 2 and all("attempts" in q for q in leases), leases
 
 
 def test_a_retried_chunk_charges_an_attempt_only_to_the_items_it_began(client):
