@@ -6,11 +6,13 @@ runner's own cost per item (``bench.overhead``). This path signs with AWS Signat
 body's sha256 is signed, so the server checks the body against it) and sends with urllib3: about
 0.4 ms here (``bench.s3put``).
 
-It is a fast path, not a second client: a network error or any status but 200 sends the PUT to
-botocore's ``put_object``, which retries and reports as always. When botocore then stores an object
-this path could not (a 3xx or 4xx: a redirect to another region, a signing rule the server wants
-otherwise), the path turns itself off for the store's lifetime. It is off where botocore would use a
-proxy for the endpoint, and with ``AIGC_S3_FAST_PUT=false``.
+It is a fast path, not a second client: a network or credentials error, or any status but 200,
+sends the PUT to botocore's ``put_object``, which retries and reports as always. The path turns itself
+off for the store's lifetime when botocore then stores what it could not: at once after a refusal that
+says the path does not fit this server (a redirect to another region, a signature or header the
+server reads otherwise), or after 8 such misses in a row of any kind. It never runs where it could
+not do what botocore does: behind a proxy, with a client certificate, where botocore does not verify
+TLS or its CA bundle is unknown, and not with ``AIGC_S3_FAST_PUT=false``.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
-import os
 import threading
 from urllib.parse import quote, urlsplit
 
 log = logging.getLogger("aigc.storage")
 
 MAX_BYTES = 8 * 2**20  # larger bodies go through botocore: its cost is small next to theirs
+# Refusals that mean the path does not fit the server, not a passing state of it.
+MISFIT_STATUS = (301, 307, 400, 403)
+MAX_MISSES = 8
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
@@ -88,7 +92,8 @@ class FastPut:
     """PUTs small objects itself; ``put`` returns False where the caller should use botocore instead."""
 
     def __init__(self, credentials, endpoint_url: str, region: str, bucket: str, *,
-                 connect_timeout: float = 5, read_timeout: float = 60, max_connections: int = 32):
+                 connect_timeout: float = 5, read_timeout: float = 60, max_connections: int = 32,
+                 ca_certs: str | None = None):
         import urllib3
 
         u = urlsplit(endpoint_url)
@@ -101,56 +106,75 @@ class FastPut:
         self.enabled = True
         self.last_refusal = ""
         self.sent = 0  # PUTs this path stored (tests and benchmarks read it)
+        self.misses = 0  # PUTs in a row this path could not store and botocore then did
         self._lock = threading.Lock()
         kw = {}
-        if u.scheme == "https":  # the CA bundle botocore would use
+        if u.scheme == "https":  # the CA bundle botocore verifies with
             from botocore.httpsession import get_cert_path
 
-            kw = {"cert_reqs": "CERT_REQUIRED", "ca_certs": os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)}
+            kw = {"cert_reqs": "CERT_REQUIRED", "ca_certs": ca_certs or get_cert_path(True)}
+        # One connection pool for the one origin, asked for the path as given: a PoolManager would
+        # normalise dot segments in it, and send another path than the one signed.
         self.http = urllib3.PoolManager(maxsize=max_connections, block=False, retries=False,
-                                        timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout), **kw)
+                                        timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+                                        **kw).connection_from_url(self.origin)
 
     @classmethod
     def for_client(cls, client, credentials, bucket: str) -> FastPut | None:
         """The fast path for a botocore S3 client (path-style addressing), or None where it must not
-        run: no credentials, a proxy for this endpoint."""
+        run: no credentials, a proxy for this endpoint, a client certificate, TLS that botocore does
+        not verify or verifies with a CA bundle this cannot see."""
         from botocore.utils import get_environ_proxies
 
-        endpoint = client.meta.endpoint_url
-        if (credentials is None or client.meta.config.proxies
-                or get_environ_proxies(endpoint) or urlsplit(endpoint).scheme not in _DEFAULT_PORTS):
+        endpoint, cfg = client.meta.endpoint_url, client.meta.config
+        scheme = urlsplit(endpoint).scheme
+        if (credentials is None or cfg.proxies or get_environ_proxies(endpoint) or cfg.client_cert
+                or scheme not in _DEFAULT_PORTS):
             return None
-        cfg = client.meta.config
+        ca_certs = None
+        if scheme == "https":
+            # What botocore verifies with: True (its default bundle), a CA bundle path (AWS_CA_BUNDLE, a
+            # profile's ca_bundle, verify=...), or False. Unknown (another botocore) or False: no path.
+            verify = getattr(getattr(getattr(client, "_endpoint", None), "http_session", None), "_verify", None)
+            if verify is None or verify is False:
+                return None
+            ca_certs = verify if isinstance(verify, str) else None
         return cls(credentials, endpoint, client.meta.region_name, bucket,
                    connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
-                   max_connections=cfg.max_pool_connections)
+                   max_connections=cfg.max_pool_connections, ca_certs=ca_certs)
 
     def put(self, key: str, data: bytes, content_type: str) -> str:
         """``"ok"`` when stored; else why not, and the caller puts it with botocore: ``"skipped"`` (off,
         or too large), ``"failed"`` (network, 5xx), ``"refused"`` (3xx, 4xx)."""
         if not self.enabled or len(data) > MAX_BYTES:
             return "skipped"
-        creds = self.credentials.get_frozen_credentials()
         path = object_path(self.endpoint_url, self.bucket, key)
-        headers = self.signer.headers(
-            "PUT", self.host, path, hashlib.sha256(data).hexdigest(),
-            {"content-type": content_type, "content-length": str(len(data))},
-            creds.access_key, creds.secret_key, creds.token, dt.datetime.now(dt.timezone.utc))
         try:
-            r = self.http.urlopen("PUT", self.origin + path, body=data, headers=headers, redirect=False)
-        except Exception as e:  # urllib3's network errors: botocore retries the PUT
+            creds = self.credentials.get_frozen_credentials()  # a refresh may fail: botocore says why
+            headers = self.signer.headers(
+                "PUT", self.host, path, hashlib.sha256(data).hexdigest(),
+                {"content-type": content_type, "content-length": str(len(data))},
+                creds.access_key, creds.secret_key, creds.token, dt.datetime.now(dt.timezone.utc))
+            r = self.http.urlopen("PUT", path, body=data, headers=headers, redirect=False)
+        except Exception as e:  # credentials, urllib3's network errors: botocore retries the PUT
             log.debug("fast PUT of %s failed (%s); botocore retries it", key, e)
             return "failed"
         if r.status == 200:
             with self._lock:
                 self.sent += 1
+                self.misses = 0
             return "ok"
         self.last_refusal = f"{r.status} {r.data[:300].decode('utf-8', 'replace')}"
-        return "refused" if 300 <= r.status < 500 else "failed"
+        return "refused" if r.status in MISFIT_STATUS else "failed"
 
-    def disable(self) -> None:
-        """botocore stored what this path could not: it does every PUT from now on."""
-        if self.enabled:
-            self.enabled = False
-            log.warning("the S3 server refused a signed PUT that botocore's put_object then stored (%s); "
-                        "botocore does every PUT from now on", self.last_refusal)
+    def botocore_stored(self, why: str) -> None:
+        """botocore stored what this path could not (``why``: what the path returned). A misfit
+        refusal, or MAX_MISSES misses in a row, turns the path off: botocore does every PUT from now on."""
+        with self._lock:
+            self.misses += 1
+            off = self.enabled and (why == "refused" or self.misses >= MAX_MISSES)
+            if off:
+                self.enabled = False
+        if off:
+            log.warning("signed PUTs failed where botocore's put_object then stored the object (last: %s); "
+                        "botocore does every PUT from now on", self.last_refusal or why)

@@ -133,6 +133,8 @@ class S3Store:
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        if self.prefix and any(p in ("", ".", "..") for p in self.prefix.split("/")):
+            raise SpecError(f"storage prefix {self.prefix!r} has an empty, '.' or '..' part")
         cfg = Config(
             retries={"max_attempts": 5, "mode": "standard"},
             max_pool_connections=32,
@@ -163,8 +165,8 @@ class S3Store:
             self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data, ContentType=content_type)
         except Exception as e:  # botocore raises many unrelated types; all are storage faults here
             raise StorageError(f"put s3://{self.bucket}/{self._full(key)} failed: {e}") from e
-        if fast == "refused":  # botocore stored what the fast path could not: it is not for this server
-            self.fast.disable()
+        if fast in ("refused", "failed"):  # botocore stored what the fast path could not
+            self.fast.botocore_stored(fast)
         return ObjectInfo(key, self.uri(key), len(data))
 
     def get(self, key: str) -> bytes:

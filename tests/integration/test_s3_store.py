@@ -99,7 +99,9 @@ def test_a_refused_fast_put_goes_to_botocore_and_turns_the_path_off(s3_bucket, s
 
 def test_a_network_error_on_the_fast_path_is_retried_by_botocore(s3_bucket, s3_server):
     store = S3Store(s3_bucket, endpoint_url=s3_server.endpoint)
-    store.fast.origin = "http://127.0.0.1:9"  # nothing listens: the fast PUT cannot connect
+    import urllib3
+
+    store.fast.http = urllib3.HTTPConnectionPool("127.0.0.1", 9, retries=False)  # nothing listens there
     store.put("b/1", b"kept")
     assert store.get("b/1") == b"kept" and store.fast.enabled and store.fast.sent == 0
 

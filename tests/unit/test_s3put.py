@@ -67,11 +67,11 @@ def test_host_drops_only_the_default_port(endpoint, host):
     assert canonical_host(endpoint) == host
 
 
-def _client(endpoint="http://127.0.0.1:9", **cfg):
+def _client(endpoint="http://127.0.0.1:9", verify=None, **cfg):
     import boto3
     from botocore.config import Config
 
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1",
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1", verify=verify,
                                           aws_access_key_id="a", aws_secret_access_key="b", config=Config(**cfg))
 
 
@@ -108,3 +108,36 @@ def test_settings_and_open_store_switch_it_off(monkeypatch):
     assert Settings().s3_fast_put is False
     assert open_store("s3://bkt/p", "http://127.0.0.1:9", fast_put=False).fast is None
     assert open_store("s3://bkt/p", "http://127.0.0.1:9").fast is not None
+
+
+def test_tls_follows_botocores_verify_setting(tmp_path):
+    ca = tmp_path / "internal-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    creds = Credentials("a", "b")
+    assert FastPut.for_client(_client("https://s3.internal:9000", verify=False), creds, "bkt") is None
+    fast = FastPut.for_client(_client("https://s3.internal:9000", verify=str(ca)), creds, "bkt")
+    assert fast is not None and fast.http.ca_certs == str(ca) and fast.http.cert_reqs == "CERT_REQUIRED"
+    default = FastPut.for_client(_client("https://s3.internal:9000"), creds, "bkt")
+    assert default.http.cert_reqs == "CERT_REQUIRED" and default.http.ca_certs
+    assert FastPut.for_client(_client("https://s3.internal", client_cert=str(ca)), creds, "bkt") is None
+
+
+def test_a_credentials_refresh_that_fails_is_failed_not_raised():
+    class Expired:
+        def get_frozen_credentials(self):
+            raise RuntimeError("the instance role's credentials could not be refreshed")
+
+    fast = FastPut(Expired(), "http://127.0.0.1:9", "us-east-1", "bkt")
+    assert fast.put("k", b"x", "text/plain") == "failed"
+
+
+def test_a_misfit_refusal_turns_the_path_off_at_once_other_misses_only_in_a_row():
+    fast = FastPut(Credentials("a", "b"), "http://127.0.0.1:9", "us-east-1", "bkt")
+    for _ in range(7):
+        fast.botocore_stored("failed")
+    assert fast.enabled
+    fast.botocore_stored("failed")
+    assert not fast.enabled
+    fast = FastPut(Credentials("a", "b"), "http://127.0.0.1:9", "us-east-1", "bkt")
+    fast.botocore_stored("refused")
+    assert not fast.enabled

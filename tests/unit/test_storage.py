@@ -127,6 +127,12 @@ def test_open_store_refuses_an_s3_url_without_a_bucket():
         open_store("s3:///prefix")
 
 
+@pytest.mark.parametrize("url", ["s3://bkt/./runs", "s3://bkt/runs/../other", "s3://bkt/a//b"])
+def test_open_store_refuses_an_s3_prefix_with_dot_or_empty_parts(url):
+    with pytest.raises(SpecError, match="storage prefix"):
+        open_store(url, "http://127.0.0.1:9")
+
+
 def test_upload_copies_a_file_in_and_download_copies_it_out(store, tmp_path):
     src = tmp_path / "weights.safetensors"
     src.write_bytes(b"w" * 100_000)
