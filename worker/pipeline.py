@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import sys
@@ -334,7 +335,10 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
         # can have claimed these items (a claim takes only expired leases), so no round trip to ask.
         mine = {c.id for c in batch}
     else:
+        leased_at = time.time()
         mine = _renew(rt, token, [c.id for c in batch])
+    # No PUT starts in the last fifth of the lease: another delivery may claim the items after it.
+    deadline = leased_at + 0.8 * rt.settings.lease_s
     # An item whose lease expired and was claimed by another delivery is theirs now: write nothing.
     outputs = [r if c.id in mine else (None, None, 0.0) for c, r in zip(batch, outputs)]
     limit = rt.settings.limits.max_audio_seconds
@@ -343,7 +347,7 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
                for o, err, s_ in outputs]
     ok = [(c, o, secs) for c, (o, err, secs) in zip(batch, outputs) if o is not None]
     failures = {c.id: err for c, (o, err, _) in zip(batch, outputs) if o is None and err is not None}
-    artifacts = _store_all(rt, job, model, ok)
+    artifacts = _store_all(rt, job, model, ok, deadline)
     with rt.db.session() as s:
         done = set()
         if artifacts:
@@ -363,15 +367,18 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
         res.errors[err] = res.errors.get(err, 0) + 1
 
 
-def _store_all(rt: Runtime, job: JobInfo, model, ok: list) -> list[dict[str, Any]]:
-    """Each output stored side by side on the runtime's upload threads. After the first failure the
-    uploads not yet begun are dropped, and this returns (raises) only when none is still running: an
-    item given back after a storage fault is never written to afterwards."""
-    futures = [rt.uploads.submit(_store_one, rt, job, model, *a) for a in ok]
-    wait(futures, return_when=FIRST_EXCEPTION)
-    for f in futures:
-        f.cancel()  # only those not yet begun
-    wait(futures)
+def _store_all(rt: Runtime, job: JobInfo, model, ok: list, deadline: float) -> list[dict[str, Any]]:
+    """Each output stored side by side on the runtime's upload threads (each with the log context).
+    After the first failure, or an interrupt, the uploads not yet begun are dropped, and this returns
+    (raises) only when none is still running: an item given back is never written to afterwards."""
+    futures = [rt.uploads.submit(contextvars.copy_context().run, _store_one, rt, job, model, *a, deadline)
+               for a in ok]
+    try:
+        wait(futures, return_when=FIRST_EXCEPTION)
+    finally:
+        for f in futures:
+            f.cancel()  # only those not yet begun
+        wait(futures)
     failed = next((f for f in futures if not f.cancelled() and f.exception() is not None), None)
     if failed is not None:
         raise failed.exception()
@@ -413,21 +420,30 @@ def _renew(rt: Runtime, token: str, ids: list[int]) -> set[int]:
             .returning(Item.id).execution_options(synchronize_session=False)))
 
 
-def _store_one(rt: Runtime, job: JobInfo, model, c: Claimed, out: Output, gen_seconds: float) -> dict[str, Any]:
-    """Object first, then its provenance sidecar; the database row comes after both."""
+def _store_one(rt: Runtime, job: JobInfo, model, c: Claimed, out: Output, gen_seconds: float,
+               deadline: float) -> dict[str, Any]:
+    """Object first, then its provenance sidecar; the database row comes after both. Neither PUT
+    starts after ``deadline`` (wall clock): the items go back instead, before their lease runs out."""
     t0 = time.perf_counter()
     key = item_key(job.id, c.index, out.ext)
     prov = provenance(rt, job, model, c, out, gen_seconds)
     data = embed_metadata(out.data, out.media_type, prov)  # PNG text chunk, WAV INFO chunk
     sha = hashlib.sha256(data).hexdigest()
     prov["output"] = {"sha256": sha, "size": len(data), "media_type": out.media_type, **out.info}
+    _before(deadline)
     info = rt.store.put(key, data, out.media_type)
     prov["timings"]["store_s"] = round(time.perf_counter() - t0, 4)
     if rt.settings.provenance_sidecars:
+        _before(deadline)
         rt.store.put(sidecar_key(job.id, c.index), _json(prov), "application/json")
     return {"item_id": c.id, "job_id": job.id, "key": key, "uri": info.uri, "sha256": sha,
             "size": len(data), "media_type": out.media_type, "provenance": prov,
             "duration_s": out.info.get("duration_s")}
+
+
+def _before(deadline: float) -> None:
+    if time.time() > deadline:
+        raise StorageError("storing took most of the items' lease; they go back to be retried")
 
 
 def provenance(rt: Runtime, job: JobInfo, model, c: Claimed, out: Output, gen_seconds: float) -> dict:

@@ -236,6 +236,22 @@ def test_a_storage_fault_returns_only_once_no_upload_is_still_running(client):
     assert {i.status for i in items(client, job.id).values()} == {ItemStatus.pending}
 
 
+def test_no_put_starts_in_the_last_fifth_of_the_lease(client):
+    import time
+
+    class SlowStore(CountingStore):
+        def put(self, key, data, content_type="application/octet-stream"):
+            time.sleep(0.5)
+            return super().put(key, data, content_type)
+
+    job = submit(client, ["a", "bb"])
+    rt = runtime(client, FakeGen(), SlowStore(client.store), micro_batch_size=2, lease_s=1, storage_workers=1)
+    with pytest.raises(StorageError, match="most of the items' lease"):
+        run_chunk(rt, job.id, 0)
+    assert len(rt.store.puts) == 2  # one output and its sidecar; the second item's PUT never began
+    assert {i.status for i in items(client, job.id).values()} == {ItemStatus.pending}
+
+
 def test_storage_faults_do_not_use_up_an_items_attempts(client):
     job = submit(client, ["a", "b"])
     gen = FakeGen()
