@@ -86,6 +86,7 @@ def register(
     if kind not in KINDS:
         raise SpecError(f"model {name!r}: kind must be one of {', '.join(KINDS)}")
     check_model_name(name)
+    check_defaults(name, defaults)
     if digest is None and uri.startswith("file://"):
         digest = dir_digest(local_path(uri))
     # Two registrations of one name at once: the unique (name, version) constraint lets one win;
@@ -100,6 +101,24 @@ def register(
         except IntegrityError:
             continue
     raise SpecError(f"could not register a new version of {name!r}: too many registrations at once")
+
+
+# Model defaults that set up the worker rather than the generation: the dtype the weights load in,
+# and the micro-batch size (items per generate call) for this model, over AIGC_MICRO_BATCH_SIZE.
+WORKER_DEFAULTS = ("dtype", "micro_batch_size")
+MAX_MICRO_BATCH = 4096
+
+
+def generation_defaults(defaults: dict[str, Any] | None) -> dict[str, Any]:
+    """A model's defaults that are generation parameters (merged under the job's and the item's)."""
+    return {k: v for k, v in (defaults or {}).items() if k not in WORKER_DEFAULTS}
+
+
+def check_defaults(name: str, defaults: dict[str, Any] | None) -> None:
+    mbs = (defaults or {}).get("micro_batch_size")
+    if mbs is not None and (isinstance(mbs, bool) or not isinstance(mbs, int) or not 1 <= mbs <= MAX_MICRO_BATCH):
+        raise SpecError(f"model {name!r}: defaults.micro_batch_size must be a whole number from 1 to "
+                        f"{MAX_MICRO_BATCH}, not {mbs!r}")
 
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

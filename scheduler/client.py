@@ -19,7 +19,7 @@ from aigc_core.errors import IdempotencyConflict, NotFound, SpecError
 from aigc_core.jobs import JobView, Result, iter_results, job_prefix, job_view, record_event, release_ready
 from aigc_core.reconcile import ReconcileReport, publish_chunks, reconcile
 from aigc_core.registry import (
-    BUILTIN_MODELS, ModelRef, list_models, register, resolve, safe_join, sync_models_file,
+    BUILTIN_MODELS, ModelRef, generation_defaults, list_models, register, resolve, safe_join, sync_models_file,
 )
 from aigc_core.schema import Chunk, ChunkStatus, Item, ItemStatus, Job, JobEvent, JobStatus, Model, utcnow
 from aigc_core.settings import Settings
@@ -94,8 +94,7 @@ class Client:
                     return existing
                 deps = dependencies(s, spec)
                 ref = _model_for(s, spec)
-                defaults = {k: v for k, v in (ref.defaults if ref else {}).items() if k != "dtype"}
-                check_limits(spec, self.settings.limits, defaults)
+                check_limits(spec, self.settings.limits, generation_defaults(ref.defaults if ref else None))
                 return _write_job(s, spec, ref, digest, spec.chunk_size or self.settings.chunk_size, deps)
         except IntegrityError:
             if not spec.idempotency_key:

@@ -20,7 +20,7 @@ from aigc_core.errors import ModelLoadError, NotFound, StorageError, TransientEr
 from aigc_core.jobs import finalize_if_done, item_key, job_prefix, record_event, release_ready, sidecar_key
 from aigc_core.logs import log_context
 from aigc_core.reconcile import publish_chunks
-from aigc_core.registry import ModelRef, resolve
+from aigc_core.registry import ModelRef, generation_defaults, resolve
 from aigc_core.schema import Artifact, Item, ItemStatus, Job, JobStatus, utcnow
 from aigc_models import GenRequest, Output
 from aigc_models.media import embed_metadata
@@ -215,7 +215,9 @@ def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed],
         return
     # Similar lengths together: less padding per batch. Seeds are per item, so order does not matter.
     ordered = sorted(items, key=lambda c: len(c.prompt))
-    size = min(max(1, int(rt.settings.micro_batch_size)), rt.batch_caps.get(job.model.tag, 1 << 30))
+    # The model's own micro-batch size (its registry defaults) where it has one, else the worker's.
+    wanted = job.model.defaults.get("micro_batch_size") or rt.settings.micro_batch_size
+    size = min(max(1, int(wanted)), rt.batch_caps.get(job.model.tag, 1 << 30))
     if retried:
         # A delivery of this chunk died before: run it item by item, each committed alone, so an
         # item that kills the worker uses up only its own attempts, not its neighbours'.
@@ -269,7 +271,7 @@ def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed],
 
 
 def _requests(job: JobInfo, batch: list[Claimed]) -> list[GenRequest]:
-    defaults = {k: v for k, v in job.model.defaults.items() if k != "dtype"}
+    defaults = generation_defaults(job.model.defaults)
     return [GenRequest(c.index, c.prompt, {**defaults, **job.params, **c.params}, c.seed) for c in batch]
 
 

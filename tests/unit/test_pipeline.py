@@ -444,6 +444,25 @@ def test_a_batch_well_inside_its_lease_stores_without_asking_again(client):
     assert len(leases) == 2 and all("attempts" in q for q in leases), leases
 
 
+def test_a_models_own_micro_batch_size_wins_over_the_workers_and_is_not_a_generation_param(
+        client, tiny_text_model):
+    client.register_model("tiny-mb3", "text", tiny_text_model.as_uri(),
+                          defaults={"max_new_tokens": 8, "micro_batch_size": 3})
+    job = client.submit("text", model="tiny-mb3", items=["a", "bb", "ccc", "dddd", "eeeee", "ffffff", "g"],
+                        chunk_size=7)
+    seen = []
+
+    class Recording(FakeGen):
+        def generate(self, reqs):
+            seen.extend(r.params for r in reqs)
+            return super().generate(reqs)
+
+    gen = Recording()
+    assert run_chunk(runtime(client, gen, micro_batch_size=2), job.id, 0).succeeded == 7
+    assert [len(c) for c in gen.calls] == [3, 3, 1]
+    assert all("micro_batch_size" not in p and p["max_new_tokens"] == 8 for p in seen)
+
+
 def test_a_retried_chunk_charges_an_attempt_only_to_the_items_it_began(client):
     """The worker died on item c1 three times: c1 gives up; the items it never reached do not."""
     job = submit(client, ["a", "bb", "ccc", "dddd"], chunk_size=4)

@@ -48,3 +48,19 @@ def test_listed_keys_that_leave_the_destination_are_refused(tmp_path, key):
 def test_a_plain_listed_key_joins_under_the_destination(tmp_path):
     assert safe_join(tmp_path, "items/000001.txt") == (tmp_path / "items" / "000001.txt").resolve()
     assert isinstance(safe_join(Path(tmp_path), "a"), Path)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, "8", 2.5, 5000])
+def test_a_bad_micro_batch_size_is_refused_at_registration(client, tiny_text_model, bad):
+    with pytest.raises(SpecError, match="micro_batch_size"):
+        client.register_model("mb", "text", tiny_text_model.as_uri(), defaults={"micro_batch_size": bad})
+
+
+def test_a_models_file_micro_batch_size_is_checked_too(client, tiny_text_model, tmp_path):
+    from aigc_core.registry import sync_models_file
+
+    f = tmp_path / "models.yaml"
+    f.write_text(f"models:\n  - name: mb\n    kind: text\n    uri: {tiny_text_model.as_uri()}\n"
+                 "    defaults: {micro_batch_size: 0}\n")
+    with client.db.session() as s, pytest.raises(SpecError, match="micro_batch_size"):
+        sync_models_file(s, f)
