@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -142,6 +143,10 @@ class Item(Base):
         UniqueConstraint("job_id", "custom_id"),
         Index("ix_items_job_chunk_status", "job_id", "chunk_no", "status"),
         Index("ix_items_status_lease", "status", "lease_until"),  # the reconciler's expired-lease scan
+        # A delivery's own items (heartbeat, commit, release) by its claim token, without scanning every
+        # running item of the fleet; partial, so submitting (no token yet) does not pay for it.
+        Index("ix_items_claim_token", "claim_token", postgresql_where=text("claim_token IS NOT NULL"),
+              sqlite_where=text("claim_token IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
