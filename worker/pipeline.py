@@ -339,7 +339,7 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
     else:
         leased_at = time.time()
         mine = _renew(rt, token, [c.id for c in batch])
-    # No PUT starts in the last fifth of the lease: another delivery may claim the items after it.
+    # A PUT in the last fifth of the lease renews its item's lease first (_hold).
     deadline = leased_at + 0.8 * rt.settings.lease_s
     # An item whose lease expired and was claimed by another delivery is theirs now: write nothing.
     outputs = [r if c.id in mine else (None, None, 0.0) for c, r in zip(batch, outputs)]
@@ -349,7 +349,7 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
                for o, err, s_ in outputs]
     ok = [(c, o, secs) for c, (o, err, secs) in zip(batch, outputs) if o is not None]
     failures = {c.id: err for c, (o, err, _) in zip(batch, outputs) if o is None and err is not None}
-    artifacts = _store_all(rt, job, model, ok, deadline)
+    artifacts = _store_all(rt, job, token, model, ok, deadline)
     with rt.db.session() as s:
         done = set()
         if artifacts:
@@ -369,11 +369,12 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
         res.errors[err] = res.errors.get(err, 0) + 1
 
 
-def _store_all(rt: Runtime, job: JobInfo, model, ok: list, deadline: float) -> list[dict[str, Any]]:
-    """Each output stored side by side on the runtime's upload threads (each with the log context).
-    After the first failure, or an interrupt, the uploads not yet begun are dropped, and this returns
-    (raises) only when none is still running: an item given back is never written to afterwards."""
-    futures = [rt.uploads.submit(contextvars.copy_context().run, _store_one, rt, job, model, *a, deadline)
+def _store_all(rt: Runtime, job: JobInfo, token: str, model, ok: list, deadline: float) -> list[dict[str, Any]]:
+    """Each output stored side by side on the runtime's upload threads (each with the log context);
+    the rows to commit for those still ours. After the first failure, or an interrupt, the uploads not
+    yet begun are dropped, and this returns (raises) only when none is still running: an item given
+    back is never written to afterwards."""
+    futures = [rt.uploads.submit(contextvars.copy_context().run, _store_one, rt, job, token, model, *a, deadline)
                for a in ok]
     try:
         wait(futures, return_when=FIRST_EXCEPTION)
@@ -384,7 +385,7 @@ def _store_all(rt: Runtime, job: JobInfo, model, ok: list, deadline: float) -> l
     failed = next((f for f in futures if not f.cancelled() and f.exception() is not None), None)
     if failed is not None:
         raise failed.exception()
-    return [f.result() for f in futures]
+    return [r for f in futures if (r := f.result()) is not None]
 
 
 def _begin_batch(rt: Runtime, job_id: str, token: str, ids: list[int],
@@ -422,30 +423,37 @@ def _renew(rt: Runtime, token: str, ids: list[int]) -> set[int]:
             .returning(Item.id).execution_options(synchronize_session=False)))
 
 
-def _store_one(rt: Runtime, job: JobInfo, model, c: Claimed, out: Output, gen_seconds: float,
-               deadline: float) -> dict[str, Any]:
-    """Object first, then its provenance sidecar; the database row comes after both. Neither PUT
-    starts after ``deadline`` (wall clock): the items go back instead, before their lease runs out."""
+def _store_one(rt: Runtime, job: JobInfo, token: str, model, c: Claimed, out: Output, gen_seconds: float,
+                deadline: float) -> dict[str, Any] | None:
+    """Object first, then its provenance sidecar; the database row comes after both. None when the
+    item turned out to be another delivery's before a PUT (nothing more is written for it)."""
     t0 = time.perf_counter()
     key = item_key(job.id, c.index, out.ext)
     prov = provenance(rt, job, model, c, out, gen_seconds)
     data = embed_metadata(out.data, out.media_type, prov)  # PNG text chunk, WAV INFO chunk
     sha = hashlib.sha256(data).hexdigest()
     prov["output"] = {"sha256": sha, "size": len(data), "media_type": out.media_type, **out.info}
-    _before(deadline)
+    if (deadline := _hold(rt, token, c.id, deadline)) is None:
+        return None
     info = rt.store.put(key, data, out.media_type)
     prov["timings"]["store_s"] = round(time.perf_counter() - t0, 4)
     if rt.settings.provenance_sidecars:
-        _before(deadline)
+        if (deadline := _hold(rt, token, c.id, deadline)) is None:
+            return None
         rt.store.put(sidecar_key(job.id, c.index), _json(prov), "application/json")
     return {"item_id": c.id, "job_id": job.id, "key": key, "uri": info.uri, "sha256": sha,
             "size": len(data), "media_type": out.media_type, "provenance": prov,
             "duration_s": out.info.get("duration_s")}
 
 
-def _before(deadline: float) -> None:
-    if time.time() > deadline:
-        raise StorageError("storing took most of the items' lease; they go back to be retried")
+def _hold(rt: Runtime, token: str, item_id: int, deadline: float) -> float | None:
+    """Before a PUT: past ``deadline`` (most of the lease gone, wall clock) the item's lease is renewed
+    first, so a slow store never writes over another delivery's object. Returns the deadline to keep,
+    or None when the item is no longer ours."""
+    if time.time() <= deadline:
+        return deadline
+    now = time.time()
+    return now + 0.8 * rt.settings.lease_s if _renew(rt, token, [item_id]) else None
 
 
 def provenance(rt: Runtime, job: JobInfo, model, c: Claimed, out: Output, gen_seconds: float) -> dict:

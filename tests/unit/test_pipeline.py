@@ -236,19 +236,98 @@ def test_a_storage_fault_returns_only_once_no_upload_is_still_running(client):
     assert {i.status for i in items(client, job.id).values()} == {ItemStatus.pending}
 
 
-def test_no_put_starts_in_the_last_fifth_of_the_lease(client):
-    import time
+class SlowStore(CountingStore):
+    """Each put takes ``delay`` seconds; ``on_put(key)`` runs first."""
 
-    class SlowStore(CountingStore):
+    def __init__(self, inner, delay: float, on_put=None):
+        super().__init__(inner)
+        self.delay, self.on_put = delay, on_put
+
+    def put(self, key, data, content_type="application/octet-stream"):
+        if self.on_put:
+            self.on_put(key)
+        import time
+
+        time.sleep(self.delay)
+        return super().put(key, data, content_type)
+
+
+def test_a_put_late_in_the_lease_renews_its_items_lease_first(client, monkeypatch):
+    import worker.pipeline as P
+
+    renewed = []
+    real_renew = P._renew
+    monkeypatch.setattr(P, "_renew", lambda rt, token, ids: renewed.append(ids) or real_renew(rt, token, ids))
+    job = submit(client, ["a", "bb"])
+    rt = runtime(client, FakeGen(), SlowStore(client.store, 0.5), micro_batch_size=2, lease_s=1, storage_workers=1)
+    assert run_chunk(rt, job.id, 0).succeeded == 2  # 2 s of PUTs on a 1 s lease: renewed as it went
+    assert len([k for k in rt.store.puts if "/items/" in k]) == 4
+    assert renewed and all(len(ids) == 1 for ids in renewed)  # one item's lease, before its late PUT
+
+
+def test_a_slow_store_writes_nothing_for_an_item_another_delivery_took_meanwhile(client):
+    job = submit(client, ["a", "bb"])
+
+    def steal(key):  # while item 0 is stored, item 1's lease "expired" and another delivery claimed it
+        if key.endswith("000000.provenance.json"):
+            with client.db.session() as s:
+                s.execute(update(Item).where(Item.job_id == job.id, Item.custom_id == "c1")
+                          .values(claim_token="another-delivery"))
+
+    rt = runtime(client, FakeGen(), SlowStore(client.store, 0.5, steal), micro_batch_size=2, lease_s=1,
+                 storage_workers=1)
+    assert run_chunk(rt, job.id, 0).succeeded == 1
+    assert not any("000001" in k for k in rt.store.puts)  # its PUT came late, asked, and was not ours
+    assert items(client, job.id)["c1"].claim_token == "another-delivery"
+
+
+def test_uploads_carry_the_chunks_log_context(client):
+    from aigc_core import logs
+
+    seen = []
+
+    class Recording(CountingStore):
         def put(self, key, data, content_type="application/octet-stream"):
-            time.sleep(0.5)
+            seen.append(dict(logs._context.get()))
             return super().put(key, data, content_type)
 
     job = submit(client, ["a", "bb"])
-    rt = runtime(client, FakeGen(), SlowStore(client.store), micro_batch_size=2, lease_s=1, storage_workers=1)
-    with pytest.raises(StorageError, match="most of the items' lease"):
+    run_chunk(runtime(client, FakeGen(), Recording(client.store)), job.id, 0)
+    assert len(seen) >= 4 and all(c.get("job_id") == job.id and c.get("chunk") == 0 for c in seen)
+
+
+def test_an_interrupt_while_waiting_for_uploads_still_waits_for_those_running(client, monkeypatch):
+    import threading
+
+    import worker.pipeline as P
+
+    state = {"running": 0, "max": 0}
+    lock = threading.Lock()
+
+    class Tracking(SlowStore):
+        def put(self, key, data, content_type="application/octet-stream"):
+            with lock:
+                state["running"] += 1
+            try:
+                return super().put(key, data, content_type)
+            finally:
+                with lock:
+                    state["running"] -= 1
+
+    real_wait = P.wait
+
+    def interrupted_wait(fs, timeout=None, return_when="ALL_COMPLETED"):
+        if return_when == P.FIRST_EXCEPTION:
+            real_wait(fs, timeout=0.05)  # the uploads have begun...
+            raise KeyboardInterrupt  # ...when the worker is interrupted
+        return real_wait(fs, timeout=timeout, return_when=return_when)
+
+    monkeypatch.setattr(P, "wait", interrupted_wait)
+    job = submit(client, ["a", "bb", "ccc"])
+    rt = runtime(client, FakeGen(), Tracking(client.store, 0.3), micro_batch_size=3)
+    with pytest.raises(KeyboardInterrupt):
         run_chunk(rt, job.id, 0)
-    assert len(rt.store.puts) == 2  # one output and its sidecar; the second item's PUT never began
+    assert state["running"] == 0  # none still writing once the interrupt is through
     assert {i.status for i in items(client, job.id).values()} == {ItemStatus.pending}
 
 
@@ -438,10 +517,11 @@ def test_a_batch_well_inside_its_lease_stores_without_asking_again(client):
         assert run_chunk(runtime(client, FakeGen(), micro_batch_size=2, lease_s=600), job.id, 0).succeeded == 4
     finally:
         event.remove(client.db.engine, "before_cursor_execute", record)
-    sets = [q.split(" WHERE ")[0] for q in seen if q.startswith("UPDATE items SET")]
-    leases = [q for q in sets if "lease_until" in q and "status" not in q]  # renewals, not state changes
-    # Each micro-batch's begin renews the leases and charges the attempt; nothing renews them again.
-    assert len(leases) == 2 and all("attempts" in q for q in leases), leases
+    begins = [q for q in seen if q.startswith("UPDATE items SET attempts=CASE")]
+    renewals = [q for q in seen if q.startswith("UPDATE items SET lease_until=")]  # _renew's statement
+    # The begin before the model load and one per micro-batch renew the leases and charge the
+    # attempts; nothing renews them again before storing.
+    assert len(begins) == 3 and renewals == [], renewals
 
 
 def test_a_models_own_micro_batch_size_wins_over_the_workers_and_is_not_a_generation_param(
