@@ -150,8 +150,9 @@ BUILTIN_MODELS = Path(__file__).with_name("builtin_models.yaml")
 
 
 def sync_models_file(session: Session, path: str | Path, *, only_missing: bool = False) -> list[ModelRef]:
-    """Register every models.yaml entry whose URI/revision/digest is not the newest version yet
-    (with ``only_missing``, only names the registry does not know at all)."""
+    """Register every models.yaml entry that differs from the newest version of its name (URI,
+    revision, digest, backend, queue or defaults); with ``only_missing``, only names the registry does
+    not know at all."""
     refs = []
     for entry in _models_file_entries(path):
         name, uri = entry["name"], os.path.expandvars(entry["uri"])
@@ -163,11 +164,18 @@ def sync_models_file(session: Session, path: str | Path, *, only_missing: bool =
             continue
         digest = entry.get("digest")
         same_place = current and (current.uri, current.revision) == (uri, entry.get("revision"))
-        if same_place and digest in (None, current.digest):
+        kind = entry["kind"]
+        same_setup = current and (current.kind, current.backend, current.queue, dict(current.defaults or {})) == (
+            kind, entry.get("backend") or DEFAULT_BACKEND.get(kind, kind), entry.get("queue") or kind,
+            dict(entry.get("defaults") or {}))
+        if same_place and same_setup and digest in (None, current.digest):
             # Unchanged entry: no re-hashing of the weights at every client start. A directory
-            # rewritten in place needs a new revision (or `aigc models register`).
+            # rewritten in place needs a new revision (or `aigc models register`); a change of
+            # backend, queue or defaults alone makes a new version too.
             refs.append(ModelRef.from_row(current))
             continue
+        if same_place and digest is None:
+            digest = current.digest  # the same weights: no need to hash them again
         if digest is None and uri.startswith("file://") and local_path(uri).is_dir():
             digest = dir_digest(local_path(uri))
         refs.append(

@@ -4,7 +4,7 @@ botocore spends about 1 ms of CPU on each ``put_object`` (its event hooks, param
 handling). An output and its provenance sidecar are two small PUTs per item, so that was most of the
 runner's own cost per item (``bench.overhead``). This path signs with AWS Signature Version 4 (the
 body's sha256 is signed, so the server checks the body against it) and sends with urllib3: about
-0.4 ms here (``bench.s3put``).
+0.37 ms here against 1.0 (``python -m bench.s3put``).
 
 It is a fast path, not a second client: a network or credentials error, or any status but 200,
 sends the PUT to botocore's ``put_object``, which retries and reports as always. The path turns itself

@@ -64,3 +64,23 @@ def test_a_models_file_micro_batch_size_is_checked_too(client, tiny_text_model, 
                  "    defaults: {micro_batch_size: 0}\n")
     with client.db.session() as s, pytest.raises(SpecError, match="micro_batch_size"):
         sync_models_file(s, f)
+
+
+def test_a_models_file_change_in_defaults_alone_makes_a_new_version(client, tiny_text_model, tmp_path):
+    from aigc_core.registry import sync_models_file
+
+    f = tmp_path / "models.yaml"
+
+    def sync(defaults: str):
+        f.write_text(f"models:\n  - name: mbs\n    kind: text\n    uri: {tiny_text_model.as_uri()}\n"
+                     f"    defaults: {defaults}\n")
+        with client.db.session() as s:
+            return sync_models_file(s, f)[0]
+
+    first = sync("{micro_batch_size: 8}")
+    assert sync("{micro_batch_size: 8}").version == first.version  # unchanged: no new version
+    second = sync("{micro_batch_size: 32}")
+    assert second.version == first.version + 1 and second.defaults == {"micro_batch_size": 32}
+    assert second.digest == first.digest
+    with pytest.raises(SpecError, match="micro_batch_size"):
+        sync("{micro_batch_size: 0}")
