@@ -89,7 +89,7 @@ def object_path(endpoint_url: str, bucket: str, key: str) -> str:
 
 
 class FastPut:
-    """PUTs small objects itself; ``put`` returns False where the caller should use botocore instead."""
+    """PUTs small objects itself; where ``put`` does not return ``"ok"`` the caller uses botocore instead."""
 
     def __init__(self, credentials, endpoint_url: str, region: str, bucket: str, *,
                  connect_timeout: float = 5, read_timeout: float = 60, max_connections: int = 32,
