@@ -157,14 +157,14 @@ _RULES: dict[str, tuple[type, float, float, bool, bool]] = {
 class FinetuneConfig:
     """Hyperparameters of one fine-tuning run; construction validates them."""
 
-    epochs: float = 3.0  # passes over the training split; fractions allowed
+    epochs: float = 3.0  # passes over the training split; fractions allowed; ignored when max_steps is set
     learning_rate: float = 1e-4  # peak, after warmup; then linear decay to 0 at the planned last step
     batch_size: int = 8
     block_size: int = 128  # tokens per training sequence; at most the model's context
     val_fraction: float = 0.1  # share of documents held out; 0: no validation, no early stopping
     eval_every: int = 50  # steps between evaluations and progress events
     patience: int = 3  # evaluations without improvement before stopping; 0: never stop early
-    max_steps: int | None = None  # None: the epochs decide
+    max_steps: int | None = None  # set: exactly this many steps, whatever epochs says; None: the epochs decide
     max_seconds: float | None = 3600.0  # training time over all resumed segments; None: no limit
     warmup_steps: int = 10
     weight_decay: float = 0.01
@@ -339,8 +339,10 @@ def _prepare(cfg: FinetuneConfig, tokenizer, texts: Sequence[str], fingerprint: 
     train = _token_blocks(tokenizer, train_docs, cfg.block_size)
     val = _token_blocks(tokenizer, val_docs, cfg.block_size, allow_short=True) if val_docs else None
     per_epoch = max(1, len(train) // cfg.batch_size)
-    total = math.ceil(cfg.epochs * per_epoch)
-    run = _Run(cfg=cfg, total=min(total, cfg.max_steps) if cfg.max_steps else total, per_epoch=per_epoch,
+    # As transformers' TrainingArguments: max_steps, when set, is the plan and overrides epochs; the
+    # loop goes round the training split (a fresh order each pass) as often as it takes.
+    total = cfg.max_steps if cfg.max_steps else math.ceil(cfg.epochs * per_epoch)
+    run = _Run(cfg=cfg, total=total, per_epoch=per_epoch,
                fingerprint=fingerprint, train_tokens=int(train.numel()),
                val_tokens=int(val.numel()) if val is not None else 0)
     return run, train, val
@@ -467,7 +469,7 @@ def _train_loop(run: _Run, model, opt, params, train, val, device, ckpt_root, to
     while True:
         run.seconds = done_before + time.perf_counter() - t0
         if run.step >= run.total:
-            reason = "max_steps" if cfg.max_steps and run.total == cfg.max_steps else "completed"
+            reason = "max_steps" if cfg.max_steps else "completed"
             break
         if cfg.max_seconds is not None and run.seconds >= cfg.max_seconds:
             reason = "max_seconds"

@@ -188,6 +188,17 @@ def test_max_seconds_bounds_training_time(base, bodies, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_max_steps_overrides_epochs_and_cycles_the_data(base, bodies, tmp_path):
+    # As transformers' TrainingArguments: max_steps > 0 wins over the default epochs=3, even when the
+    # epochs would end far sooner; the run goes round the training split as often as it needs.
+    cfg = FinetuneConfig(**{**SHORT, "epochs": 0.01, "max_steps": 20, "eval_every": 10, "val_fraction": 0.0})
+    events: list[dict] = []
+    m = finetune_causal_lm(base, bodies, tmp_path / "out", cfg, on_event=events.append)
+    assert m["steps"] == 20 and m["total_steps"] == 20 and m["stop_reason"] == "max_steps"
+    assert [e["step"] for e in events] == [10, 20]
+    assert m["epochs"] > 0.01
+
+
 def test_a_block_longer_than_the_model_context_is_refused(base, bodies, tmp_path):
     with pytest.raises(ValueError, match="context of 256"):
         finetune_causal_lm(base, bodies, tmp_path, FinetuneConfig(**{**SHORT, "block_size": 512}))
