@@ -6,7 +6,9 @@ import functools
 import hashlib
 import json
 import os
+import re
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,6 +159,23 @@ def load_yaml(path: Path, limits: Limits | None = None) -> Any:
     return data
 
 
+# A float with an exponent and no dot, or an unsigned exponent (YAML 1.2's core schema): what 1.1 misses.
+_EXP_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$")
+
+
+def parse_scalar(text: str) -> Any:
+    """A value typed on a command line (``-p NAME=VALUE``), read as a YAML scalar: ``5e-4`` and
+    ``0.8`` are floats, ``20`` an int, ``true`` a bool, ``null`` None, ``'20'`` the text 20. Anything
+    else, including what YAML would read as a mapping or a list (``Headline: x``), stays the text."""
+    import yaml
+
+    try:
+        value = yaml.load(text, Loader=_json_loader())  # noqa: S506 - a SafeLoader
+    except (yaml.YAMLError, RecursionError):
+        return text
+    return value if value is None or isinstance(value, (str, int, float, bool)) else text
+
+
 @functools.cache
 def _json_loader():
     """yaml.SafeLoader, less what JSON cannot carry: a date stays the text it was written as, and
@@ -170,6 +189,8 @@ def _json_loader():
         raise yaml.constructor.ConstructorError(None, None, f"{node.tag} values are not allowed", node.start_mark)
 
     JsonSafeLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
+    # YAML 1.1 (PyYAML) reads 5e-4 and 1E5 as text; YAML 1.2, JSON and every user read them as numbers.
+    JsonSafeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+0123456789."))
     for tag in ("binary", "set"):
         JsonSafeLoader.add_constructor(f"tag:yaml.org,2002:{tag}", refuse)
     return JsonSafeLoader
@@ -275,6 +296,14 @@ def _parse_item_line(raw: bytes, n: int, path: Path, limits: Limits) -> dict[str
     return obj
 
 
+def check_items_container(items: Any, where: str = "items") -> None:
+    """Items come as a list (or another iterable) of items. A str, bytes or a mapping is iterable
+    too, but is never a list of items: "prompt" would make six one-letter jobs, a dict its keys."""
+    if isinstance(items, (str, bytes, bytearray, Mapping)):
+        raise SpecError(f"{where}: expected a list of items (mappings like {{\"prompt\": ...}} or prompt "
+                        f"strings), got {type(items).__name__}; wrap a single item in a list")
+
+
 def check_item_count(n: int, limits: Limits) -> None:
     """Cheap and first: a million items are refused before any of them is validated."""
     if n > limits.max_items_per_job:
@@ -292,6 +321,8 @@ def parse_spec(data: Any) -> JobSpec:
                         ) from None
     except (ValueError, TypeError, RecursionError):
         pass  # not JSON-shaped: validation says what is wrong
+    if "items" in data:
+        check_items_container(data["items"])
     try:
         return JobSpec.model_validate(data)
     except ValidationError as e:

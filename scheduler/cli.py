@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from aigc_core.errors import AigcError, DatabaseUnavailable, NotFound, SpecError
 from aigc_core.settings import Limits, Settings
-from aigc_core.spec import load_items_jsonl, load_yaml
+from aigc_core.spec import load_items_jsonl, load_yaml, parse_scalar
 from scheduler import cli_ops, cli_schedules
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="aigc-runner: batch content generation jobs.")
@@ -83,15 +82,14 @@ def load_job_file(path: Path, limits: Limits | None = None) -> dict[str, Any]:
 
 
 def _parse_params(pairs: list[str]) -> dict[str, Any]:
+    """``-p NAME=VALUE``: the value read as a YAML scalar (5e-4 a float, 20 an int, true a bool),
+    anything else as the text written."""
     params = {}
     for p in pairs:
         k, sep, v = p.partition("=")
         if not sep or not k:
             raise SpecError(f"--param {p!r}: use NAME=VALUE")
-        try:
-            params[k] = yaml.safe_load(v)
-        except (yaml.YAMLError, RecursionError):
-            raise SpecError(f"--param {p!r}: the value is not valid YAML") from None
+        params[k] = parse_scalar(v)
     return params
 
 

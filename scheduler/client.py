@@ -23,7 +23,7 @@ from aigc_core.registry import (
 )
 from aigc_core.schema import Chunk, ChunkStatus, Item, ItemStatus, Job, JobEvent, JobStatus, Model, utcnow
 from aigc_core.settings import Settings
-from aigc_core.spec import JobSpec, check_item_count, check_limits, parse_spec
+from aigc_core.spec import JobSpec, check_item_count, check_items_container, check_limits, parse_spec
 from aigc_core.storage import ObjectStore, open_store
 from scheduler.dispatch import CeleryPublisher
 
@@ -58,6 +58,8 @@ class Client:
                after: str | list[str] | None = None) -> JobView:
         """Validate, then write the job, its items and its outbox in one transaction, then publish."""
         limits = self.settings.limits
+        if not isinstance(kind, (JobSpec, dict)):
+            check_items_container(items)
         if isinstance(kind, dict) and isinstance(kind.get("items"), (list, tuple)):
             check_item_count(len(kind["items"]), limits)  # before a million items are validated
         spec = kind if isinstance(kind, JobSpec) else parse_spec(kind if isinstance(kind, dict) else {

@@ -169,3 +169,28 @@ def test_submit_wait_results_and_download_of_a_good_job(tmp_path, tiny_text_mode
     assert st.returncode == 0, st.stderr
     view = json.loads(st.stdout)
     assert view["status"] == "succeeded" and view["counts"]["succeeded"] == 3
+
+
+def _job_params(cli: Cli, job_id: str) -> dict:
+    with sqlite3.connect(cli.db_path) as c:
+        return json.loads(c.execute("SELECT params FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+
+
+def test_param_values_are_read_as_yaml_scalars_so_the_readmes_finetune_example_runs(tmp_path, tiny_text_model):
+    cli = Cli(tmp_path)
+    _register(cli, tiny_text_model)
+    corpus = _write(tmp_path / "corpus.jsonl", [json.dumps({"text": f"Story {i}. " * 20}) for i in range(8)])
+    r = cli("finetune", "--base", "tiny", "--dataset", corpus, "--output", "house-news",
+            "-p", "epochs=2", "-p", "learning_rate=5e-4", "-p", "max_steps=20", "-p", "lora=false")
+    assert r.returncode == 0, r.stderr
+    hp = _job_params(cli, r.stdout.strip())["hyperparameters"]
+    assert hp["learning_rate"] == 5e-4 and hp["max_steps"] == 20 and hp["epochs"] == 2.0 and hp["lora"] is False
+
+
+def test_parse_params_keeps_text_as_text_and_types_numbers():
+    from scheduler.cli import _parse_params
+
+    got = _parse_params(["temperature=7e-1", "max_new_tokens=20", "echo=true", "voice=en-us",
+                         "negative_prompt=blurry: dark", "n='20'"])
+    assert got == {"temperature": 0.7, "max_new_tokens": 20, "echo": True, "voice": "en-us",
+                   "negative_prompt": "blurry: dark", "n": "20"}

@@ -276,3 +276,47 @@ def test_text_with_a_lone_surrogate_is_a_spec_error_not_a_crash():
                  '{"prompt": "ok", "params": {"stop": ["\\udfff"]}}'):
         with pytest.raises(SpecError, match="not valid Unicode"):
             parse_spec({"kind": "text", "model": "m", "items": [json.loads(item)]})
+
+
+# ---- items must be a list (issue 18) --------------------------------------------------------------
+
+@pytest.mark.parametrize("items", ["prompt", b"prompt", {"prompt": "x"}, {"custom_id": "a", "prompt": "x"}])
+def test_a_string_bytes_or_a_mapping_is_not_a_list_of_items(client, items):
+    # A str is iterable: it used to become one item per character ("p", "r", "o", "m", "p", "t").
+    e = _refused(client, "text", model="tiny", items=items)
+    assert "items" in str(e) and "list" in str(e) and type(items).__name__ in str(e)
+
+
+@pytest.mark.parametrize("items", ["prompt", b"prompt", {"prompt": "x"}])
+def test_a_spec_whose_items_are_not_a_list_is_refused_naming_the_type(client, items):
+    e = _refused(client, {"kind": "text", "model": "tiny", "items": items})
+    assert "items" in str(e) and "list" in str(e) and type(items).__name__ in str(e)
+    with pytest.raises(SpecError, match="items: expected a list"):
+        parse_spec({"kind": "text", "model": "tiny", "items": items})
+
+
+def test_a_tuple_or_a_generator_of_items_is_still_accepted(client):
+    assert client.submit("text", model="tiny", items=("a", "b")).item_count == 2
+    assert client.submit("text", model="tiny", items=(f"p{i}" for i in range(3))).item_count == 3
+
+
+# ---- YAML scalars (issue 18) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, value", [
+    ("5e-4", 5e-4), ("1E5", 1e5), ("-2.5e+3", -2500.0), (".5e-1", 0.05), ("0.8", 0.8), ("20", 20),
+    ("true", True), ("false", False), ("null", None), ("en-us", "en-us"), ("1e", "1e"), ("e5", "e5"),
+    ("Headline: x", "Headline: x"), ("'5e-4'", "5e-4"),
+])
+def test_parse_scalar_reads_numbers_as_yaml_1_2_does(text, value):
+    from aigc_core.spec import parse_scalar
+
+    got = parse_scalar(text)
+    assert got == value and type(got) is type(value)
+
+
+def test_a_job_file_reads_exponent_floats_as_numbers(tmp_path):
+    from aigc_core.spec import load_yaml
+
+    path = tmp_path / "job.yaml"
+    path.write_text("params: {temperature: 7e-1, top_p: 9.5e-1, name: 5e-4x}\n")
+    assert load_yaml(path) == {"params": {"temperature": 0.7, "top_p": 0.95, "name": "5e-4x"}}
