@@ -3,28 +3,66 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from rich.table import Table
 from rich.text import Text
 
-from aigc_core.errors import AigcError, DatabaseUnavailable, NotFound, SpecError
+from aigc_core.errors import AigcError, NotFound, SpecError, service_error
 from aigc_core.settings import Limits, Settings
 from aigc_core.spec import load_items_jsonl, load_yaml, parse_scalar
 from scheduler import cli_ops, cli_schedules
+from scheduler.cli_ops import stdout_console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="aigc-runner: batch content generation jobs.")
+# Exit codes, the same for every command (README, "From the shell").
+EXIT_OK = 0
+EXIT_ERROR = 1  # not found, a service unreachable, anything else that went wrong
+EXIT_BAD_INPUT = 2  # bad input: a file, an option, a value (typer's usage errors use 2 as well)
+EXIT_JOB_NOT_SUCCEEDED = 3  # the job ended failed, partially_failed or cancelled
+EXIT_TIMEOUT = 4  # `wait --timeout`: the job is still running
+
+
+class _Commands(TyperGroup):
+    """The root group: a reader that went away (``aigc results JOB --json | head``) ends the command
+    quietly with 0, as other Unix tools do, instead of click's exit 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            _stdout_gone()
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
+                  help="aigc-runner: batch content generation jobs.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
 models_app = typer.Typer(no_args_is_help=True, help="The model registry.")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
-out = Console()
+out = stdout_console()
 err = Console(stderr=True, soft_wrap=True)  # one error, one line, whatever the width
+
+
+def _version(value: bool) -> None:
+    if value:
+        from aigc_core import __version__
+
+        print(f"aigc-runner {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print aigc-runner's version and exit.")] = False) -> None:
+    """aigc-runner: batch content generation jobs."""
 
 
 def _setup_logging() -> None:
@@ -39,18 +77,52 @@ def _setup_logging() -> None:
 
 
 def main() -> None:
+    """The ``aigc`` entry point: every error a user can cause or meet is one line on stderr and an exit code."""
     _setup_logging()
     try:
-        app()
+        try:
+            app()
+        finally:
+            sys.stdout.flush()  # here, not at exit, so a closed pipe is handled below
+    except BrokenPipeError:
+        _stdout_gone()
     except SpecError as e:
         _error("error:", e)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     except NotFound as e:
         _error("not found:", e)
-        sys.exit(1)
-    except (DatabaseUnavailable, AigcError) as e:
-        _error("error:", e)
-        sys.exit(1)
+        sys.exit(EXIT_ERROR)
+    except Exception as e:
+        failure = describe_failure(e) or (e if isinstance(e, AigcError) else None)
+        if failure is None:
+            raise  # a bug: typer shows the traceback
+        if _debug():
+            traceback.print_exception(e, file=sys.stderr)
+        _error("error:", failure)
+        sys.exit(EXIT_ERROR)
+
+
+def describe_failure(e: BaseException, settings: Settings | None = None) -> AigcError | None:
+    """An unreachable database or broker, or a port in use, as one worded error of ours (else None)."""
+    if settings is None:
+        try:
+            settings = Settings()
+        except ValueError:
+            settings = None
+    return service_error(e, database_url=settings.database_url if settings else None,
+                         broker_url=settings.broker_url if settings else None)
+
+
+def _debug() -> bool:
+    return os.environ.get("AIGC_LOG_LEVEL", "").upper() == "DEBUG"
+
+
+def _stdout_gone() -> None:
+    """The reader of stdout went away: exit 0, with stdout pointed at devnull so that the interpreter's
+    last flush does not fail again (https://docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(EXIT_OK)
 
 
 def _error(label: str, e: Exception) -> None:
@@ -124,7 +196,7 @@ def submit(
     job = client.submit(data)
     out.print(job.id)
     if wait:
-        _show_job(client.wait(job.id, progress=True))
+        _finished(client.wait(job.id, progress=True))
     elif client.publish is None:
         err.print("no broker configured (AIGC_BROKER_URL): run `aigc wait JOB` or `aigc worker` to execute it")
 
@@ -164,16 +236,27 @@ def finetune(
     job = client.finetune(base, dataset, output, _parse_params(param), idempotency_key=key)
     out.print(job.id)
     if wait:
-        _show_job(client.wait(job.id, progress=True))
+        _finished(client.wait(job.id, progress=True))
 
 
 @app.command()
-def wait(job: str, timeout: Optional[float] = None) -> None:
-    """Wait for a job with a progress bar (runs it here when no broker is configured)."""
-    view = _client().wait(job, progress=True, timeout=timeout)
+def wait(job: str, timeout: Annotated[Optional[float], typer.Option(help="give up after this many seconds "
+                                                                          "(exit 4)")] = None) -> None:
+    """Wait for a job with a progress bar (runs it here when no broker is configured); exit 0 only if it
+    succeeded, 3 if it ended otherwise."""
+    try:
+        view = _client().wait(job, progress=True, timeout=timeout)
+    except TimeoutError as e:  # Client.wait's: the job is still running
+        _error("timeout:", e)
+        raise typer.Exit(EXIT_TIMEOUT) from None
+    _finished(view)
+
+
+def _finished(view) -> None:
+    """Show a job that ended; exit 3 unless it succeeded (`wait`, `submit --wait`, `finetune --wait`)."""
     _show_job(view)
     if view.status.value != "succeeded":
-        raise typer.Exit(3)
+        raise typer.Exit(EXIT_JOB_NOT_SUCCEEDED)
 
 
 @app.command()

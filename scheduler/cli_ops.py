@@ -18,7 +18,13 @@ from rich.text import Text
 from aigc_core.errors import SpecError
 from aigc_core.settings import Settings
 
-out = Console()
+
+def stdout_console() -> Console:
+    """The console for a command's output."""
+    return Console()
+
+
+out = stdout_console()
 err = Console(stderr=True, soft_wrap=True)
 
 

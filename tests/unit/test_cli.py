@@ -194,3 +194,125 @@ def test_parse_params_keeps_text_as_text_and_types_numbers():
                          "negative_prompt=blurry: dark", "n='20'"])
     assert got == {"temperature": 0.7, "max_new_tokens": 20, "echo": True, "voice": "en-us",
                    "negative_prompt": "blurry: dark", "n": "20"}
+
+
+# ---- exit codes, unreachable services, --version, broken pipes (issue 18) -------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_line(r: subprocess.CompletedProcess, code: int = 1) -> str:
+    """One line on stderr, no rich traceback box, and the exit code."""
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr and "╭" not in r.stderr and "Traceback" not in r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got {len(lines)}:\n{r.stderr[-3000:]}"
+    return lines[0]
+
+
+def test_version_prints_the_package_name_and_version():
+    from aigc_core import __version__
+
+    r = subprocess.run([AIGC, "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"aigc-runner {__version__}"
+
+
+@pytest.mark.parametrize("args", [["status"], ["status", "0" * 32], ["submit", "--items", "i.jsonl", "--model", "x"],
+                                  ["db", "upgrade"], ["models", "list"], ["schedules", "list"],
+                                  ["results", "0" * 32], ["wait", "0" * 32]])
+def test_an_unreachable_database_is_one_line_naming_it_with_the_password_masked(tmp_path, args):
+    cli = Cli(tmp_path)
+    _write(tmp_path / "i.jsonl", ['{"prompt": "x"}'])
+    port = _free_port()
+    cli.env["AIGC_DATABASE_URL"] = f"postgresql://alice:s3cret@127.0.0.1:{port}/aigc"
+    line = _one_line(cli(*args), 1)
+    assert "database" in line and f"postgresql://alice:***@127.0.0.1:{port}/aigc" in line
+    assert "s3cret" not in line and "refused" in line.lower() and "AIGC_DATABASE_URL" in line
+
+
+def test_a_sqlite_file_in_a_missing_folder_is_one_line_with_a_hint(tmp_path):
+    cli = Cli(tmp_path)
+    cli.env["AIGC_DATABASE_URL"] = f"sqlite:///{tmp_path}/no/such/dir/a.db"
+    line = _one_line(cli("models", "list"), 1)
+    assert "database" in line and f"{tmp_path}/no/such/dir/a.db" in line and "folder" in line
+
+
+def test_with_aigc_log_level_debug_the_traceback_is_shown_too(tmp_path):
+    cli = Cli(tmp_path)
+    cli.env.update(AIGC_DATABASE_URL=f"postgresql://alice:s3cret@127.0.0.1:{_free_port()}/aigc",
+                   AIGC_LOG_LEVEL="DEBUG")
+    r = cli("status")
+    assert r.returncode == 1 and "Traceback" in r.stderr and "OperationalError" in r.stderr
+    assert "postgresql://alice:***@" in r.stderr.strip().splitlines()[-1]
+
+
+def test_metrics_on_a_port_in_use_is_one_line_naming_the_address(tmp_path):
+    import socket
+
+    cli = Cli(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        line = _one_line(cli("metrics", "--port", port, "--host", "127.0.0.1", timeout=60), 1)
+    assert f"127.0.0.1:{port}" in line and "in use" in line and "--port" in line
+
+
+def test_broker_failures_are_described_in_one_line_with_the_password_masked():
+    import redis
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    from aigc_core.settings import Settings
+    from scheduler.cli import describe_failure
+
+    settings = Settings(broker_url="redis://:hunter2@10.0.0.7:6379/0")
+    for e in (redis.exceptions.ConnectionError("Error 111 connecting to 10.0.0.7:6379. Connection refused."),
+              KombuOperationalError("Error 111 connecting to 10.0.0.7:6379. Connection refused.")):
+        line = str(describe_failure(e, settings))
+        assert "broker" in line and "redis://:***@10.0.0.7:6379/0" in line and "hunter2" not in line
+        assert "AIGC_BROKER_URL" in line and "\n" not in line
+    assert describe_failure(ValueError("a bug"), settings) is None
+    assert describe_failure(PermissionError(13, "Permission denied", "/etc/x"), settings) is None  # not a bind
+
+
+def test_submit_wait_exits_3_when_the_job_fails_as_wait_does(tmp_path):
+    cli = Cli(tmp_path)
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    assert cli("models", "register", "broken", empty.as_uri()).returncode == 0
+    items = _write(tmp_path / "i.jsonl", ['{"prompt": "x"}'])
+    r = cli("submit", "--items", items, "--model", "broken", "--wait")
+    assert r.returncode == 3, (r.stdout, r.stderr[-2000:])
+    assert "failed" in r.stdout
+    w = cli("wait", r.stdout.split()[0])
+    assert w.returncode == 3, (w.stdout, w.stderr[-2000:])
+
+
+def test_results_into_a_closed_pipe_exits_0_without_a_word(tmp_path):
+    cli = Cli(tmp_path)
+    r = cli("submit", "--items", _write(tmp_path / "i.jsonl", ['{"prompt": "x"}'] * 50), "--model", "espeak-en",
+            "--kind", "audio")
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.split()[0]
+    # `aigc results JOB --json | head -0`: the reader is gone before the first line is written.
+    p = subprocess.Popen([AIGC, "results", job, "--json"], env=cli.env, cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 0 and err == "", err
+
+
+def test_wait_past_its_timeout_exits_4_in_one_line(tmp_path):
+    cli = Cli(tmp_path)
+    cli.env["AIGC_BROKER_URL"] = f"redis://127.0.0.1:{_free_port()}/0"  # nobody runs the job
+    r = cli("submit", "--items", _write(tmp_path / "i.jsonl", ['{"prompt": "x"}']), "--model", "espeak-en",
+            "--kind", "audio")
+    assert r.returncode == 0, r.stderr
+    line = _one_line(cli("wait", r.stdout.split()[0], "--timeout", "0.5"), 4)
+    assert "timeout" in line and "still queued" in line
