@@ -20,8 +20,15 @@ from aigc_core.settings import Settings
 
 
 def stdout_console() -> Console:
-    """The console for a command's output."""
-    return Console()
+    """The console for a command's output. On a terminal rich fits tables to its width; in a pipe or a
+    file nothing may be cut (an id ending in "…" cannot be pasted back), so lines are as long as their
+    content (COLUMNS, when set, still wins)."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=PIPE_WIDTH)
+
+
+PIPE_WIDTH = 100_000  # wide enough for any id, URI or error; a rich table takes only what it needs
 
 
 out = stdout_console()

@@ -12,8 +12,9 @@ from rich.table import Table
 
 from aigc_core.errors import SpecError
 from aigc_core.settings import Settings
+from scheduler.cli_ops import stdout_console
 
-out = Console()
+out = stdout_console()
 err = Console(stderr=True, soft_wrap=True)
 
 

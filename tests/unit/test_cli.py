@@ -316,3 +316,39 @@ def test_wait_past_its_timeout_exits_4_in_one_line(tmp_path):
     assert r.returncode == 0, r.stderr
     line = _one_line(cli("wait", r.stdout.split()[0], "--timeout", "0.5"), 4)
     assert "timeout" in line and "still queued" in line
+
+
+def test_tables_in_a_pipe_never_cut_ids_or_uris(tmp_path):
+    # Not a terminal (captured) and no COLUMNS: rich would fit tables to 80 columns and cut ids with "…".
+    cli = Cli(tmp_path / ("a-folder-name-long-enough-to-push-any-uri-past-eighty-columns-" * 2))
+    cli.root.mkdir()
+    model = cli.root / "models" / "speech-model-directory-with-a-long-name"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    assert cli("models", "register", "a-rather-long-model-name-for-the-table", model.as_uri(), "--kind",
+               "audio", "--backend", "espeak").returncode == 0
+    r = cli("submit", "--items", _write(cli.root / "i.jsonl", ['{"text": "Good morning."}']), "--model",
+            "espeak-en", "--kind", "audio")
+    job = r.stdout.split()[0]
+    assert cli("wait", job).returncode == 0
+    (cli.root / "s.yaml").write_text("schedules:\n  - {name: a-schedule-with-a-name-long-enough-for-the-table, "
+                                     "cron: '0 7 * * *', timezone: America/Argentina/ComodRivadavia, "
+                                     "job: {kind: audio, model: espeak-en, items: ['Briefing for {date:%A}']}}\n")
+    assert cli("schedules", "sync", "s.yaml").returncode == 0
+    fired = cli("schedules", "run-now", "a-schedule-with-a-name-long-enough-for-the-table")
+    assert fired.returncode == 0, fired.stderr
+
+    def lines(*args) -> list[str]:
+        res = cli(*args)
+        assert res.returncode == 0, res.stderr
+        assert "…" not in res.stdout, res.stdout
+        return res.stdout.splitlines()
+
+    uri = next(x for x in lines("results", job))
+    assert f"{cli.root}/data/jobs/{job}/items/" in uri  # the whole URI, on its one line
+    status = lines("status")
+    assert sum(job in x for x in status) >= 1 and sum(fired.stdout.split()[0] in x for x in status) >= 1
+    assert any("a-rather-long-model-name-for-the-table@1" in x and model.as_uri() in x
+               for x in lines("models", "list"))
+    assert any("a-schedule-with-a-name-long-enough-for-the-table" in x and "America/Argentina/ComodRivadavia" in x
+               and fired.stdout.split()[0] in x for x in lines("schedules", "list"))
