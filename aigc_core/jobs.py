@@ -218,3 +218,33 @@ def release_ready(db: Database, store: ObjectStore, job_id: str | None = None) -
     for jid in failed_jobs:
         finalize_if_done(db, store, jid)
     return released
+
+
+# ---- job ids as people type them ------------------------------------------------------------------
+
+JOB_ID_MIN_PREFIX = 6
+_JOB_ID_CHARS = frozenset("0123456789abcdef")
+
+
+def resolve_job_id(s: Session, text: str) -> str:
+    """The job id that ``text`` names: a whole id, or a unique prefix of 6 or more of its hex
+    characters, as the demo table, ``aigc wait`` and narrow tables print them (a trailing "…" is
+    allowed, and any case). A whole id is returned without a query; the caller's lookup finds out
+    whether it exists. Too short or ambiguous: SpecError; nothing matches: NotFound."""
+    given = str(text).strip().rstrip("…").lower()
+    if not given or not set(given) <= _JOB_ID_CHARS or len(given) > 32:
+        raise NotFound(f"no job {text!r}: a job id is 32 hex characters, or a unique prefix of at least "
+                       f"{JOB_ID_MIN_PREFIX} of them")
+    if len(given) == 32:
+        return given
+    if len(given) < JOB_ID_MIN_PREFIX:
+        raise SpecError(f"job id {text!r} is too short: give at least {JOB_ID_MIN_PREFIX} of its characters")
+    # A range on the primary key (its index), and LIKE to be exact whatever the collation; a few rows.
+    rows = s.scalars(select(Job.id).where(Job.id >= given, Job.id < given + "g", Job.id.like(given + "%"))
+                     .order_by(Job.id).limit(6)).all()
+    if not rows:
+        raise NotFound(f"no job {text!r}")
+    if len(rows) > 1:
+        more = " and more" if len(rows) > 5 else ""
+        raise SpecError(f"job id {text!r} is ambiguous: it starts {', '.join(rows[:5])}{more}; give more characters")
+    return rows[0]

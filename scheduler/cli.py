@@ -216,7 +216,7 @@ def status(job: Annotated[Optional[str], typer.Argument()] = None,
         return
     if job:
         _show_job(views[0])
-        for e in client.events(job)[-5:]:
+        for e in client.events(views[0].id)[-5:]:
             out.print(f"  {e['at'][:19]}  {e['type']}  " + ", ".join(f"{k}={v}" for k, v in e.items()
                                                                    if k not in ("at", "type")))
         return

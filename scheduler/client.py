@@ -16,7 +16,9 @@ from sqlalchemy.exc import IntegrityError
 
 from aigc_core.db import Database, database
 from aigc_core.errors import IdempotencyConflict, NotFound, SpecError
-from aigc_core.jobs import JobView, Result, iter_results, job_prefix, job_view, record_event, release_ready
+from aigc_core.jobs import (
+    JobView, Result, iter_results, job_prefix, job_view, record_event, release_ready, resolve_job_id,
+)
 from aigc_core.reconcile import ReconcileReport, publish_chunks, reconcile
 from aigc_core.registry import (
     BUILTIN_MODELS, ModelRef, generation_defaults, list_models, register, resolve, safe_join, sync_models_file,
@@ -130,9 +132,14 @@ class Client:
 
     # ---- watch --------------------------------------------------------------------------------
 
+    def _job_id(self, text: str) -> str:
+        """The whole id of the job that ``text`` names: an id, or a unique prefix of 6+ characters."""
+        with self.db.session() as s:
+            return resolve_job_id(s, text)
+
     def status(self, job_id: str) -> JobView:
         with self.db.session() as s:
-            return job_view(s, job_id, self.store)
+            return job_view(s, resolve_job_id(s, job_id), self.store)
 
     def jobs(self, limit: int = 20) -> list[JobView]:
         with self.db.session() as s:
@@ -141,6 +148,7 @@ class Client:
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
         with self.db.session() as s:
+            job_id = resolve_job_id(s, job_id)
             rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
             return [{"at": e.at.isoformat(), "type": e.type, **e.data} for e in rows]
 
@@ -150,6 +158,7 @@ class Client:
         (and the jobs it waits for)."""
         from scheduler.progress import JobProgress
 
+        job_id = self._job_id(job_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         with JobProgress(self.status(job_id), enabled=progress) as bar:
             if self.publish is None:
@@ -176,13 +185,14 @@ class Client:
     # ---- results ------------------------------------------------------------------------------
 
     def results(self, job_id: str) -> Iterator[Result]:
-        self.status(job_id)  # NotFound for an unknown id
+        job_id = self.status(job_id).id  # NotFound for an unknown id
         return iter_results(self.db, job_id)
 
     def download(self, job_id: str, dest: str | Path) -> Path:
         """Every output, its provenance sidecar and the manifest into ``dest``."""
         dest = Path(dest)
         view = self.status(job_id)
+        job_id = view.id
         prefix = job_prefix(job_id) + "/"
         for key in self.store.list(prefix):
             self.store.download(key, safe_join(dest, key.removeprefix(prefix)))
@@ -197,6 +207,7 @@ class Client:
     def cancel(self, job_id: str) -> JobView:
         """No new item starts; finished outputs stay; running ones stop after their micro-batch."""
         with self.db.session() as s:
+            job_id = resolve_job_id(s, job_id)
             job = s.get(Job, job_id)
             if job is None:
                 raise NotFound(f"no job {job_id!r}")
@@ -211,6 +222,7 @@ class Client:
     def retry_failed(self, job_id: str) -> int:
         """Put failed items back to pending and publish their chunks again; returns how many."""
         with self.db.session() as s:
+            job_id = resolve_job_id(s, job_id)
             if s.get(Job, job_id) is None:
                 raise NotFound(f"no job {job_id!r}")
             chunks = set(s.scalars(select(Item.chunk_no).where(Item.job_id == job_id,

@@ -352,3 +352,17 @@ def test_tables_in_a_pipe_never_cut_ids_or_uris(tmp_path):
                for x in lines("models", "list"))
     assert any("a-schedule-with-a-name-long-enough-for-the-table" in x and "America/Argentina/ComodRivadavia" in x
                and fired.stdout.split()[0] in x for x in lines("schedules", "list"))
+
+
+def test_short_job_ids_as_printed_are_accepted_by_every_command(tmp_path):
+    cli = Cli(tmp_path)
+    r = cli("submit", "--items", _write(tmp_path / "i.jsonl", ['{"text": "Good morning."}']), "--model", "espeak-en",
+            "--kind", "audio")
+    job = r.stdout.split()[0]
+    for args in (("wait", job[:8]), ("status", job[:8]), ("status", job[:6], "--json"), ("results", job[:7]),
+                 ("results", job[:8], "--download", tmp_path / "d"), ("retry", job[:8]), ("cancel", job[:8])):
+        res = cli(*args)
+        assert res.returncode == 0, (args, res.stdout, res.stderr)
+    assert json.loads(cli("status", job[:6], "--json").stdout)["id"] == job
+    line = _one_line(cli("status", job[:5]), 2)
+    assert "at least 6" in line
