@@ -43,15 +43,28 @@ def scheduler(
 
 
 @schedules_app.command("sync")
-def schedules_sync(file: Annotated[Optional[Path], typer.Argument(help="default: AIGC_SCHEDULES_FILE")] = None) -> None:
-    """Validate schedules.yaml and store it now (`aigc scheduler` also does, at start and on change)."""
-    from scheduler.beat import sync_file
+def schedules_sync(
+    file: Annotated[Optional[Path], typer.Argument(help="default: AIGC_SCHEDULES_FILE")] = None,
+    prune: Annotated[bool, typer.Option("--prune", help="also disable the schedules in the database that FILE "
+                                                        "does not name")] = False,
+) -> None:
+    """Validate schedules.yaml and store it now (`aigc scheduler` also does, at start and on change, and
+    prunes with its own file). Schedules the file does not name are disabled only with --prune."""
+    from scheduler.schedules import load_schedules_file, schedules_not_in, sync_schedules
 
     path = file or Settings().schedules_file
     if not path:
         raise SpecError("no schedules file: give FILE or set AIGC_SCHEDULES_FILE")
-    for name, change in sync_file(_client(), str(path)).items():
+    client = _client()
+    defs = load_schedules_file(str(path))
+    for name, change in sync_schedules(client.db, defs, prune=prune).items():
         out.print(f"{name}: {change}", highlight=False)
+    if not prune and (others := schedules_not_in(client.db, [d.name for d in defs])):
+        shown = ", ".join(others[:10]) + (f" and {len(others) - 10} more" if len(others) > 10 else "")
+        one = len(others) == 1
+        err.print(f"{len(others)} schedule{'' if one else 's'} in the database {'is' if one else 'are'} not in {path} "
+                  f"({shown}) and stay{'s' if one else ''} enabled; `aigc schedules sync {path} --prune` would "
+                  f"disable {'it' if one else 'them'}", highlight=False)
 
 
 @schedules_app.command("list")

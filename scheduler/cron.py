@@ -61,6 +61,8 @@ class Cron:
         if not expr.startswith("@") and len(expr.split()) not in (5, 6):
             raise ValueError(f"cron: {expr!r} has {len(expr.split())} fields; give 5 (minute hour day month "
                              "weekday) or 6 (the same, then seconds)")
+        if not expr.startswith("@"):
+            _check_fields(expr)
         if not croniter.is_valid(expr):
             raise ValueError(f"cron: {expr!r} is not a valid cron expression")
         try:
@@ -141,6 +143,25 @@ class Cron:
         if first.astimezone(self.tz).replace(tzinfo=None) != wall:  # in a spring-forward gap
             return [] if self.wildcard else [_transition(self.tz, second, first)]
         return [first, second] if self.wildcard else [first]  # the repeated hour of a fall-back
+
+
+# (name, lowest value, highest value) of each field; a sixth field is seconds.
+_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12), ("day-of-week", 0, 7),
+           ("second", 0, 59))
+
+
+def _check_fields(expr: str) -> None:
+    """Numbers in range in every field, and steps from 1 to the field's highest value: croniter takes
+    ``*/61`` (it then fires at minute 0 only) and says of ``0 25 * * *`` only that it is not valid.
+    Names (``jan``, ``mon``) and croniter's extensions (``L``, ``W``, ``#``) are left to croniter."""
+    for (name, lo, hi), field in zip(_FIELDS, expr.split()):
+        for part in field.split(","):
+            values, _, step = part.partition("/")
+            if step.isdigit() and not 1 <= int(step) <= hi:
+                raise ValueError(f"cron: {expr!r}: {name} step /{int(step)} is out of range (1-{hi})")
+            for value in values.split("-"):
+                if value.isdigit() and not lo <= int(value) <= hi:
+                    raise ValueError(f"cron: {expr!r}: {name} {int(value)} is out of range ({lo}-{hi})")
 
 
 def _wall(instant: datetime, offset: timedelta) -> datetime:

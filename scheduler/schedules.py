@@ -216,6 +216,13 @@ def sync_schedules(db: Database, defs: list[ScheduleDef], *, now: datetime | Non
     return result
 
 
+def schedules_not_in(db: Database, names: list[str]) -> list[str]:
+    """Enabled schedules in the database that ``names`` leaves out: what a prune would disable."""
+    with db.session() as s:
+        return list(s.scalars(select(Schedule.name).where(Schedule.name.not_in(names), Schedule.enabled.is_(True))
+                              .order_by(Schedule.name)))
+
+
 def _upsert(s, d: ScheduleDef, now: datetime) -> str:
     values = {"cron": d.cron, "timezone": d.timezone, "template": d.job.model_dump(mode="json", exclude_none=True),
               "catchup": d.catchup, "catchup_cap": d.catchup_cap, "max_concurrent": d.max_concurrent,

@@ -82,7 +82,8 @@ def test_schedules_file_parses_with_defaults_and_a_relative_items_file_becomes_a
 
 @pytest.mark.parametrize(("change", "expected"), [
     ({"cron": "0 7 * *"}, "schedule 'brief': cron: '0 7 * *' has 4 fields"),
-    ({"cron": "0 25 * * *"}, "schedule 'brief': cron: '0 25 * * *' is not a valid cron expression"),
+    ({"cron": "0 25 * * *"}, "schedule 'brief': cron: '0 25 * * *': hour 25 is out of range (0-23)"),
+    ({"cron": "0 7 * * mon-someday"}, "schedule 'brief': cron: '0 7 * * mon-someday' is not a valid cron expression"),
     ({"cron": "0 0 30 2 *"}, "schedule 'brief': cron: '0 0 30 2 *' never fires"),
     ({"tz": "Europe/Atlantis"}, "schedule 'brief': timezone: 'Europe/Atlantis' is not an IANA timezone"),
     ({"catchup": "some"}, "schedule 'brief': catchup: Input should be 'none', 'latest' or 'all'"),
@@ -102,6 +103,37 @@ def test_a_bad_schedule_is_refused_naming_the_schedule_and_the_field(change, exp
     with pytest.raises(SpecError) as e:
         parse_schedules({"schedules": [raw]}, source="schedules.yaml")
     assert str(e.value).startswith("schedules.yaml: ") and expected in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(("expr", "expected"), [
+    ("*/61 * * * *", "minute step /61 is out of range (1-59)"),
+    ("*/60 * * * *", "minute step /60 is out of range (1-59)"),
+    ("0-59/90 * * * *", "minute step /90 is out of range (1-59)"),
+    ("0 */24 * * *", "hour step /24 is out of range (1-23)"),
+    ("0 0 */32 * *", "day-of-month step /32 is out of range (1-31)"),
+    ("0 0 * */13 *", "month step /13 is out of range (1-12)"),
+    ("0 0 * * */8", "day-of-week step /8 is out of range (1-7)"),
+    ("* * * * * */61", "second step /61 is out of range (1-59)"),
+    ("70 * * * *", "minute 70 is out of range (0-59)"),
+    ("5-70 * * * *", "minute 70 is out of range (0-59)"),
+    ("0 0 0 * *", "day-of-month 0 is out of range (1-31)"),
+    ("0 0 * 13 *", "month 13 is out of range (1-12)"),
+    ("0 0 * * 8", "day-of-week 8 is out of range (0-7)"),
+    ("1,2,99 * * * *", "minute 99 is out of range (0-59)"),
+])
+def test_cron_fields_out_of_range_are_refused_naming_the_field(expr, expected):
+    with pytest.raises(ValueError) as e:
+        Cron.parse(expr)
+    assert str(e.value) == f"cron: {expr!r}: {expected}"
+    with pytest.raises(SpecError, match="schedule 'brief': cron: .*out of range"):
+        parse_schedules({"schedules": [sched(cron=expr)]})
+
+
+@pytest.mark.parametrize("expr", ["*/59 * * * *", "0 */23 * * *", "0 0 */31 * *", "0 0 * */12 *", "0 0 * * */7",
+                                  "0 0 * * 7", "0-30/15 9-17 * jan-mar mon-fri", "0 0 L * *", "0 0 * * 1#2",
+                                  "* * * * * */5", "@daily", "0 12 1,15 * *"])
+def test_cron_fields_in_range_are_accepted(expr):
+    assert Cron.parse(expr).next_after(at("2026-05-01T00:00:00Z")) is not None
 
 
 def test_the_same_name_twice_and_a_file_that_is_not_a_list_are_refused(tmp_path):
@@ -410,3 +442,33 @@ def test_scheduler_without_a_broker_ticks_in_a_loop(tmp_path, tiny_text_model):
     done = [r for r in runs(client, "fast") if r[1] == "submitted"]  # the last may be cut off mid-submit
     assert len(done) >= 3 and len(job_keys(client)) >= 3, output[-2000:]
     assert "no AIGC_BROKER_URL" in output
+
+
+def test_sync_of_another_file_disables_nothing_unless_asked_with_prune(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIGC_") and k not in ("COLUMNS", "LINES")}
+    env.update(AIGC_DATABASE_URL=f"sqlite:///{tmp_path}/a.db", AIGC_STORAGE_URL=f"file://{tmp_path}/data",
+               AIGC_CACHE_DIR=str(tmp_path / "cache"))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "scheduler.cli", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+
+    job = "job: {kind: audio, model: espeak-en, items: ['Briefing']}"
+    (tmp_path / "s.yaml").write_text("schedules:\n" + "".join(
+        f"  - {{name: {n}, cron: '0 7 * * *', {job}}}\n" for n in ("brief", "extra", "third")))
+    (tmp_path / "other.yaml").write_text(f"schedules:\n  - {{name: brief, cron: '0 8 * * *', {job}}}\n")
+    assert run("schedules", "sync", "s.yaml").returncode == 0
+
+    r = run("schedules", "sync", "other.yaml")
+    assert r.returncode == 0, r.stderr
+    assert "brief: updated" in r.stdout and "disabled" not in r.stdout
+    assert "2 schedules in the database are not in other.yaml (extra, third)" in r.stderr
+    assert "--prune" in r.stderr
+    states = {v["name"]: v["state"] for v in json.loads(run("schedules", "list", "--json").stdout)}
+    assert states == {"brief": "active", "extra": "active", "third": "active"}
+
+    r = run("schedules", "sync", "other.yaml", "--prune")
+    assert r.returncode == 0, r.stderr
+    assert "extra: disabled (not in the file)" in r.stdout and "third: disabled (not in the file)" in r.stdout
+    states = {v["name"]: v["state"] for v in json.loads(run("schedules", "list", "--json").stdout)}
+    assert states == {"brief": "active", "extra": "disabled", "third": "disabled"}
