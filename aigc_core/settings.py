@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     # Cron schedules (``aigc scheduler``): the file synced into the database, how often due slots
     # are checked, how late a slot may still fire under catch-up "none", how often the reconciler runs.
     schedules_file: str | None = None
+    # Items files named in job files and schedules as s3://bucket/key are read from the storage bucket
+    # (storage_url) only, and from the buckets named here (comma-separated).
+    items_file_buckets: str = ""
     scheduler_tick_s: float = Field(15.0, gt=0)
     scheduler_grace_s: float = Field(60.0, ge=0)
     reconcile_every_s: float = Field(30.0, gt=0)

@@ -11,11 +11,12 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from aigc_core.errors import SpecError
-from aigc_core.settings import Limits
+from aigc_core.errors import NotFound, SpecError
+from aigc_core.settings import Limits, Settings
 
 Kind = Literal["text", "image", "audio"]
 KINDS: tuple[str, ...] = ("text", "image", "audio")
@@ -220,27 +221,87 @@ def check_shape(data: Any, *, max_depth: int, max_nodes: int, where: str) -> Non
 MAX_LINE_BYTES = 1024 * 1024  # one item's JSON: a prompt within the limit and its params fit easily
 
 
-def load_items_jsonl(path: Path, limits: Limits | None = None) -> list[dict[str, Any]]:
-    """One ``{"custom_id", "prompt", "params"?}`` per line; errors name the line.
+def load_items_jsonl(path: Path, limits: Limits | None = None, *, name: str | None = None) -> list[dict[str, Any]]:
+    """One ``{"custom_id", "prompt", "params"?}`` per line; errors name the line (and the file as
+    ``name``, when it was fetched from somewhere else, else its path).
 
     Streamed with bounded memory: a file over ``max_items_file_bytes`` is refused before it is read,
     and one with more than ``max_items_per_job`` items after counting its lines, before any is parsed.
     """
     limits = limits or Limits()
     path = Path(path)
+    shown = name or path
     try:
         f = path.open("rb")
     except OSError as e:
-        raise SpecError(f"{path}: {e.strerror}") from None
+        raise SpecError(f"{shown}: {e.strerror}") from None
     with f:
         size = _file_size(f)
         if size is not None and size > limits.max_items_file_bytes:
-            raise SpecError(f"{path}: {size} bytes is over the limit of {limits.max_items_file_bytes} "
+            raise SpecError(f"{shown}: {size} bytes is over the limit of {limits.max_items_file_bytes} "
                             "(AIGC_LIMIT_MAX_ITEMS_FILE_BYTES); split the job")
         if size is not None:  # a regular file: count first, so a huge one costs no memory
-            _count_items(f, path, limits)
+            _count_items(f, shown, limits)
             f.seek(0)
-        return [_parse_item_line(raw, n, path, limits) for n, raw in _item_lines(f, path, limits)]
+        return [_parse_item_line(raw, n, shown, limits) for n, raw in _item_lines(f, shown, limits)]
+
+
+def items_file_location(ref: Any, *, settings: Settings | None, base_dir: Path | None = None) -> Path | str:
+    """Where an items file named in a job file or a schedule may be read, by one rule for both: a
+    local path (relative to ``base_dir``, the folder of the file that names it) or ``file:///path``
+    as a Path; ``s3://bucket/key`` as it is, if the bucket is the storage bucket (AIGC_STORAGE_URL) or
+    one AIGC_ITEMS_FILE_BUCKETS names (``settings`` says which; only local paths need none).
+    Anything else is a SpecError, before anything is read."""
+    if isinstance(ref, Path):
+        return ref if ref.is_absolute() or base_dir is None else base_dir / ref
+    if not isinstance(ref, str) or not ref.strip():
+        raise SpecError("items_file must be the path or s3:// URI of a JSONL file")
+    scheme, sep, rest = ref.partition("://")
+    if not sep or scheme.lower() == "file":
+        return items_file_location(Path(rest if sep else ref), settings=settings, base_dir=base_dir)
+    parts = urlsplit(ref)
+    if scheme.lower() != "s3" or not parts.netloc or not parts.path.strip("/"):
+        raise SpecError(f"items_file {ref!r}: use a local path, file:///path or s3://bucket/key")
+    if settings is None:
+        raise ValueError("an s3:// items_file is checked against settings: pass them")
+    allowed = items_file_buckets(settings)
+    if parts.netloc not in allowed:
+        store = urlsplit(settings.storage_url)
+        storage = f"the storage bucket {store.netloc!r}" if store.scheme == "s3" else \
+            "the storage bucket (none: AIGC_STORAGE_URL is not s3://)"
+        extra = ", ".join(sorted(allowed - {store.netloc})) or "none"
+        raise SpecError(f"items_file {ref}: bucket {parts.netloc!r} is not allowed: items files are read from "
+                        f"{storage} and the buckets AIGC_ITEMS_FILE_BUCKETS names ({extra}); add it there to "
+                        "allow it")
+    return ref
+
+
+def items_file_buckets(settings: Settings) -> set[str]:
+    """The buckets items files may be read from: the storage bucket and AIGC_ITEMS_FILE_BUCKETS."""
+    allowed = {b.strip() for b in (settings.items_file_buckets or "").split(",") if b.strip()}
+    store = urlsplit(settings.storage_url)
+    if store.scheme == "s3" and store.netloc:
+        allowed.add(store.netloc)
+    return allowed
+
+
+def read_items_file(ref: Any, *, settings: Settings, base_dir: Path | None = None) -> list[dict[str, Any]]:
+    """The items of an items file allowed by ``items_file_location``; an s3:// one is fetched now."""
+    import tempfile
+
+    from aigc_core import storage
+
+    location = items_file_location(ref, settings=settings, base_dir=base_dir)
+    if isinstance(location, Path):
+        if not location.exists():
+            raise SpecError(f"items_file {location} does not exist")
+        return load_items_jsonl(location, settings.limits)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = storage.download_uri(location, Path(tmp) / "items.jsonl", endpoint_url=settings.s3_endpoint_url)
+        except NotFound:
+            raise SpecError(f"items_file {location} does not exist") from None
+        return load_items_jsonl(path, settings.limits, name=location)
 
 
 def _file_size(f) -> int | None:
@@ -248,7 +309,7 @@ def _file_size(f) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None  # a pipe or device: counted while read
 
 
-def _item_lines(f, path: Path, limits: Limits):
+def _item_lines(f, path: Path | str, limits: Limits):
     """(line number, bytes) of each non-blank line, refusing over-long lines, too many bytes or items."""
     total = items = 0
     n = 0
@@ -272,12 +333,12 @@ def _item_lines(f, path: Path, limits: Limits):
         yield n, raw
 
 
-def _count_items(f, path: Path, limits: Limits) -> None:
+def _count_items(f, path: Path | str, limits: Limits) -> None:
     for _ in _item_lines(f, path, limits):
         pass
 
 
-def _parse_item_line(raw: bytes, n: int, path: Path, limits: Limits) -> dict[str, Any]:
+def _parse_item_line(raw: bytes, n: int, path: Path | str, limits: Limits) -> dict[str, Any]:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -18,7 +18,7 @@ from rich.text import Text
 
 from aigc_core.errors import AigcError, NotFound, SpecError, service_error
 from aigc_core.settings import Limits, Settings
-from aigc_core.spec import load_items_jsonl, load_yaml, parse_scalar
+from aigc_core.spec import items_file_location, load_items_jsonl, load_yaml, parse_scalar, read_items_file
 from scheduler import cli_ops, cli_schedules
 from scheduler.cli_ops import stdout_console
 
@@ -141,15 +141,20 @@ def _client():
 # ---- input files ------------------------------------------------------------------------------
 
 def load_job_file(path: Path, limits: Limits | None = None) -> dict[str, Any]:
-    """A job.yaml (or .json): kind, model, params, seed, metadata, and items or items_file."""
+    """A job.yaml (or .json): kind, model, params, seed, metadata, and items or items_file (a path next
+    to the job file, or s3:// in an allowed bucket: the rule schedules follow, aigc_core.spec)."""
     data = load_yaml(path, limits)
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping with kind, model and items")
     if "items_file" in data:
-        name = data.pop("items_file")
-        if not isinstance(name, str) or not name:
-            raise SpecError(f"{path}: items_file must be a path to a JSONL file")
-        data["items"] = load_items_jsonl(path.parent / name, limits)
+        settings = Settings()
+        if limits is not None:
+            settings = settings.model_copy(update={"limits": limits})
+        try:
+            location = items_file_location(data.pop("items_file"), settings=settings, base_dir=path.parent)
+        except SpecError as e:
+            raise SpecError(f"{path}: {e}") from None
+        data["items"] = read_items_file(location, settings=settings)
     return data
 
 

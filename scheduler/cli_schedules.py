@@ -56,7 +56,7 @@ def schedules_sync(
     if not path:
         raise SpecError("no schedules file: give FILE or set AIGC_SCHEDULES_FILE")
     client = _client()
-    defs = load_schedules_file(str(path))
+    defs = load_schedules_file(str(path), settings=client.settings)
     for name, change in sync_schedules(client.db, defs, prune=prune).items():
         out.print(f"{name}: {change}", highlight=False)
     if not prune and (others := schedules_not_in(client.db, [d.name for d in defs])):

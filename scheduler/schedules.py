@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -32,7 +31,8 @@ from sqlalchemy.exc import IntegrityError
 from aigc_core.db import Database
 from aigc_core.errors import AigcError, IdempotencyConflict, NotFound, SpecError, TransientError
 from aigc_core.schema import FINAL_JOB_STATES, CatchUp, Job, RunOutcome, Schedule, ScheduleRun, utcnow
-from aigc_core.spec import format_validation_error, load_yaml, parse_spec
+from aigc_core.settings import Settings
+from aigc_core.spec import format_validation_error, items_file_location, load_yaml, parse_spec, read_items_file
 from scheduler.cron import Cron, as_utc, parse_slot, slot_str
 
 log = logging.getLogger("aigc.schedules")
@@ -52,7 +52,7 @@ class JobTemplate(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     chunk_size: int | None = None
     items: list[dict[str, Any] | str] | None = None
-    items_file: str | None = None  # s3://bucket/key.jsonl, file:///path, or a path next to the file
+    items_file: str | None = None  # a path next to the file, file:///path, or s3:// (aigc_core.spec's rule)
 
 
 class ScheduleDef(BaseModel):
@@ -81,14 +81,17 @@ class Fired:
 
 # ---- the file ---------------------------------------------------------------------------------
 
-def load_schedules_file(path: str | Path) -> list[ScheduleDef]:
+def load_schedules_file(path: str | Path, *, settings: Settings | None = None) -> list[ScheduleDef]:
     path = Path(path)
     data = load_yaml(path)
-    return parse_schedules(data, source=str(path), base_dir=path.resolve().parent)
+    return parse_schedules(data, source=str(path), base_dir=path.resolve().parent, settings=settings)
 
 
-def parse_schedules(data: Any, *, source: str = "schedules", base_dir: Path | None = None) -> list[ScheduleDef]:
-    """Validate ``{"schedules": [...]}``; a SpecError names the schedule and the field."""
+def parse_schedules(data: Any, *, source: str = "schedules", base_dir: Path | None = None,
+                    settings: Settings | None = None) -> list[ScheduleDef]:
+    """Validate ``{"schedules": [...]}``; a SpecError names the schedule and the field. With
+    ``settings``, an s3:// items_file is checked against the allowed buckets now (it always is when
+    a slot fires)."""
     entries = data.get("schedules") if isinstance(data, dict) else data
     if not isinstance(entries, list):
         raise SpecError(f"{source}: expected a list of schedules under 'schedules:'")
@@ -108,16 +111,23 @@ def parse_schedules(data: Any, *, source: str = "schedules", base_dir: Path | No
             raise SpecError(f"{where}: {e}") from None
         if d.name in defs:
             raise SpecError(f"{where}: the name is used twice")
-        defs[d.name] = _check_template(_resolve_items_file(d, base_dir), where)
+        defs[d.name] = _check_template(_resolve_items_file(d, base_dir, settings, where), where)
     return list(defs.values())
 
 
-def _resolve_items_file(d: ScheduleDef, base_dir: Path | None) -> ScheduleDef:
+def _resolve_items_file(d: ScheduleDef, base_dir: Path | None, settings: Settings | None, where: str) -> ScheduleDef:
+    """A local items_file becomes a file:// URI (it is read at each firing, from any working folder)."""
     f = d.job.items_file
-    if f is None or "://" in f:
+    local = "://" not in f if f is not None else False
+    if f is None or (settings is None and not local):
+        return d  # an s3:// one is checked when a slot fires
+    try:
+        location = items_file_location(f, settings=settings, base_dir=base_dir)
+    except SpecError as e:
+        raise SpecError(f"{where}: job.{e}") from None
+    if isinstance(location, str):
         return d
-    path = Path(f) if Path(f).is_absolute() or base_dir is None else base_dir / f
-    return d.model_copy(update={"job": d.job.model_copy(update={"items_file": path.resolve().as_uri()})})
+    return d.model_copy(update={"job": d.job.model_copy(update={"items_file": location.resolve().as_uri()})})
 
 
 def _check_template(d: ScheduleDef, where: str) -> ScheduleDef:
@@ -181,15 +191,7 @@ def build_job(client, template: dict[str, Any], ctx: _Context) -> dict[str, Any]
 
 
 def _read_items(client, uri: str) -> list[dict[str, Any]]:
-    from aigc_core.storage import download_uri
-    from scheduler.cli import load_items_jsonl
-
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = download_uri(uri, Path(tmp) / "items.jsonl", endpoint_url=client.settings.s3_endpoint_url)
-        except NotFound:
-            raise SpecError(f"items_file {uri} does not exist") from None
-        return load_items_jsonl(path)
+    return read_items_file(uri, settings=client.settings)
 
 
 # ---- the database -----------------------------------------------------------------------------
