@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from aigc_core.errors import AigcError
 from aigc_core.registry import dir_digest
 from aigc_core.settings import Settings
 
@@ -62,15 +63,18 @@ def build_base(out: Path, texts: list[str]) -> Path:
     return out
 
 
-def ensure_demo_model(client, console: Console) -> tuple[Any, dict[str, Any] | None]:
-    """``demo-news``: from the cache when this recipe was trained before, else by a fine-tuning job."""
+def ensure_demo_model(client, console: Console, *, upload: bool = False) -> tuple[Any, dict[str, Any] | None]:
+    """``demo-news``: from the cache when this recipe was trained before, else by a fine-tuning job.
+    ``upload``: a shared deployment, where models are registered in the object store (see ``_register``)."""
     texts = corpus_texts()
     key = _key(texts)
     cache = client.settings.cache_dir / "models"
     cached = cache / DEMO_MODEL / key
     if (cached / "model.safetensors").exists():
-        return _register(client, DEMO_MODEL, cached, json.loads((cached / "lineage.json").read_text())), None
-    base_ref = _register(client, BASE_MODEL, build_base(cache / BASE_MODEL / key, texts), {"recipe": BASE_RECIPE})
+        lineage = json.loads((cached / "lineage.json").read_text())
+        return _register(client, DEMO_MODEL, cached, lineage, upload=upload), None
+    base_ref = _register(client, BASE_MODEL, build_base(cache / BASE_MODEL / key, texts), {"recipe": BASE_RECIPE},
+                         upload=upload)
     dataset = client.settings.cache_dir / "datasets" / f"news_corpus-{key}.jsonl"
     dataset.parent.mkdir(parents=True, exist_ok=True)
     dataset.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -98,18 +102,43 @@ def _copy_to_cache(client, ref, dest: Path, lineage: dict[str, Any]) -> None:
     src = materialize(ref, client.settings.cache_dir, endpoint_url=client.settings.s3_endpoint_url)
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".verified"))  # the s3 cache's marker
     (tmp / "lineage.json").write_text(json.dumps(lineage, indent=1, default=str))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
 
 
-def _register(client, name: str, path: Path, lineage: dict[str, Any]):
+def _register(client, name: str, path: Path, lineage: dict[str, Any], *, upload: bool = False):
+    """The model in ``path`` as ``name``'s newest version (a new one only when its digest changed).
+
+    Embedded, the registry points at ``path`` (file://). In a shared deployment (``upload``) a path on
+    this host means nothing to a worker elsewhere: the files go to the object store under
+    ``models/{name}/{digest}/``, registered by that s3:// URI, which every worker fetches and checks."""
     digest = dir_digest(path)
     current = [m for m in client.models() if m["name"] == name]
-    if current and current[-1]["digest"] == digest:
+    if current and current[-1]["digest"] == digest and not (upload and current[-1]["uri"].startswith("file://")):
         return client.model(f"{name}@{current[-1]['version']}")
-    return client.register_model(name, "text", path.as_uri(), digest=digest, lineage=lineage)
+    uri = path.as_uri()
+    if upload:
+        prefix = f"models/{name}/{digest.removeprefix('sha256:')[:16]}"
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            key = f"{prefix}/{f.relative_to(path).as_posix()}"
+            if not client.store.exists(key):
+                client.store.upload(key, f)
+        uri = client.store.uri(prefix)
+    return client.register_model(name, "text", uri, digest=digest, lineage=lineage)
+
+
+def shared_deployment(settings: Settings) -> list[str]:
+    """The settings that make this a deployment other hosts share (empty: embedded)."""
+    why = []
+    if settings.broker_url:
+        why.append("AIGC_BROKER_URL is set")
+    if not settings.database_url.startswith("sqlite"):
+        why.append("AIGC_DATABASE_URL is not SQLite")
+    if not settings.storage_url.startswith("file://"):
+        why.append("AIGC_STORAGE_URL is an object store")
+    return why
 
 
 def run_demo(settings: Settings, n_items: int = 200, max_new_tokens: int = 120,
@@ -122,10 +151,16 @@ def run_demo(settings: Settings, n_items: int = 200, max_new_tokens: int = 120,
     from scheduler.client import Client
 
     console = console or Console()
-    settings = settings.model_copy(update={"broker_url": None})
+    shared = shared_deployment(settings)
+    if shared and settings.storage_url.startswith("file://"):
+        raise AigcError(f"aigc demo: {' and '.join(shared)}, so other hosts share this deployment, but "
+                        f"AIGC_STORAGE_URL ({settings.storage_url}) is a folder on this host: workers elsewhere could "
+                        "not load the demo models; set AIGC_STORAGE_URL=s3://bucket/prefix, or run the demo embedded "
+                        "(without AIGC_BROKER_URL and AIGC_DATABASE_URL)")
+    settings = settings.model_copy(update={"broker_url": None})  # the demo's jobs run in this process
     client = Client(settings)
     t0 = time.perf_counter()
-    ref, metrics = ensure_demo_model(client, console)
+    ref, metrics = ensure_demo_model(client, console, upload=bool(shared))
     parts: dict[str, dict[str, Any]] = {"model": {"seconds": round(time.perf_counter() - t0, 1)}}
     heads = demo_headlines()
     items = [{"custom_id": f"article-{i:04d}", "prompt": f"Headline: {heads[i % len(heads)]}\n\n"}
