@@ -25,14 +25,23 @@ def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}"
 
 
-def item_key(job_id: str, index: int, ext: str) -> str:
-    """Object keys come from server ids only: a retry overwrites, never duplicates."""
-    return f"{job_prefix(job_id)}/items/{index:06d}.{ext}"
+def item_key(job_id: str, index: int, ext: str, claim: str) -> str:
+    """Object keys come from server ids only, one key per delivery (``claim``, its claim token): a
+    delivery that lost its items (a zombie worker's late PUT, a retried request) writes beside the
+    committed output, never over it. The Artifact row names the key that was committed."""
+    return f"{job_prefix(job_id)}/items/{index:06d}.{claim}.{ext}"
 
 
-def sidecar_key(job_id: str, index: int) -> str:
+def sidecar_key(job_id: str, index: int, claim: str) -> str:
     """The provenance sidecar; its own suffix, so it never collides with a JSON output."""
-    return f"{job_prefix(job_id)}/items/{index:06d}.provenance.json"
+    return f"{job_prefix(job_id)}/items/{index:06d}.{claim}.provenance.json"
+
+
+def sidecar_of(key: str) -> str:
+    """The sidecar key written beside an output key made by ``item_key``."""
+    folder, name = key.rsplit("/", 1)
+    index, claim = name.split(".", 2)[:2]
+    return f"{folder}/{index}.{claim}.provenance.json"
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,7 @@ def finalize_if_done(db: Database, store: ObjectStore, job_id: str) -> JobStatus
     # Object first, database second: a final job always has its manifest.
     store.put(f"{prefix}/manifest.jsonl", ("\n".join(lines) + "\n").encode(), "application/x-ndjson")
     store.put(f"{prefix}/errors.jsonl", ("\n".join(errors) + "\n" if errors else "").encode(), "application/x-ndjson")
+    sweep_orphans(db, store, job_id)
     with db.session() as s:
         job = s.get(Job, job_id)
         status = final_status(job, counts)
@@ -175,6 +185,37 @@ def finalize_if_done(db: Database, store: ObjectStore, job_id: str) -> JobStatus
         if done:
             record_event(s, job_id, "finished", status=status.value, counts=counts)
     return status if done else None
+
+
+DISCARDED_EVENT = "outputs_discarded"
+
+
+def sweep_orphans(db: Database, store: ObjectStore, job_id: str) -> int:
+    """Remove the objects of deliveries that lost their items (no Artifact row names them).
+
+    Only a job where that can have happened is listed: an item whose generation began more than once
+    (another delivery took it over), or a delivery that recorded objects it could not remove. A
+    zombie's PUT that lands even later stays an orphan no row, manifest or result points at.
+    Best-effort: a store error leaves the orphans and is logged, it does not hold the job open."""
+    import logging
+
+    with db.session() as s:
+        retried = s.scalar(select(Item.id).where(Item.job_id == job_id, Item.attempts > 1).limit(1))
+        discarded = s.scalar(select(JobEvent.id).where(JobEvent.job_id == job_id,
+                                                       JobEvent.type == DISCARDED_EVENT).limit(1))
+        if retried is None and discarded is None:
+            return 0
+        keep = set()
+        for (key,) in s.execute(select(Artifact.key).where(Artifact.job_id == job_id)):
+            keep |= {key, sidecar_of(key)}
+    try:
+        orphans = [k for k in store.list(f"{job_prefix(job_id)}/items/") if k not in keep]
+        if orphans:
+            store.delete(orphans)
+    except Exception as e:  # noqa: BLE001 - any store failure: the orphans stay, harmless
+        logging.getLogger("aigc.jobs").warning("could not remove orphaned outputs of job %s: %s", job_id, e)
+        return 0
+    return len(orphans)
 
 
 def release_ready(db: Database, store: ObjectStore, job_id: str | None = None) -> list[tuple[str, int, str]]:

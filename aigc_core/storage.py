@@ -38,6 +38,7 @@ class ObjectStore(Protocol):
     def uri(self, key: str) -> str: ...
     def download(self, key: str, path: Path) -> None: ...
     def upload(self, key: str, path: Path, content_type: str = "application/octet-stream") -> ObjectInfo: ...
+    def delete(self, keys: list[str]) -> None: ...
 
 
 def check_key(key: str) -> str:
@@ -109,6 +110,14 @@ class LocalStore:
         except OSError as e:
             raise StorageError(f"upload {key} failed: {e}") from e
         return ObjectInfo(key, self.uri(key), dest.stat().st_size)
+
+    def delete(self, keys: list[str]) -> None:
+        """Remove objects; a key that is already gone is not an error."""
+        try:
+            for key in keys:
+                self._path(key).unlink(missing_ok=True)
+        except OSError as e:
+            raise StorageError(f"delete failed: {e}") from e
 
 
 def _atomic_copy(src: Path, dest: Path) -> None:
@@ -207,6 +216,21 @@ class S3Store:
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._full(key)}"
+
+    def delete(self, keys: list[str]) -> None:
+        """Remove objects, a thousand per request (DeleteObjects); a missing key is not an error."""
+        full = [self._full(k) for k in keys]
+        try:
+            for i in range(0, len(full), 1000):
+                out = self.client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": k} for k in full[i : i + 1000]], "Quiet": True})
+                if out.get("Errors"):
+                    err = out["Errors"][0]
+                    raise StorageError(f"delete s3://{self.bucket}/{err.get('Key')} failed: {err.get('Message')}")
+        except StorageError:
+            raise
+        except Exception as e:
+            raise StorageError(f"delete in s3://{self.bucket} failed: {e}") from e
 
     def download(self, key: str, path: Path) -> None:
         """Streamed to disk in parallel ranges (boto3's transfer manager), never whole in memory."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 from functools import cached_property
 from typing import Any
 
@@ -19,11 +20,24 @@ TASK = "worker.run_chunk"
 UNACKED_KEY = "unacked"
 
 
-class RedisChunkProbe:
-    """``probe(queue)`` -> {(job_id, chunk_no)} held for that queue, or None when it cannot tell."""
+# ... with the time each was delivered (a sorted set: delivery tag -> unix time).
+UNACKED_INDEX_KEY = "unacked_index"
 
-    def __init__(self, broker_url: str, ssl: dict[str, Any] | None = None, max_scan: int = 10_000):
+
+class RedisChunkProbe:
+    """``probe(queue)`` -> {(job_id, chunk_no)} held for that queue, or None when it cannot tell.
+
+    A message delivered to a worker more than ``unacked_stale_s`` ago is not counted as held: the
+    reconciler asks only about chunks whose items are still pending, and a live worker claims a
+    chunk's items as soon as it starts it. Such a message sits with a worker that died holding it
+    (a retry's countdown message, say), where Redis would give it back only after the visibility
+    timeout; publishing the chunk again costs at most a message that claims nothing.
+    """
+
+    def __init__(self, broker_url: str, ssl: dict[str, Any] | None = None, max_scan: int = 10_000,
+                 unacked_stale_s: float | None = None):
         self.broker_url, self.ssl, self.max_scan = broker_url, ssl or {}, max_scan
+        self.unacked_stale_s = unacked_stale_s
 
     @cached_property
     def _redis(self):
@@ -38,14 +52,21 @@ class RedisChunkProbe:
             if r.llen(queue) > self.max_scan or r.hlen(UNACKED_KEY) > self.max_scan:
                 return None
             held = {c for raw in r.lrange(queue, 0, -1) if (c := chunk_of(raw)) is not None}
-            for raw in r.hvals(UNACKED_KEY):
+            stale = self._stale_tags(r)
+            for tag, raw in r.hgetall(UNACKED_KEY).items():
                 c = chunk_of(raw, unacked=True)
-                if c is not None:
+                if c is not None and tag not in stale:
                     held.add(c)
             return held
         except Exception as e:  # broker down or refusing: no opinion, so nothing is called lost
             log.warning("cannot read the broker's queue %s: %s", queue, e)
             return None
+
+    def _stale_tags(self, r) -> set[bytes]:
+        if self.unacked_stale_s is None:
+            return set()
+        # kombu stamps a delivery with the worker's clock and restores by its own: clocks are in sync.
+        return set(r.zrangebyscore(UNACKED_INDEX_KEY, "-inf", time.time() - self.unacked_stale_s))
 
 
 def chunk_of(raw: bytes | str, *, unacked: bool = False) -> tuple[str, int] | None:

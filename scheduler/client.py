@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from aigc_core.db import Database, database
 from aigc_core.errors import IdempotencyConflict, NotFound, SpecError
 from aigc_core.jobs import (
-    JobView, Result, iter_results, job_prefix, job_view, record_event, release_ready, resolve_job_id,
+    JobView, Result, iter_results, job_prefix, job_view, record_event, release_ready, resolve_job_id, sidecar_of,
 )
 from aigc_core.reconcile import ReconcileReport, publish_chunks, reconcile
 from aigc_core.registry import (
@@ -189,14 +189,27 @@ class Client:
         return iter_results(self.db, job_id)
 
     def download(self, job_id: str, dest: str | Path) -> Path:
-        """Every output, its provenance sidecar and the manifest into ``dest``."""
+        """The committed outputs as ``items/{index:06d}.{ext}`` with their provenance sidecars
+        (``items/{index:06d}.provenance.json``), and the manifest, into ``dest``. Only what the
+        database committed is fetched: objects of deliveries that lost their items are not outputs."""
         dest = Path(dest)
         view = self.status(job_id)
         job_id = view.id
-        prefix = job_prefix(job_id) + "/"
-        for key in self.store.list(prefix):
-            self.store.download(key, safe_join(dest, key.removeprefix(prefix)))
-        if not view.final:
+        for r in iter_results(self.db, job_id, with_provenance=False):
+            if r.key is None:
+                continue
+            ext = r.key.rsplit("/", 1)[1].split(".", 2)[-1]
+            self.store.download(r.key, safe_join(dest, f"items/{r.index:06d}.{ext}"))
+            try:
+                self.store.download(sidecar_of(r.key), safe_join(dest, f"items/{r.index:06d}.provenance.json"))
+            except NotFound:  # AIGC_PROVENANCE_SIDECARS=false: the provenance is in the row and the file
+                pass
+        prefix = job_prefix(job_id)
+        if view.final:
+            for name in ("manifest.jsonl", "errors.jsonl"):
+                self.store.download(f"{prefix}/{name}", safe_join(dest, name))
+        else:
+            dest.mkdir(parents=True, exist_ok=True)
             (dest / "manifest.partial.jsonl").write_text(
                 "".join(json.dumps(r.manifest_line()) + "\n" for r in self.results(job_id))
             )
@@ -253,7 +266,8 @@ class Client:
             return None
         from scheduler.broker import RedisChunkProbe
 
-        return RedisChunkProbe(url, self.settings.broker_ssl())
+        # A delivered message whose chunk is still pending a lease later sits with a dead worker.
+        return RedisChunkProbe(url, self.settings.broker_ssl(), unacked_stale_s=self.settings.lease_s)
 
     # ---- models -------------------------------------------------------------------------------
 

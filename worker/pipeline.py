@@ -17,7 +17,9 @@ from sqlalchemy import and_, case, insert, or_, select, text, tuple_, update
 
 from aigc_core import __version__
 from aigc_core.errors import ModelLoadError, NotFound, StorageError, TransientError
-from aigc_core.jobs import finalize_if_done, item_key, job_prefix, record_event, release_ready, sidecar_key
+from aigc_core.jobs import (
+    DISCARDED_EVENT, finalize_if_done, item_key, job_prefix, record_event, release_ready, sidecar_key, sidecar_of,
+)
 from aigc_core.logs import log_context
 from aigc_core.reconcile import publish_chunks
 from aigc_core.registry import ModelRef, generation_defaults, resolve
@@ -363,6 +365,8 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
             if rows:
                 s.execute(insert(Artifact), rows)
         _fail_in(s, token, failures)
+    # Items another delivery took meanwhile: what this one stored for them is nobody's output.
+    _discard(rt, job.id, [a["key"] for a in artifacts if a["item_id"] not in done])
     res.succeeded += len(done)
     res.failed += len(failures)
     for err in failures.values():
@@ -384,8 +388,29 @@ def _store_all(rt: Runtime, job: JobInfo, token: str, model, ok: list, deadline:
         wait(futures)
     failed = next((f for f in futures if not f.cancelled() and f.exception() is not None), None)
     if failed is not None:
+        # The items go back uncommitted: the objects stored for them are nobody's output.
+        _discard(rt, job.id, [r["key"] for f in futures
+                              if not f.cancelled() and f.exception() is None and (r := f.result()) is not None])
         raise failed.exception()
     return [r for f in futures if (r := f.result()) is not None]
+
+
+def _discard(rt: Runtime, job_id: str, keys: list[str]) -> None:
+    """Remove the objects (and sidecars) of outputs that were not committed. Their keys are this
+    delivery's own, so nothing committed is touched. If the store refuses, the job is marked for the
+    sweep at finalize (``sweep_orphans``) instead."""
+    if not keys:
+        return
+    try:
+        rt.store.delete([k for key in keys for k in (key, sidecar_of(key))])
+        return
+    except Exception as e:  # the store is often what failed: leave it to the sweep
+        log.warning("could not remove %d uncommitted outputs (%s); removed at finalize", len(keys), e)
+    try:
+        with rt.db.session() as s:
+            record_event(s, job_id, DISCARDED_EVENT, count=len(keys))
+    except Exception as e:
+        log.warning("could not record uncommitted outputs for the sweep: %s", e)
 
 
 def _begin_batch(rt: Runtime, job_id: str, token: str, ids: list[int],
@@ -428,7 +453,7 @@ def _store_one(rt: Runtime, job: JobInfo, token: str, model, c: Claimed, out: Ou
     """Object first, then its provenance sidecar; the database row comes after both. None when the
     item turned out to be another delivery's before a PUT (nothing more is written for it)."""
     t0 = time.perf_counter()
-    key = item_key(job.id, c.index, out.ext)
+    key = item_key(job.id, c.index, out.ext, token)
     prov = provenance(rt, job, model, c, out, gen_seconds)
     data = embed_metadata(out.data, out.media_type, prov)  # PNG text chunk, WAV INFO chunk
     sha = hashlib.sha256(data).hexdigest()
@@ -439,8 +464,9 @@ def _store_one(rt: Runtime, job: JobInfo, token: str, model, c: Claimed, out: Ou
     prov["timings"]["store_s"] = round(time.perf_counter() - t0, 4)
     if rt.settings.provenance_sidecars:
         if (deadline := _hold(rt, token, c.id, deadline)) is None:
+            _discard(rt, job.id, [key])
             return None
-        rt.store.put(sidecar_key(job.id, c.index), _json(prov), "application/json")
+        rt.store.put(sidecar_key(job.id, c.index, token), _json(prov), "application/json")
     return {"item_id": c.id, "job_id": job.id, "key": key, "uri": info.uri, "sha256": sha,
             "size": len(data), "media_type": out.media_type, "provenance": prov,
             "duration_s": out.info.get("duration_s")}

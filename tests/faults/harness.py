@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,6 +47,9 @@ class Report:
     executions: int = 0  # item generations the workers logged (a run killed mid-batch logs none)
     duplicate_executions: int = 0
     duplicate_outputs: int = 0
+    # Objects under items/ that no committed row names (a delivery that lost its items wrote them):
+    # never an output, removed by the delivery or at finalize; one that lands later stays unnamed.
+    orphans: int = 0
     recovery_s: float | None = None
     wall_s: float = 0.0
     checks: list[str] = field(default_factory=list)  # scenario-specific expectations that did not hold
@@ -209,15 +213,16 @@ class Run:
 
     def check(self, job_ids: list[str], *, fault_cleared_at: float | None = None) -> Report:
         """Read the database and the bucket: what is lost, what ran twice, what was committed twice."""
+        from aigc_core.jobs import sidecar_of
         from aigc_core.schema import Artifact, Item, ItemStatus
 
         rep = Report(self.name, wall_s=round(time.monotonic() - self.t0, 2))
         s3 = self.env.s3.client()
-        keys = _list_keys(s3, self.bucket, "out/jobs/")
+        keys = _list_keys(s3, self.bucket, "out/jobs/")  # key -> when it was last written
         with self.client.db.session() as s:
             rows = s.execute(
                 select(Item.job_id, Item.index, Item.status, Item.error, Item.finished_at,
-                       Artifact.key, Artifact.sha256, Artifact.provenance)
+                       Artifact.key, Artifact.sha256, Artifact.provenance, Artifact.created_at)
                 .outerjoin(Artifact, Artifact.item_id == Item.id).where(Item.job_id.in_(job_ids))
             ).all()
             extra_rows = s.scalar(
@@ -241,24 +246,36 @@ class Run:
                 rep.lost += 1  # still open when the job was meant to be over
             if r.finished_at is not None:
                 finished_after.append(r.finished_at.timestamp())
-        # One output per item: a second artifact row, or a second object for one index, is a duplicate.
-        per_index = Counter(k.rsplit("/", 1)[1].split(".", 1)[0] + "@" + k.split("/")[2]
-                            for k in keys if "/items/" in k and not k.endswith(".provenance.json"))
-        rep.duplicate_outputs = (extra_rows or 0) + sum(n - 1 for n in per_index.values() if n > 1)
+        # One committed output per item: a second artifact row is a duplicate. Objects are per delivery,
+        # so a second object for an index is a loser's write: an orphan, which no row, manifest or
+        # result names (checked above: each committed row's own object and sidecar are intact).
+        rep.duplicate_outputs = extra_rows or 0
+        named = {f"out/{k}" for r in rows if r.key is not None for k in (r.key, sidecar_of(r.key))}
+        rep.orphans = len({k for k in keys if "/items/" in k and k.split("/")[2] in job_ids} - named)
         rep.executions, rep.duplicate_executions = executions(self.worker_logs(), job_ids)
         if fault_cleared_at is not None:
             after = [t for t in finished_after if t >= fault_cleared_at]
             rep.recovery_s = round(min(after) - fault_cleared_at, 2) if after else None
         return rep
 
-    def _output_intact(self, s3, row, keys: set[str]) -> bool:
-        """The object exists and is what the row says; its sidecar is the committed attempt's."""
+    def _output_intact(self, s3, row, keys: dict[str, datetime]) -> bool:
+        """The object exists and is what the row says; its sidecar is the committed attempt's; neither
+        was written again after the commit (a late write of equal bytes is an overwrite all the same:
+        the next one may differ)."""
         if row.key is None or f"out/{row.key}" not in keys:
+            return False
+        committed = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=timezone.utc)
+        from aigc_core.jobs import sidecar_of
+
+        if any(keys.get(f"out/{k}", committed) > committed + timedelta(seconds=2)  # S3 stamps whole seconds
+               for k in (row.key, sidecar_of(row.key))):
             return False
         body = s3.get_object(Bucket=self.bucket, Key=f"out/{row.key}")["Body"].read()
         if hashlib.sha256(body).hexdigest() != row.sha256:
             return False
-        sidecar_key = f"out/{row.key.rsplit('.', 1)[0]}.provenance.json"
+        from aigc_core.jobs import sidecar_of
+
+        sidecar_key = f"out/{sidecar_of(row.key)}"
         if sidecar_key not in keys:
             return False
         sidecar = json.loads(s3.get_object(Bucket=self.bucket, Key=sidecar_key)["Body"].read())
@@ -297,10 +314,10 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, poll: flo
         time.sleep(poll)
 
 
-def _list_keys(s3, bucket: str, prefix: str) -> set[str]:
-    keys: set[str] = set()
+def _list_keys(s3, bucket: str, prefix: str) -> dict[str, datetime]:
+    keys: dict[str, datetime] = {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys |= {o["Key"] for o in page.get("Contents", [])}
+        keys |= {o["Key"]: o["LastModified"] for o in page.get("Contents", [])}
     return keys
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from sqlalchemy import select, text
 
-from tests.faults.harness import FaultEnv, Report, Run
+from tests.faults.harness import FaultEnv, Report, Run, _redis
 from tests.support.workers import WorkerProc
 from tests.support.models import corpus_texts
 
@@ -336,6 +336,122 @@ def cancel_mid_job(env: FaultEnv, full: bool) -> Report:
         return rep
 
 
+def _worker_id(w: WorkerProc) -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{w.proc.pid}"  # the solo pool runs tasks in the main process
+
+
+def _items_of(run: Run, job_id: str, worker: str, status: str = "running") -> list[int]:
+    from aigc_core.schema import Item
+
+    with run.client.db.session() as s:
+        return list(s.scalars(select(Item.id).where(Item.job_id == job_id, Item.worker == worker,
+                                                    Item.status == status)))
+
+
+def _settled(w: WorkerProc) -> bool:
+    """Every message the worker received has ended (succeeded, retried or raised)."""
+    log = w.log()
+    ended = sum(log.count(s) for s in ("] succeeded in", "] retry:", "] raised"))
+    return log.count("] received") <= ended
+
+
+def _zombie(env: FaultEnv, name: str, seed: int, stall: Callable[[WorkerProc, object], None],
+            resume: Callable[[WorkerProc, object], None]) -> tuple[Report, object, dict]:
+    """Workers A and B; A stalls while it holds items (``stall``), its leases run out, B takes the items
+    over and commits them, then A resumes (``resume``) and its late writes land. Every committed
+    object and sidecar must still be the one its row names, and A's writes must be gone."""
+    from tests.faults.servers import TcpProxy
+    from urllib.parse import urlsplit
+
+    endpoint = urlsplit(env.s3.endpoint)
+    own = TcpProxy((endpoint.hostname, endpoint.port))  # A's own way to S3, so it can be held alone
+    seen: dict = {}
+    try:
+        with env.run(name, AIGC_LEASE_S="6") as run:
+            run.register_model()
+            run.start_scheduler()
+            a = run.start_worker(env={"AIGC_S3_ENDPOINT_URL": own.url, "AIGC_CACHE_DIR": str(run.dir / "cache-a")})
+            b = run.start_worker()
+            job = run.client.submit("text", model="tiny", items=prompts(), seed=seed)
+            # A has its model (it committed something) and holds items now.
+            run.wait_until(lambda: bool(_items_of(run, job.id, _worker_id(a), "succeeded")
+                                        and _items_of(run, job.id, _worker_id(a))), 120, "A mid-chunk")
+            taken = _items_of(run, job.id, _worker_id(a))
+            stall(a, own)
+            view = run.wait_final(job.id, timeout=180)  # B took A's items over once their leases expired
+            time.sleep(3)  # A stays stalled past B's commit by more than S3's one-second timestamps
+            resume(a, own)
+            run.wait_until(lambda: _settled(a), 90, "A's chunk ended")
+            from aigc_core.schema import Item
+
+            with run.client.db.session() as s:
+                seen["by_b"] = s.scalar(select(text("count(*)")).select_from(Item).where(
+                    Item.id.in_(taken), Item.worker == _worker_id(b), Item.status == "succeeded"))
+            rep = run.check([job.id])
+            rep.expect(view.status.value == "succeeded", f"job ended {view.status.value}")
+            rep.expect(seen["by_b"] == len(taken), f"B committed {seen['by_b']} of the {len(taken)} items A held")
+            rep.expect(rep.orphans == 0, f"{rep.orphans} objects of the zombie's left in the bucket")
+            return rep, own, seen
+    finally:
+        own.cut()
+
+
+def zombie_held_put(env: FaultEnv, full: bool) -> Report:
+    """14. Worker A's S3 requests are held in the network past its lease (6 s); B takes A's items over
+    and commits; then A's held PUTs go through. They land on A's own keys, not on B's objects."""
+    rep, own, _ = _zombie(env, "zombie-held-put", 14, lambda a, p: p.hold(), lambda a, p: p.release())
+    rep.expect(own.late_bytes > 0, "A sent nothing after the release: the held PUT never landed")
+    rep.notes.append(f"{own.late_bytes} bytes of A's held requests reached S3 after B's commit")
+    return rep
+
+
+def zombie_sigstop(env: FaultEnv, full: bool) -> Report:
+    """15. Worker A is frozen (SIGSTOP) while it holds items, past its lease; B commits them; A is
+    thawed (SIGCONT) and goes on where it stopped, mid-PUT or not."""
+    return _zombie(env, "zombie-sigstop", 15, lambda a, p: os.killpg(a.proc.pid, signal.SIGSTOP),
+                   lambda a, p: os.killpg(a.proc.pid, signal.SIGCONT))[0]
+
+
+def killed_during_s3_outage(env: FaultEnv, full: bool) -> Report:
+    """16. S3 goes down, the worker's chunks wait in Celery's retry countdown, and the whole worker is
+    SIGKILLed holding those countdown messages (unacked in Redis until the one-hour visibility
+    timeout). A new worker starts; S3 comes back. The reconciler must see that no live worker holds
+    them and publish them again: every item finishes within about a lease of S3's return."""
+    outage = 20 if full else 12
+    # The defaults of a deployment: an hour before Redis gives an unacked message back, and an hour
+    # before the reconciler re-sends a chunk the broker claims to hold.
+    with env.run("kill-in-s3-outage", AIGC_VISIBILITY_TIMEOUT_S="3600", AIGC_REPUBLISH_AFTER_S="3600") as run:
+        w = _started(run, pool="prefork", concurrency=1)
+        job = run.client.submit("text", model="tiny", items=prompts(96), seed=16)
+        run.wait_until(mid_job(run, job.id), 120, "mid-job")
+        env.proxy.cut()
+        cut_at = time.time()
+        run.wait_until(lambda: w.log().count("retry: Retry in") >= 2, 60, "retry countdowns")
+        # The worker holds a countdown message now (kombu's unacked hash), as the dead worker will.
+        run.wait_until(lambda: _redis(env.redis.url).hlen("unacked") > 0, 30, "a reserved countdown message")
+        w.kill()
+        run.start_worker()
+        time.sleep(max(0.0, outage - (time.time() - cut_at)))
+        env.proxy.restore()
+        back_at = time.time()
+        view = run.wait_final(job.id, timeout=150)
+        rep = run.check([job.id], fault_cleared_at=back_at)
+        from aigc_core.schema import Item
+
+        with run.client.db.session() as s:
+            last = s.scalar(select(text("max(finished_at)")).select_from(Item).where(Item.job_id == job.id))
+        waited = last.timestamp() - back_at
+        rep.expect(view.status.value == "succeeded", f"job ended {view.status.value}")
+        rep.expect(rep.succeeded == 96, "not every item succeeded")
+        # One lease (8 s) for the dead worker's items, plus a retry countdown that may still run on
+        # the new worker (up to 60 s, retry_backoff_max), plus the generation itself.
+        rep.expect(waited < 8 + 60 + 20, f"the last item finished {waited:.0f} s after S3 came back")
+        rep.notes.append(f"outage {outage} s; last item {waited:.1f} s after S3 came back")
+        return rep
+
+
 def _ts(t: float):
     from datetime import datetime, timezone
 
@@ -356,5 +472,9 @@ SCENARIOS: dict[str, Callable[[FaultEnv, bool], Report]] = {
     "idempotent-submits": idempotent_submits,
     "redelivered-while-running": redelivered_while_running,
     "cancel-mid-job": cancel_mid_job,
+    "zombie-held-put": zombie_held_put,
+    "zombie-sigstop": zombie_sigstop,
+    "killed-during-s3-outage": killed_during_s3_outage,
 }
-FAST = ("kill-worker-child", "redis-restarted-empty", "s3-outage", "out-of-memory-split", "cancel-mid-job")
+FAST = ("kill-worker-child", "redis-restarted-empty", "s3-outage", "out-of-memory-split", "cancel-mid-job",
+        "zombie-held-put", "killed-during-s3-outage")

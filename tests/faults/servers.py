@@ -74,6 +74,9 @@ class TcpProxy:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
+        self._flowing = threading.Event()  # cleared by hold(): requests wait, as in a stalled network
+        self._flowing.set()
+        self.late_bytes = 0  # what a held request sent, counted as it went through after release()
         self.restore()
 
     @property
@@ -97,6 +100,14 @@ class TcpProxy:
         for c in conns:
             _close(c)
 
+    def hold(self) -> None:
+        """Connections stay open but what clients send is held back (a PUT hangs mid-request)."""
+        self._flowing.clear()
+
+    def release(self) -> None:
+        """What was held goes through now, late."""
+        self._flowing.set()
+
     def _accept(self, lst: socket.socket) -> None:
         while True:
             try:
@@ -111,12 +122,15 @@ class TcpProxy:
             server.settimeout(None)
             with self._lock:
                 self._conns |= {client, server}
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, upstream in ((client, server, True), (server, client, False)):
+                threading.Thread(target=self._pump, args=(a, b, upstream), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool = False) -> None:
         try:
             while data := src.recv(65536):
+                if upstream and not self._flowing.is_set():
+                    self._flowing.wait()
+                    self.late_bytes += len(data)
                 dst.sendall(data)
         except OSError:
             pass

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aigc_core.errors import SpecError
-from aigc_core.jobs import item_key, job_prefix
+from aigc_core.jobs import item_key, job_prefix, sidecar_of
 from aigc_core.schema import new_id
 from aigc_core.settings import Limits
 from aigc_core.spec import JobSpec, check_limits, load_items_jsonl, load_yaml, parse_spec
@@ -52,8 +52,9 @@ def test_arbitrary_json_gives_a_spec_error_with_a_message_or_a_valid_spec(data):
 @given(st.integers(min_value=0, max_value=10**9), st.sampled_from(["txt", "png", "wav", "json"]))
 def test_object_keys_come_from_server_ids_and_stay_under_the_job_prefix(index, ext):
     job_id = new_id()
-    key = item_key(job_id, index, ext)
+    key = item_key(job_id, index, ext, new_id())
     assert key.startswith(job_prefix(job_id) + "/items/") and ".." not in key and "//" not in key
+    assert sidecar_of(key) == key.removesuffix(f".{ext}") + ".provenance.json" != key
 
 
 small = Limits(max_items_per_job=4, max_prompt_bytes=40, max_new_tokens=16, max_custom_id_chars=6,

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from aigc_core.errors import ModelLoadError, StorageError, TransientError
+from aigc_core.jobs import job_prefix, sidecar_of
 from aigc_core.schema import Artifact, Item, ItemStatus, JobStatus, utcnow
 from aigc_models import Output
 from worker.pipeline import run_chunk
@@ -128,6 +129,49 @@ def test_a_chunk_running_elsewhere_is_not_claimed_until_its_lease_expires(client
     assert client.status(job.id).status == JobStatus.succeeded
 
 
+class Shouting(FakeGen):
+    """Another worker's output for the same item: different bytes, so an overwrite shows."""
+
+    def generate(self, reqs):
+        return [Output(o.data.upper(), o.media_type, o.ext, o.info) for o in super().generate(reqs)]
+
+
+def test_a_zombie_deliverys_late_put_never_replaces_a_committed_output(client):
+    """Delivery A passed its lease check and then stalled inside a PUT (a held connection, a SIGSTOP,
+    botocore re-sending after a timeout) while its lease ran out; delivery B took the items over and
+    committed. A's write lands afterwards: the committed objects and sidecars stay B's, and A's
+    stray objects are removed."""
+    import hashlib
+
+    job = submit(client, ["alpha", "beta"])
+    other = runtime(client, FakeGen())
+    state = {}
+
+    class StallingStore(CountingStore):
+        def put(self, key, data, content_type="application/octet-stream"):
+            if "/items/" in key and "taken" not in state:
+                state["taken"] = True
+                with client.db.session() as s:  # A's leases run out while its PUT hangs...
+                    s.execute(update(Item).where(Item.job_id == job.id)
+                              .values(lease_until=utcnow() - timedelta(seconds=1)))
+                state["b"] = run_chunk(other, job.id, 0).succeeded  # ...B takes over and commits
+            return super().put(key, data, content_type)  # then A's held bytes arrive
+
+    zombie = runtime(client, Shouting(), store=StallingStore(client.store))
+    a = run_chunk(zombie, job.id, 0)
+    assert state["b"] == 2 and a.succeeded == 0
+    results = list(client.results(job.id))
+    assert {r.status for r in results} == {ItemStatus.succeeded}
+    for r in results:
+        body = client.store.get(r.key)
+        assert hashlib.sha256(body).hexdigest() == r.sha256 and body.islower(), \
+            "a zombie's bytes replaced a committed output"
+        assert json.loads(client.store.get(sidecar_of(r.key))) == r.provenance
+    # A's own objects (written beside B's, under A's claim) were removed when A found it lost.
+    committed = {k for r in results for k in (r.key, sidecar_of(r.key))}
+    assert set(client.store.list(f"{job_prefix(job.id)}/items/")) == committed
+
+
 def test_cancel_mid_chunk_keeps_finished_outputs_and_starts_nothing_new(client):
     job = submit(client, ["a", "b", "c", "d"])  # one chunk of 4, micro-batches of 2
     gen = FakeGen(hook=lambda n: client.cancel(job.id) if n == 1 else None)
@@ -197,7 +241,7 @@ def test_provenance_is_in_the_sidecar_and_the_row(client):
     rt = runtime(client, FakeGen())
     run_chunk(rt, job.id, 0)
     (r,) = list(client.results(job.id))
-    sidecar = json.loads(rt.store.get(f"jobs/{job.id}/items/000000.provenance.json"))
+    sidecar = json.loads(rt.store.get(sidecar_of(r.key)))
     assert sidecar == r.provenance
     p = r.provenance
     assert p["job_id"] == job.id and p["item_index"] == 0 and p["custom_id"] == "c0" and p["seed"] == 40
@@ -219,7 +263,7 @@ def test_a_storage_fault_returns_only_once_no_upload_is_still_running(client):
         lock = threading.Lock()
 
         def put(self, key, data, content_type="application/octet-stream"):
-            if key.endswith("000000.txt"):
+            if "/000000." in key and key.endswith(".txt"):
                 raise StorageError("S3 refused this one")
             with self.lock:
                 self.running += 1
@@ -234,6 +278,8 @@ def test_a_storage_fault_returns_only_once_no_upload_is_still_running(client):
         run_chunk(rt, job.id, 0)
     assert rt.store.running == 0  # nothing writes after the items were given back
     assert {i.status for i in items(client, job.id).values()} == {ItemStatus.pending}
+    # What the other uploads stored for the given-back items is nobody's output: removed.
+    assert list(client.store.list(f"{job_prefix(job.id)}/items/")) == []
 
 
 class SlowStore(CountingStore):
@@ -269,7 +315,7 @@ def test_a_slow_store_writes_nothing_for_an_item_another_delivery_took_meanwhile
     job = submit(client, ["a", "bb"])
 
     def steal(key):  # while item 0 is stored, item 1's lease "expired" and another delivery claimed it
-        if key.endswith("000000.provenance.json"):
+        if "/000000." in key and key.endswith(".provenance.json"):
             with client.db.session() as s:
                 s.execute(update(Item).where(Item.job_id == job.id, Item.custom_id == "c1")
                           .values(claim_token="another-delivery"))
@@ -277,7 +323,7 @@ def test_a_slow_store_writes_nothing_for_an_item_another_delivery_took_meanwhile
     rt = runtime(client, FakeGen(), SlowStore(client.store, 0.5, steal), micro_batch_size=2, lease_s=1,
                  storage_workers=1)
     assert run_chunk(rt, job.id, 0).succeeded == 1
-    assert not any("000001" in k for k in rt.store.puts)  # its PUT came late, asked, and was not ours
+    assert not any("/000001." in k for k in rt.store.puts)  # its PUT came late, asked, and was not ours
     assert items(client, job.id)["c1"].claim_token == "another-delivery"
 
 
@@ -468,7 +514,7 @@ def test_without_sidecars_each_item_costs_one_put_and_keeps_its_provenance_in_th
     job = submit(client, ["one", "two", "three"], seed=41)
     rt = runtime(client, FakeGen(), provenance_sidecars=False)
     run_chunk(rt, job.id, 0)
-    assert sorted(k for k in rt.store.puts if "/items/" in k) == [f"jobs/{job.id}/items/{i:06d}.txt" for i in range(3)]
+    assert sorted(k for k in rt.store.puts if "/items/" in k) == sorted(r.key for r in client.results(job.id))
     assert all(r.provenance["seed"] == 41 + r.index for r in client.results(job.id))
 
 

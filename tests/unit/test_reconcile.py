@@ -66,22 +66,3 @@ def test_a_chunk_the_broker_no_longer_holds_is_published_again_on_the_next_pass(
             published_at=utcnow() - timedelta(seconds=60)))
     rep = reconcile(client.db, client.store, publish, stale_after_s=3600, held=lambda q: None, lost_after_s=15)
     assert sent == [] and rep.lost_messages == 0
-
-
-def test_the_redis_probe_reads_chunk_ids_from_queued_and_unacked_messages(redis_url):
-    import redis
-
-    from scheduler.broker import RedisChunkProbe
-    from scheduler.dispatch import CeleryPublisher
-
-    r = redis.Redis.from_url(redis_url)
-    r.flushdb()
-    CeleryPublisher(redis_url)("probe-q", "job-a", 3)
-    CeleryPublisher(redis_url)("probe-q", "job-b", 0)
-    # Move one message to the unacked hash, as a worker holding it (acks_late) leaves it.
-    raw = r.rpop("probe-q")
-    r.hset("unacked", "tag-1", f'[{raw.decode()}, "", "probe-q"]')
-    r.lpush("probe-q", b"not json", b'{"headers": {"task": "other.task"}, "body": "W10="}')
-    assert RedisChunkProbe(redis_url)("probe-q") == {("job-a", 3), ("job-b", 0)}
-    assert RedisChunkProbe(redis_url, max_scan=1)("probe-q") is None  # too long to read: no opinion
-    assert RedisChunkProbe("redis://127.0.0.1:1/0")("probe-q") is None  # unreachable: no opinion
