@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta, timezone
+from typing import TypeVar
 
-from sqlalchemy import and_, select, tuple_, update
+from sqlalchemy import ColumnElement, and_, select, update
 
 from aigc_core.db import Database
 from aigc_core.jobs import finalize_if_done, release_ready
@@ -15,6 +16,12 @@ from aigc_core.schema import OPEN_ITEM_STATES, Chunk, ChunkStatus, Item, ItemSta
 from aigc_core.storage import ObjectStore
 
 log = logging.getLogger("aigc.reconcile")
+T = TypeVar("T")
+
+# Row-value lists sent in one statement stay this short: PostgreSQL parses `(a, b) IN ((..), ..)` by
+# recursion and fails past about 7,500 pairs ("stack depth limit exceeded"), which wedged the
+# reconciler exactly when a large backlog needed waking.
+PAIRS_PER_STATEMENT = 500
 
 # publish(queue, job_id, chunk_no) sends one message; it raises if the broker refuses.
 Publish = Callable[[str, str, int], None]
@@ -47,10 +54,9 @@ def publish_chunks(db: Database, publish: Publish, chunks: Iterable[tuple[str, i
             log.warning("publish failed (%s); %d chunks stay in the outbox for the reconciler", e, failed)
             break
         sent.append((job_id, chunk_no))
-    for i in range(0, len(sent), 500):
-        part = sent[i : i + 500]
+    for cond in chunks_in(sent):
         with db.session() as s:
-            s.execute(update(Chunk).where(tuple_(Chunk.job_id, Chunk.chunk_no).in_(part))
+            s.execute(update(Chunk).where(cond)
                       .values(status=ChunkStatus.published, published_at=utcnow(),
                               publish_count=Chunk.publish_count + 1))
     return len(sent), failed
@@ -68,16 +74,34 @@ def _lost(s, candidates, held: Held, before) -> list[tuple[str, int]]:
         mine = [(r.job_id, r.chunk_no) for r in old if r.queue == queue and (r.job_id, r.chunk_no) not in in_broker]
         if not mine:
             continue
-        still = set(s.execute(
-            select(Chunk.job_id, Chunk.chunk_no)
-            .join(Item, and_(Item.job_id == Chunk.job_id, Item.chunk_no == Chunk.chunk_no))
-            .where(tuple_(Chunk.job_id, Chunk.chunk_no).in_(mine), Chunk.status == ChunkStatus.published,
-                   Chunk.published_at < before, Item.status == ItemStatus.pending)
-        ).all())
+        still: set[tuple[str, int]] = set()
+        for cond in chunks_in(mine):
+            still.update((r.job_id, r.chunk_no) for r in s.execute(
+                select(Chunk.job_id, Chunk.chunk_no).distinct()
+                .join(Item, and_(Item.job_id == Chunk.job_id, Item.chunk_no == Chunk.chunk_no))
+                .where(cond, Chunk.status == ChunkStatus.published,
+                       Chunk.published_at < before, Item.status == ItemStatus.pending)))
         lost += [c for c in mine if c in still]
     if lost:
         log.warning("%d published chunks have no message in the broker (lost); publishing them again", len(lost))
     return lost
+
+
+def batched(seq: Sequence[T], n: int) -> Iterator[list[T]]:
+    for i in range(0, len(seq), n):
+        yield list(seq[i : i + n])
+
+
+def chunks_in(pairs: Iterable[tuple[str, int]]) -> Iterator[ColumnElement[bool]]:
+    """``(job_id, chunk_no) in pairs`` as several short conditions, each one job's chunk numbers, a
+    few hundred at a time: an index range on the primary key each, where a long row-value list is
+    planned badly and, past about 7,500 pairs, does not parse at all on PostgreSQL."""
+    by_job: dict[str, list[int]] = {}
+    for job_id, chunk_no in pairs:
+        by_job.setdefault(job_id, []).append(chunk_no)
+    for job_id, nums in sorted(by_job.items()):
+        for part in batched(sorted(nums), PAIRS_PER_STATEMENT):
+            yield and_(Chunk.job_id == job_id, Chunk.chunk_no.in_(part))
 
 
 def _aware(t):
@@ -122,8 +146,8 @@ def reconcile(db: Database, store: ObjectStore, publish: Publish | None, *, stal
         lost = _lost(s, candidates, held, now - timedelta(seconds=lost_after_s)) if held else []
         rep.expired_leases, rep.stale_chunks, rep.lost_messages = len(expired), len(stale), len(lost)
         wake = {(r.job_id, r.chunk_no) for r in [*expired, *stale]} | set(lost)
-        if wake:
-            s.execute(update(Chunk).where(tuple_(Chunk.job_id, Chunk.chunk_no).in_(list(wake)))
+        for cond in chunks_in(wake):
+            s.execute(update(Chunk).where(cond)
                       .values(status=ChunkStatus.pending))
         pending = s.execute(
             select(Chunk.job_id, Chunk.chunk_no, Job.queue).join(Job, Job.id == Chunk.job_id)
