@@ -428,9 +428,10 @@ def killed_during_s3_outage(env: FaultEnv, full: bool) -> Report:
         run.wait_until(mid_job(run, job.id), 120, "mid-job")
         env.proxy.cut()
         cut_at = time.time()
-        run.wait_until(lambda: w.log().count("retry: Retry in") >= 2, 60, "retry countdowns")
-        # The worker holds a countdown message now (kombu's unacked hash), as the dead worker will.
-        run.wait_until(lambda: _redis(env.redis.url).hlen("unacked") > 0, 30, "a reserved countdown message")
+        run.wait_until(lambda: "retry: Retry in" in w.log(), 60, "a retry countdown")
+        # Kill when the worker holds (in kombu's unacked hash) a message for a chunk none of whose
+        # items it has claimed: a countdown or prefetched message, which dies with it.
+        run.wait_until(lambda: _holds_unstarted_chunk(run, env.redis.url), 30, "a held, unstarted chunk")
         w.kill()
         run.start_worker()
         time.sleep(max(0.0, outage - (time.time() - cut_at)))
@@ -450,6 +451,21 @@ def killed_during_s3_outage(env: FaultEnv, full: bool) -> Report:
         rep.expect(waited < 8 + 60 + 20, f"the last item finished {waited:.0f} s after S3 came back")
         rep.notes.append(f"outage {outage} s; last item {waited:.1f} s after S3 came back")
         return rep
+
+
+def _holds_unstarted_chunk(run: Run, redis_url: str) -> bool:
+    from aigc_core.schema import Item
+    from scheduler.broker import chunk_of
+
+    for raw in _redis(redis_url).hvals("unacked"):
+        c = chunk_of(raw, unacked=True)
+        if c is None:
+            continue
+        with run.client.db.session() as s:
+            states = set(s.scalars(select(Item.status).where(Item.job_id == c[0], Item.chunk_no == c[1])))
+        if states == {"pending"}:
+            return True
+    return False
 
 
 def _ts(t: float):
