@@ -184,6 +184,8 @@ def finalize_if_done(db: Database, store: ObjectStore, job_id: str) -> JobStatus
         ).rowcount
         if done:
             record_event(s, job_id, "finished", status=status.value, counts=counts)
+            s.execute(update(Chunk).where(Chunk.job_id == job_id, Chunk.status == ChunkStatus.published)
+                      .values(status=ChunkStatus.done))
     return status if done else None
 
 
@@ -216,6 +218,16 @@ def sweep_orphans(db: Database, store: ObjectStore, job_id: str) -> int:
         logging.getLogger("aigc.jobs").warning("could not remove orphaned outputs of job %s: %s", job_id, e)
         return 0
     return len(orphans)
+
+
+def finish_chunk(s: Session, job_id: str, chunk_no: int) -> bool:
+    """A published chunk whose items are all final is done: no scan of open work reads it again.
+    Atomic with the check, so an item reopened meanwhile (retry_failed) keeps it open."""
+    open_items = select(Item.id).where(Item.job_id == job_id, Item.chunk_no == chunk_no,
+                                       Item.status.in_(OPEN_ITEM_STATES))
+    return bool(s.execute(update(Chunk).where(Chunk.job_id == job_id, Chunk.chunk_no == chunk_no,
+                                              Chunk.status == ChunkStatus.published, ~open_items.exists())
+                          .values(status=ChunkStatus.done)).rowcount)
 
 
 def release_ready(db: Database, store: ObjectStore, job_id: str | None = None) -> list[tuple[str, int, str]]:

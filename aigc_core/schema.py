@@ -84,6 +84,7 @@ class ChunkStatus(str, Enum):
     held = "held"  # its job is waiting for another job
     pending = "pending"  # in the outbox, not yet on the broker
     published = "published"
+    done = "done"  # every item final: the reconciler and the overview never read it again
 
 
 def _enum(cls: type[Enum], name: str) -> SAEnum:
@@ -143,6 +144,9 @@ class Item(Base):
         UniqueConstraint("job_id", "custom_id"),
         Index("ix_items_job_chunk_status", "job_id", "chunk_no", "status"),
         Index("ix_items_status_lease", "status", "lease_until"),  # the reconciler's expired-lease scan
+        # Recent activity (items finished per second, workers seen, the last failures) reads a range of
+        # this, not every item ever finished.
+        Index("ix_items_status_finished", "status", "finished_at"),
         # A delivery's own items (heartbeat, commit, release) by its claim token, without scanning every
         # running item of the fleet; partial, so submitting (no token yet) does not pay for it.
         Index("ix_items_claim_token", "claim_token", postgresql_where=text("claim_token IS NOT NULL"),

@@ -2,8 +2,8 @@
 
 Shared by the Prometheus collector (``scheduler.metrics``) and ``aigc status`` (``scheduler.cli_ops``).
 Torch-free, and the worker is never imported: workers are asked over the broker by name.
-Scans of recent activity (items per second, workers seen) look only at items of jobs that are open
-or finished inside the window, so they stay cheap on a large items table without an extra index.
+Scans of recent activity (items per second, workers seen, last failures) read index ranges of
+items that are open or finished inside the window, so they stay cheap on a large items table.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any
 
-from sqlalchemy import case, func, or_, select
+from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from aigc_core.jobs import JobView, job_view
@@ -57,22 +57,22 @@ def jobs_by_state(s: Session) -> dict[str, int]:
 def outbox_by_queue(s: Session) -> dict[tuple[str, str], int]:
     """Chunks not yet on the broker, per (queue, state): pending (the reconciler sends them) or held."""
     rows = s.execute(select(Job.queue, Chunk.status, func.count()).join(Job, Job.id == Chunk.job_id)
-                     .where(Chunk.status != ChunkStatus.published).group_by(Job.queue, Chunk.status))
+                     .where(Chunk.status.in_([ChunkStatus.pending, ChunkStatus.held]))
+                     .group_by(Job.queue, Chunk.status))
     return {(q, _value(st)): n for q, st, n in rows}
 
 
-def _recent_jobs(since: datetime):
-    """Jobs an item finished or started after ``since`` can belong to: open, or finished since then."""
-    return select(Job.id).where(or_(Job.finished_at.is_(None), Job.finished_at >= since))
+FINISHED = (ItemStatus.succeeded, ItemStatus.failed, ItemStatus.cancelled)
 
 
 def finished_per_second(s: Session, window_s: float = RATE_WINDOW_S, now: datetime | None = None) -> dict[str, float]:
-    """Items that reached each final state in the last ``window_s`` seconds, divided by the window."""
+    """Items that reached each final state in the last ``window_s`` seconds, divided by the window:
+    a range of ``ix_items_status_finished`` per state, however many items finished before."""
     since = (now or utcnow()) - timedelta(seconds=window_s)
     rows = s.execute(select(Item.status, func.count())
-                     .where(Item.job_id.in_(_recent_jobs(since)), Item.finished_at >= since)
+                     .where(Item.status.in_(FINISHED), Item.finished_at >= since)
                      .group_by(Item.status))
-    rates = {st.value: 0.0 for st in ItemStatus if st not in (ItemStatus.pending, ItemStatus.running)}
+    rates = {st.value: 0.0 for st in FINISHED}
     rates.update({_value(st): n / window_s for st, n in rows})
     return rates
 
@@ -87,10 +87,13 @@ class WorkerRow:
 
 
 def workers_from_db(s: Session, since: datetime) -> list[WorkerRow]:
-    """Worker processes (host:pid) that claimed items since ``since``, with the items they hold now."""
+    """Worker processes (host:pid) that hold items now or finished items since ``since``, with the
+    items they hold now. Both halves are index ranges (running items; items finished since)."""
     running = func.sum(case((Item.status == ItemStatus.running, 1), else_=0))
     rows = s.execute(select(Item.worker, running, func.max(Item.started_at))
-                     .where(Item.job_id.in_(_recent_jobs(since)), Item.worker.is_not(None), Item.started_at >= since)
+                     .where(Item.worker.is_not(None),
+                            or_(Item.status == ItemStatus.running,
+                                and_(Item.status.in_(FINISHED), Item.finished_at >= since)))
                      .group_by(Item.worker).order_by(func.max(Item.started_at).desc()))
     return [WorkerRow(w, "database", (), int(n or 0), last) for w, n, last in rows]
 
@@ -108,8 +111,8 @@ class Failure:
 
 def last_failures(s: Session, limit: int = 10) -> list[Failure]:
     rows = s.execute(select(Item.job_id, Item.index, Item.custom_id, Item.error, Item.worker, Item.finished_at,
-                            Item.attempts).where(Item.status == ItemStatus.failed)
-                     .order_by(Item.finished_at.desc().nulls_last(), Item.id.desc()).limit(limit))
+                            Item.attempts).where(Item.status == ItemStatus.failed, Item.finished_at.is_not(None))
+                     .order_by(Item.finished_at.desc(), Item.id.desc()).limit(limit))
     return [Failure(r.job_id, r.index, r.custom_id, r.error or "", r.worker, r.finished_at, r.attempts) for r in rows]
 
 

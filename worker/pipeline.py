@@ -18,7 +18,8 @@ from sqlalchemy import and_, case, insert, or_, select, text, tuple_, update
 from aigc_core import __version__
 from aigc_core.errors import ModelLoadError, NotFound, StorageError, TransientError
 from aigc_core.jobs import (
-    DISCARDED_EVENT, finalize_if_done, item_key, job_prefix, record_event, release_ready, sidecar_key, sidecar_of,
+    DISCARDED_EVENT, finalize_if_done, finish_chunk, item_key, job_prefix, record_event, release_ready, sidecar_key,
+    sidecar_of,
 )
 from aigc_core.logs import log_context
 from aigc_core.reconcile import publish_chunks
@@ -100,6 +101,9 @@ def _run_chunk(rt: Runtime, job_id: str, chunk_no: int) -> ChunkResult:
             raise
         finally:
             metrics.count_items(job.model.tag, res.succeeded, res.failed, res.cancelled)
+    if items:
+        with rt.db.session() as s:
+            finish_chunk(s, job_id, chunk_no)
     final = finalize_if_done(rt.db, rt.store, job_id)
     res.final_status = getattr(final, "value", None)
     if final is not None:  # jobs waiting for this one start now, not at the reconciler's next pass

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from aigc_core.reconcile import reconcile
-from aigc_core.schema import Chunk, ChunkStatus, utcnow
+from aigc_core.schema import Artifact, Chunk, ChunkStatus, Item, ItemStatus, utcnow
 
 
 def _chunk_state(client, job_id):
@@ -66,3 +66,21 @@ def test_a_chunk_the_broker_no_longer_holds_is_published_again_on_the_next_pass(
             published_at=utcnow() - timedelta(seconds=60)))
     rep = reconcile(client.db, client.store, publish, stale_after_s=3600, held=lambda q: None, lost_after_s=15)
     assert sent == [] and rep.lost_messages == 0
+
+
+def test_chunks_whose_items_are_all_final_are_done_and_reopen_with_retry_failed(client):
+    """Done chunks are what keeps the reconciler's candidate scan and the outbox count to open work."""
+    job = client.submit("text", model="tiny", items=[f"p{i}" for i in range(10)])  # chunks of 4: 3 chunks
+    client.wait(job.id, timeout=120)
+    with client.db.session() as s:
+        assert set(s.scalars(select(Chunk.status).where(Chunk.job_id == job.id))) == {ChunkStatus.done}
+        item = s.scalar(select(Item.id).where(Item.job_id == job.id, Item.index == 5))
+        s.execute(delete(Artifact).where(Artifact.item_id == item))  # as if it had failed
+        s.execute(update(Item).where(Item.id == item).values(status=ItemStatus.failed, error="x"))
+    assert client.retry_failed(job.id) == 1
+    with client.db.session() as s:
+        states = dict(s.execute(select(Chunk.chunk_no, Chunk.status).where(Chunk.job_id == job.id)).all())
+    assert states == {0: ChunkStatus.done, 1: ChunkStatus.pending, 2: ChunkStatus.done}
+    client.wait(job.id, timeout=120)
+    with client.db.session() as s:
+        assert set(s.scalars(select(Chunk.status).where(Chunk.job_id == job.id))) == {ChunkStatus.done}
