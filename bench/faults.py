@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 COLUMNS = ("scenario", "submitted", "succeeded", "failed", "cancelled", "lost", "dup exec", "dup outputs",
-           "recovery s", "wall s", "pass")
+           "orphans", "recovery s", "wall s", "pass")
 
 
 def _header() -> str:
@@ -81,7 +81,7 @@ def _header() -> str:
 def _row(r) -> str:
     failed = ", ".join(f"{n} {reason}" for reason, n in sorted(r.failed.items())) or "0"
     cells = (r.scenario, r.submitted, r.succeeded, failed, r.cancelled, r.lost, r.duplicate_executions,
-             r.duplicate_outputs, "-" if r.recovery_s is None else r.recovery_s, r.wall_s,
+             r.duplicate_outputs, r.orphans, "-" if r.recovery_s is None else r.recovery_s, r.wall_s,
              "yes" if r.passed else "NO")
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
