@@ -180,7 +180,8 @@ def finalize_if_done(db: Database, store: ObjectStore, job_id: str) -> JobStatus
         # Not if an item was reopened meanwhile (retry_failed): that job is not finished after all.
         done = s.execute(
             update(Job).where(Job.id == job_id, Job.finished_at.is_(None), ~_open_items(job_id).exists())
-            .values(status=status, finished_at=utcnow())
+            .values(status=status, finished_at=utcnow(), succeeded_items=counts.get("succeeded", 0),
+                    failed_items=counts.get("failed", 0), cancelled_items=counts.get("cancelled", 0))
         ).rowcount
         if done:
             record_event(s, job_id, "finished", status=status.value, counts=counts)

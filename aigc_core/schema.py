@@ -133,6 +133,11 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # Written when the job finishes (its items by final state), so counting finished work over all
+    # jobs reads the jobs table, not every item ever finished. None while the job is open.
+    succeeded_items: Mapped[int | None] = mapped_column(Integer)
+    failed_items: Mapped[int | None] = mapped_column(Integer)
+    cancelled_items: Mapped[int | None] = mapped_column(Integer)
 
     items: Mapped[list[Item]] = relationship(back_populates="job", lazy="raise")
 
