@@ -166,6 +166,8 @@ class Item(Base):
     prompt: Mapped[str] = mapped_column(Text)
     # {"job": id, "custom_id": ...}: the prompt is that item's text output, read when the item runs.
     source: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # [{"role": ..., "content": ...}] for a chat item (rendered by the model's chat template); else None.
+    messages: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     seed: Mapped[int] = mapped_column(BigInteger)
     status: Mapped[ItemStatus] = mapped_column(_enum(ItemStatus, "item_status"))
