@@ -14,7 +14,16 @@ from sqlalchemy.orm import Session
 from aigc_core.db import Database
 from aigc_core.errors import NotFound, SpecError
 from aigc_core.schema import (
-    OPEN_ITEM_STATES, Artifact, Chunk, ChunkStatus, Item, ItemStatus, Job, JobEvent, JobStatus, utcnow,
+    OPEN_ITEM_STATES,
+    Artifact,
+    Chunk,
+    ChunkStatus,
+    Item,
+    ItemStatus,
+    Job,
+    JobEvent,
+    JobStatus,
+    utcnow,
 )
 from aigc_core.storage import ObjectStore
 
@@ -215,7 +224,7 @@ def sweep_orphans(db: Database, store: ObjectStore, job_id: str) -> int:
         orphans = [k for k in store.list(f"{job_prefix(job_id)}/items/") if k not in keep]
         if orphans:
             store.delete(orphans)
-    except Exception as e:  # noqa: BLE001 - any store failure: the orphans stay, harmless
+    except Exception as e:
         logging.getLogger("aigc.jobs").warning("could not remove orphaned outputs of job %s: %s", job_id, e)
         return 0
     return len(orphans)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta
 from typing import TypeVar
 
 from sqlalchemy import ColumnElement, and_, select, update
@@ -106,7 +106,7 @@ def chunks_in(pairs: Iterable[tuple[str, int]]) -> Iterator[ColumnElement[bool]]
 
 def _aware(t):
     """SQLite returns naive datetimes for timezone-aware columns; they are UTC."""
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def reconcile(db: Database, store: ObjectStore, publish: Publish | None, *, stale_after_s: int,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from contextlib import contextmanager
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

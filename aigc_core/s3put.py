@@ -65,7 +65,7 @@ class SigV4Signer:
                 access_key: str, secret_key: str, token: str | None, now: dt.datetime) -> dict[str, str]:
         """All headers to send, ``Authorization`` included. ``path`` is already URI-encoded (S3 does not
         encode it twice); every header given is signed."""
-        amz_date = now.astimezone(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        amz_date = now.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         headers = {k.lower(): " ".join(str(v).split()) for k, v in extra.items()}
         headers.update({"host": host, "x-amz-content-sha256": payload_sha256, "x-amz-date": amz_date})
         if token:
@@ -154,7 +154,7 @@ class FastPut:
             headers = self.signer.headers(
                 "PUT", self.host, path, hashlib.sha256(data).hexdigest(),
                 {"content-type": content_type, "content-length": str(len(data))},
-                creds.access_key, creds.secret_key, creds.token, dt.datetime.now(dt.timezone.utc))
+                creds.access_key, creds.secret_key, creds.token, dt.datetime.now(dt.UTC))
             r = self.http.urlopen("PUT", path, body=data, headers=headers, redirect=False)
         except Exception as e:  # credentials, urllib3's network errors: botocore retries the PUT
             log.debug("fast PUT of %s failed (%s); botocore retries it", key, e)

@@ -151,7 +151,7 @@ def load_yaml(path: Path, limits: Limits | None = None) -> Any:
         raise SpecError(f"{path}: larger than the limit of {limits.max_yaml_file_bytes} bytes "
                         "(AIGC_LIMIT_MAX_YAML_FILE_BYTES); put the items in an items_file")
     try:
-        data = yaml.load(raw.decode("utf-8"), Loader=_json_loader())  # noqa: S506 - a SafeLoader
+        data = yaml.load(raw.decode("utf-8"), Loader=_json_loader())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise SpecError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     except RecursionError:
@@ -171,7 +171,7 @@ def parse_scalar(text: str) -> Any:
     import yaml
 
     try:
-        value = yaml.load(text, Loader=_json_loader())  # noqa: S506 - a SafeLoader
+        value = yaml.load(text, Loader=_json_loader())
     except (yaml.YAMLError, RecursionError):
         return text
     return value if value is None or isinstance(value, (str, int, float, bool)) else text

@@ -15,7 +15,6 @@ from aigc_core.errors import NotFound, SpecError, StorageError
 from aigc_core.s3put import FastPut
 from aigc_core.settings import mask_url
 
-
 # Presigned download URLs are short-lived: 15 minutes unless asked, never more than a day.
 PRESIGN_DEFAULT_S = 900
 PRESIGN_MAX_S = 86_400

@@ -33,7 +33,7 @@ def _wav(samples: np.ndarray, sample_rate: int, info: dict[str, Any]) -> Output:
         samples = np.clip(samples.astype(np.float32), -1.0, 1.0)
     buf = io.BytesIO()
     sf.write(buf, samples, sample_rate, format="WAV", subtype="PCM_16")
-    n = int(len(samples))
+    n = len(samples)
     info = {"sample_rate": int(sample_rate), "duration_s": round(n / sample_rate, 4), "samples": n, **info}
     return Output(buf.getvalue(), "audio/wav", "wav", info)
 

@@ -13,8 +13,17 @@ import time
 from contextlib import contextmanager
 
 from bench.common import (
-    REDIS_DB, Stack, build_text_model, headline_prompts, quick_arg, run_job, table, text_params, utc_seconds,
-    verdict, write_json,
+    REDIS_DB,
+    Stack,
+    build_text_model,
+    headline_prompts,
+    quick_arg,
+    run_job,
+    table,
+    text_params,
+    utc_seconds,
+    verdict,
+    write_json,
 )
 
 
@@ -46,9 +55,9 @@ def queue_keys(r, queue: str = "text") -> list[bytes]:
 
 
 def one_submit(st, client, r, n: int, tag: str) -> dict:
-    import scheduler.client as sc
     from sqlalchemy import func, select
 
+    import scheduler.client as sc
     from aigc_core.schema import Chunk, ChunkStatus, Item
     from aigc_core.spec import JobSpec
 

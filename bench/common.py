@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -171,7 +171,7 @@ class Stack:
 # ---- jobs: submit, wait, check ----------------------------------------------------------------------
 
 def utc_seconds(t: datetime) -> float:
-    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
 
 
 def wait_final(client, job_id: str, *, timeout: float = 600, poll_s: float = 0.2) -> tuple[str, float]:
@@ -349,7 +349,7 @@ def machine() -> dict[str, Any]:
 def write_json(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    body = {"benchmark": name, "at": datetime.now(timezone.utc).isoformat(), "machine": machine(),
+    body = {"benchmark": name, "at": datetime.now(UTC).isoformat(), "machine": machine(),
             "loadavg_at_end": os.getloadavg(), **data}
     path.write_text(json.dumps(body, indent=1, default=str) + "\n")
     print(f"wrote {path.relative_to(ROOT)}", flush=True)

@@ -13,9 +13,26 @@ thread. Rounds are interleaved (order rotated); E per round = bare seconds / run
 from __future__ import annotations
 
 from bench.common import (
-    add_rounds_and_sidecars, efficiency_ratios, rounds_and_variants, variant_cells, variant_heads,
-    NO_SIDECARS, BareText, Stack, build_text_model, check_outputs, headline_prompts, interleave_many,
-    one_torch_thread, quick_arg, run_job, summary, table, text_params, verdict, write_json,
+    NO_SIDECARS,
+    BareText,
+    Stack,
+    add_rounds_and_sidecars,
+    build_text_model,
+    check_outputs,
+    efficiency_ratios,
+    headline_prompts,
+    interleave_many,
+    one_torch_thread,
+    quick_arg,
+    rounds_and_variants,
+    run_job,
+    summary,
+    table,
+    text_params,
+    variant_cells,
+    variant_heads,
+    verdict,
+    write_json,
 )
 
 # label, layers, width, heads, items per run (a multiple of the chunk size; a few seconds each)

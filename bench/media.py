@@ -14,9 +14,22 @@ import io
 import time
 
 from bench.common import (
-    add_rounds_and_sidecars, efficiency_ratios, rounds_and_variants, variant_cells, variant_heads,
-    NO_SIDECARS, Stack, check_outputs, headline_prompts, interleave_many, one_torch_thread, quick_arg,
-    run_job, summary, table, write_json,
+    NO_SIDECARS,
+    Stack,
+    add_rounds_and_sidecars,
+    check_outputs,
+    efficiency_ratios,
+    headline_prompts,
+    interleave_many,
+    one_torch_thread,
+    quick_arg,
+    rounds_and_variants,
+    run_job,
+    summary,
+    table,
+    variant_cells,
+    variant_heads,
+    write_json,
 )
 
 

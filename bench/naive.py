@@ -12,8 +12,19 @@ import time
 import uuid
 
 from bench.common import (
-    Stack, build_text_model, check_outputs, fmt_range, headline_prompts, interleave, quick_arg, run_job, summary,
-    table, text_params, verdict, write_json,
+    Stack,
+    build_text_model,
+    check_outputs,
+    fmt_range,
+    headline_prompts,
+    interleave,
+    quick_arg,
+    run_job,
+    summary,
+    table,
+    text_params,
+    verdict,
+    write_json,
 )
 
 NEW_TOKENS = 32

@@ -17,8 +17,20 @@ import statistics
 import time
 
 from bench.common import (
-    NO_SIDECARS, SqlCounter, Stack, task_seconds, check_outputs, fmt_range, headline_prompts, quick_arg, register_null, run_job, summary,
-    table, verdict, write_json,
+    NO_SIDECARS,
+    SqlCounter,
+    Stack,
+    check_outputs,
+    fmt_range,
+    headline_prompts,
+    quick_arg,
+    register_null,
+    run_job,
+    summary,
+    table,
+    task_seconds,
+    verdict,
+    write_json,
 )
 from bench.profiling import profile_chunks, top
 

@@ -13,8 +13,20 @@ import time
 from collections import Counter
 
 from bench.common import (
-    Stack, build_text_model, check_outputs, fmt_range, headline_prompts, quick_arg, run_job, summary, table,
-    text_params, utc_seconds, verdict, wait_final, write_json,
+    Stack,
+    build_text_model,
+    check_outputs,
+    fmt_range,
+    headline_prompts,
+    quick_arg,
+    run_job,
+    summary,
+    table,
+    text_params,
+    utc_seconds,
+    verdict,
+    wait_final,
+    write_json,
 )
 
 PARAMS = text_params(32)

@@ -20,8 +20,22 @@ import subprocess
 import time
 
 from bench.common import (
-    REDIS_DB, RedisMonitor, SqlCounter, Stack, build_text_model, check_outputs, fmt_range, headline_prompts,
-    interleave, quick_arg, register_null, run_job, summary, table, text_params, write_json,
+    REDIS_DB,
+    RedisMonitor,
+    SqlCounter,
+    Stack,
+    build_text_model,
+    check_outputs,
+    fmt_range,
+    headline_prompts,
+    interleave,
+    quick_arg,
+    register_null,
+    run_job,
+    summary,
+    table,
+    text_params,
+    write_json,
 )
 
 PARAMS = text_params(32)

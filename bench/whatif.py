@@ -17,8 +17,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from bench.common import (
-    BareText, Stack, build_text_model, check_outputs, fmt_range, headline_prompts, one_torch_thread, quick_arg,
-    register_null, summary, table, text_params, write_json,
+    BareText,
+    Stack,
+    build_text_model,
+    check_outputs,
+    fmt_range,
+    headline_prompts,
+    one_torch_thread,
+    quick_arg,
+    register_null,
+    summary,
+    table,
+    text_params,
+    write_json,
 )
 
 VARIANTS = ("as is", "no sidecar", "overlap", "no sidecar + overlap")

@@ -8,13 +8,13 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
 from aigc_core.errors import AigcError, NotFound, SpecError, service_error
 from aigc_core.settings import Limits, Settings
@@ -174,13 +174,13 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
 
 @app.command()
 def submit(
-    job_file: Annotated[Optional[Path], typer.Argument(help="job.yaml with kind, model, items or items_file")] = None,
-    items: Annotated[Optional[Path], typer.Option("--items", help="items.jsonl, one {custom_id, prompt} a line")] = None,
-    kind: Annotated[Optional[str], typer.Option(help="text, image or audio (with --items)")] = None,
-    model: Annotated[Optional[str], typer.Option(help="model name or name@version")] = None,
+    job_file: Annotated[Path | None, typer.Argument(help="job.yaml with kind, model, items or items_file")] = None,
+    items: Annotated[Path | None, typer.Option("--items", help="items.jsonl, one {custom_id, prompt} a line")] = None,
+    kind: Annotated[str | None, typer.Option(help="text, image or audio (with --items)")] = None,
+    model: Annotated[str | None, typer.Option(help="model name or name@version")] = None,
     param: Annotated[list[str], typer.Option("--param", "-p", help="NAME=VALUE, repeatable")] = [],
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    key: Annotated[Optional[str], typer.Option("--idempotency-key", help="same key + payload = same job")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    key: Annotated[str | None, typer.Option("--idempotency-key", help="same key + payload = same job")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait for the job and show progress")] = False,
 ) -> None:
     """Submit a job; prints its id."""
@@ -207,7 +207,7 @@ def submit(
 
 
 @app.command()
-def status(job: Annotated[Optional[str], typer.Argument()] = None,
+def status(job: Annotated[str | None, typer.Argument()] = None,
            as_json: Annotated[bool, typer.Option("--json")] = False, limit: int = 20) -> None:
     """One job's state and its last events; with no job, the overview: queues, workers, jobs in flight,
     the last failures and the latest jobs."""
@@ -233,7 +233,7 @@ def finetune(
     dataset: Annotated[str, typer.Option(help="JSONL {\"text\"} or plain text: a path, file:// or s3://")],
     output: Annotated[str, typer.Option(help="name the fine-tuned model is registered under")],
     param: Annotated[list[str], typer.Option("--param", "-p", help="hyperparameter NAME=VALUE, repeatable")] = [],
-    key: Annotated[Optional[str], typer.Option("--idempotency-key")] = None,
+    key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait and show step / loss")] = False,
 ) -> None:
     """Fine-tune a text model; on success OUTPUT gets a new registered version with its lineage."""
@@ -245,7 +245,7 @@ def finetune(
 
 
 @app.command()
-def wait(job: str, timeout: Annotated[Optional[float], typer.Option(help="give up after this many seconds "
+def wait(job: str, timeout: Annotated[float | None, typer.Option(help="give up after this many seconds "
                                                                           "(exit 4)")] = None) -> None:
     """Wait for a job with a progress bar (runs it here when no broker is configured); exit 0 only if it
     succeeded, 3 if it ended otherwise."""
@@ -265,7 +265,7 @@ def _finished(view) -> None:
 
 
 @app.command()
-def results(job: str, download: Annotated[Optional[Path], typer.Option(help="copy outputs here")] = None,
+def results(job: str, download: Annotated[Path | None, typer.Option(help="copy outputs here")] = None,
             as_json: Annotated[bool, typer.Option("--json", help="one JSON object a line")] = False) -> None:
     """List a job's outputs in item order, or download them with the manifest."""
     client = _client()
@@ -293,7 +293,7 @@ def retry(job: str) -> None:
 
 
 @app.command()
-def reconcile(loop: Annotated[Optional[float], typer.Option(help="repeat every N seconds")] = None) -> None:
+def reconcile(loop: Annotated[float | None, typer.Option(help="repeat every N seconds")] = None) -> None:
     """Re-publish lost chunks, wake expired leases, finalize finished jobs."""
     client = _client()
     while True:
@@ -364,7 +364,7 @@ def models_show(name: str) -> None:
 
 @models_app.command("register")
 def models_register(name: str, uri: str, kind: str = "text",
-                    backend: Annotated[Optional[str], typer.Option()] = None) -> None:
+                    backend: Annotated[str | None, typer.Option()] = None) -> None:
     """Register a new version of NAME at URI (file://DIR or s3://bucket/prefix)."""
     ref = _client().register_model(name, kind, uri, backend=backend)
     out.print(f"registered {ref.tag}")

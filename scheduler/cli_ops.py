@@ -6,7 +6,7 @@ import os
 import sys
 import threading
 from datetime import datetime
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich import box
@@ -38,7 +38,7 @@ err = Console(stderr=True, soft_wrap=True)
 # ---- aigc metrics -------------------------------------------------------------------------------
 
 def metrics(
-    port: Annotated[Optional[int], typer.Option(help="default: AIGC_METRICS_PORT, else 9808")] = None,
+    port: Annotated[int | None, typer.Option(help="default: AIGC_METRICS_PORT, else 9808")] = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",
 ) -> None:
     """Serve Prometheus metrics from the database and Redis: queue depth, items and jobs by state, items/s."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -29,7 +29,7 @@ schedules_app = typer.Typer(no_args_is_help=True, help="Cron schedules: schedule
 
 
 def scheduler(
-    schedules: Annotated[Optional[Path], typer.Option("--schedules", help="schedules.yaml (default: "
+    schedules: Annotated[Path | None, typer.Option("--schedules", help="schedules.yaml (default: "
                                                       "AIGC_SCHEDULES_FILE)")] = None,
     loglevel: str = "INFO",
 ) -> None:
@@ -44,7 +44,7 @@ def scheduler(
 
 @schedules_app.command("sync")
 def schedules_sync(
-    file: Annotated[Optional[Path], typer.Argument(help="default: AIGC_SCHEDULES_FILE")] = None,
+    file: Annotated[Path | None, typer.Argument(help="default: AIGC_SCHEDULES_FILE")] = None,
     prune: Annotated[bool, typer.Option("--prune", help="also disable the schedules in the database that FILE "
                                                         "does not name")] = False,
 ) -> None:

@@ -17,11 +17,26 @@ from sqlalchemy.exc import IntegrityError
 from aigc_core.db import Database, database
 from aigc_core.errors import IdempotencyConflict, NotFound, SpecError
 from aigc_core.jobs import (
-    JobView, Result, iter_results, job_prefix, job_view, record_event, release_ready, resolve_job_id, sidecar_of,
+    JobView,
+    Result,
+    iter_results,
+    job_prefix,
+    job_view,
+    record_event,
+    release_ready,
+    resolve_job_id,
+    sidecar_of,
 )
 from aigc_core.reconcile import ReconcileReport, publish_chunks, reconcile
 from aigc_core.registry import (
-    BUILTIN_MODELS, ModelRef, generation_defaults, list_models, register, resolve, safe_join, sync_models_file,
+    BUILTIN_MODELS,
+    ModelRef,
+    generation_defaults,
+    list_models,
+    register,
+    resolve,
+    safe_join,
+    sync_models_file,
 )
 from aigc_core.schema import Chunk, ChunkStatus, Item, ItemStatus, Job, JobEvent, JobStatus, Model, utcnow
 from aigc_core.settings import Settings

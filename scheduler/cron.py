@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadDateError, croniter
 
-UTC = timezone.utc
+UTC = UTC
 SLOT_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _SECOND = timedelta(seconds=1)
 _SEARCH_WINDOWS = (timedelta(days=2), timedelta(days=400), timedelta(days=3000))

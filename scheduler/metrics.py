@@ -49,7 +49,7 @@ class AigcCollector(Collector):
                 items, jobs = items_by_state(s), jobs_by_state(s)
                 outbox = outbox_by_queue(s)
                 rates = finished_per_second(s, self.window_s)
-        except Exception as e:  # noqa: BLE001 - a scrape reports the outage instead of failing
+        except Exception as e:
             log.warning("metrics: database not read: %s", e)
             up.add_metric(["database"], 0)
         else:
@@ -58,7 +58,7 @@ class AigcCollector(Collector):
         if self.broker is not None:
             try:
                 depths, unacked = self.broker.queue_depths(queues), self.broker.unacked()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log.warning("metrics: broker not read: %s", e)
                 up.add_metric(["broker"], 0)
             else:

@@ -225,11 +225,11 @@ def gather_overview(db, broker: BrokerProbe | None, *, latest: list[JobView], fa
         try:
             depths = broker.queue_depths(queues)
             ov.unacked = broker.unacked()
-        except Exception as e:  # noqa: BLE001 - shown, not raised: the rest of the picture still helps
+        except Exception as e:
             ov.problems.append(f"broker queues not read: {type(e).__name__}: {e}")
         try:  # broker rows are Celery nodes that answered now; database rows are processes (host:pid)
             ov.workers = workers_from_broker(broker.active()) + ov.workers
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             ov.problems.append(f"workers not asked: {type(e).__name__}: {e}")
     for q in set(queues) | {q for q, _ in outbox}:
         ov.queues.append(QueueRow(q, depths.get(q) if broker is not None and depths else None,

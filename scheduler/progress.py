@@ -37,7 +37,7 @@ class JobProgress:
             detail = f"step {p.get('step')}/{total}  loss {_f(p.get('loss'))}  eval {_f(p.get('eval_loss'))}"
         self._progress.update(self._task, completed=view.done, detail=detail)
 
-    def __exit__(self, *exc) -> None:  # noqa: D105
+    def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.stop()
 

@@ -78,9 +78,8 @@ def _stage_dataset(client, dataset: str) -> tuple[str, str, dict[str, int]]:
     """Validate the dataset (errors name the line) and put a local one into the object store."""
     import tempfile
 
-    from aigc_models.finetune import DatasetError, dataset_digest, validate_dataset
-
     from aigc_core.storage import download_uri
+    from aigc_models.finetune import DatasetError, dataset_digest, validate_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(dataset.removeprefix("file://")) if "://" not in dataset or dataset.startswith("file://") \

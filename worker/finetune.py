@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
-from datetime import timedelta
 
 from aigc_core import __version__
 from aigc_core.jobs import job_prefix, record_event
@@ -78,7 +78,7 @@ def _finish(rt: Runtime, job, token: str, item, res, work: Path, metrics: dict[s
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _run_digits(rt: Runtime, job, token: str, item, res, work: Path, watch: "_Watch") -> None:
+def _run_digits(rt: Runtime, job, token: str, item, res, work: Path, watch: _Watch) -> None:
     """The project's GAN / VAE: a new model of the base's kind trained on scikit-learn's digits."""
     import hashlib
 

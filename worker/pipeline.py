@@ -18,7 +18,14 @@ from sqlalchemy import and_, case, insert, or_, select, text, tuple_, update
 from aigc_core import __version__
 from aigc_core.errors import ModelLoadError, NotFound, StorageError, TransientError
 from aigc_core.jobs import (
-    DISCARDED_EVENT, finalize_if_done, finish_chunk, item_key, job_prefix, record_event, release_ready, sidecar_key,
+    DISCARDED_EVENT,
+    finalize_if_done,
+    finish_chunk,
+    item_key,
+    job_prefix,
+    record_event,
+    release_ready,
+    sidecar_key,
     sidecar_of,
 )
 from aigc_core.logs import log_context

@@ -14,7 +14,7 @@ from aigc_models.base import BACKENDS
 from aigc_models.text import CausalLMGenerator
 from worker.app import app  # the app celery -A loads
 
-__all__ = ["app", "OomAboveTwo", "CrashOnPrompt"]
+__all__ = ["CrashOnPrompt", "OomAboveTwo", "app"]
 
 OOM_ABOVE = 2
 

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -264,7 +264,7 @@ class Run:
         the next one may differ)."""
         if row.key is None or f"out/{row.key}" not in keys:
             return False
-        committed = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=timezone.utc)
+        committed = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
         from aigc_core.jobs import sidecar_of
 
         if any(keys.get(f"out/{k}", committed) > committed + timedelta(seconds=2)  # S3 stamps whole seconds

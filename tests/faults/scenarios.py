@@ -13,12 +13,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC
 
 from sqlalchemy import select, text
 
 from tests.faults.harness import FaultEnv, Report, Run, _redis
-from tests.support.workers import WorkerProc
 from tests.support.models import corpus_texts
+from tests.support.workers import WorkerProc
 
 JOB_ITEMS = 48
 
@@ -362,8 +363,9 @@ def _zombie(env: FaultEnv, name: str, seed: int, stall: Callable[[WorkerProc, ob
     """Workers A and B; A stalls while it holds items (``stall``), its leases run out, B takes the items
     over and commits them, then A resumes (``resume``) and its late writes land. Every committed
     object and sidecar must still be the one its row names, and A's writes must be gone."""
-    from tests.faults.servers import TcpProxy
     from urllib.parse import urlsplit
+
+    from tests.faults.servers import TcpProxy
 
     endpoint = urlsplit(env.s3.endpoint)
     own = TcpProxy((endpoint.hostname, endpoint.port))  # A's own way to S3, so it can be held alone
@@ -469,9 +471,9 @@ def _holds_unstarted_chunk(run: Run, redis_url: str) -> bool:
 
 
 def _ts(t: float):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.fromtimestamp(t, timezone.utc)
+    return datetime.fromtimestamp(t, UTC)
 
 
 SCENARIOS: dict[str, Callable[[FaultEnv, bool], Report]] = {

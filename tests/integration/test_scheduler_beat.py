@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -144,7 +144,7 @@ schedules:
 
 def test_catch_up_after_a_scheduler_was_down_none_latest_and_all_with_a_cap(env, deploy_client, schedulers):
     c = deploy_client
-    base = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=15)
+    base = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=15)
     cron = f"* * * * * {base.second}"  # once a minute; the newest slot was 15 s ago, the next is 45 s away
     job = {"model": "tiny", "items": ["Catch-up for {date:%H:%M:%S}"]}
     defs = parse_schedules({"schedules": [
@@ -175,7 +175,7 @@ def test_pause_run_now_and_resume_from_the_cli_while_a_scheduler_runs(env, deplo
     wait_for(lambda: len(runs(c, "ticker")) >= 2, 20, "two slots")
 
     assert cli(env, "schedules", "pause", "ticker").returncode == 0
-    paused_at = datetime.now(timezone.utc)
+    paused_at = datetime.now(UTC)
     time.sleep(4)
     assert max(parse_slot(r.slot) for r in runs(c, "ticker")) <= paused_at
     now = cli(env, "schedules", "run-now", "ticker")
@@ -183,7 +183,7 @@ def test_pause_run_now_and_resume_from_the_cli_while_a_scheduler_runs(env, deplo
     manual = [r for r in runs(c, "ticker") if r.manual]
     assert len(manual) == 1 and manual[0].job_id == now.stdout.split()[0]
 
-    resumed_at = datetime.now(timezone.utc).replace(microsecond=0)
+    resumed_at = datetime.now(UTC).replace(microsecond=0)
     assert cli(env, "schedules", "resume", "ticker").returncode == 0
     wait_for(lambda: sum(parse_slot(r.slot) > resumed_at for r in runs(c, "ticker") if not r.manual) >= 2, 20,
              "two slots after resume")
@@ -202,9 +202,9 @@ def test_four_schedulers_racing_through_the_fall_back_night_make_one_job_per_slo
         {"name": "daily", "cron": "30 1 * * *", "timezone": "Europe/London", "catchup": "all",
          "max_concurrent": 99, "job": job},
         {"name": "halfhourly", "cron": "*/30 * * * *", "timezone": "Europe/London", "catchup": "all",
-         "max_concurrent": 99, "job": job}]}), now=datetime(2026, 10, 24, 23, 10, tzinfo=timezone.utc))
+         "max_concurrent": 99, "job": job}]}), now=datetime(2026, 10, 24, 23, 10, tzinfo=UTC))
     clients = [Client(deploy_settings) for _ in range(4)]
-    ticks = [datetime(2026, 10, 24, 23, 10, tzinfo=timezone.utc) + timedelta(minutes=10 * i) for i in range(19)]
+    ticks = [datetime(2026, 10, 24, 23, 10, tzinfo=UTC) + timedelta(minutes=10 * i) for i in range(19)]
     barrier = threading.Barrier(len(clients))
     fired: list = []
     errors: list = []
@@ -214,7 +214,7 @@ def test_four_schedulers_racing_through_the_fall_back_night_make_one_job_per_slo
             for t in ticks:
                 barrier.wait(30)
                 fired.extend(fire_due(client, t))
-        except Exception as e:  # noqa: BLE001 - reported below
+        except Exception as e:
             errors.append(e)
             barrier.abort()
 

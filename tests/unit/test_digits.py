@@ -97,7 +97,7 @@ def test_on_step_returning_true_stops_training():
 
 def test_a_time_budget_ends_training():
     m = digits.train_digits("vae", None, seconds=0.3)
-    assert 0 < m["steps"] and m["seconds"] < 5
+    assert m["steps"] > 0 and m["seconds"] < 5
 
 
 def test_the_same_seed_and_steps_train_the_same_weights():

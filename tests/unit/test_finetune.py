@@ -12,8 +12,16 @@ import pytest
 import torch
 
 from aigc_models.finetune import (
-    DatasetError, FinetuneConfig, _evaluate, _token_blocks, dataset_digest, finetune_causal_lm,
-    iter_dataset_texts, load_dataset_texts, split_train_val, validate_dataset,
+    DatasetError,
+    FinetuneConfig,
+    _evaluate,
+    _token_blocks,
+    dataset_digest,
+    finetune_causal_lm,
+    iter_dataset_texts,
+    load_dataset_texts,
+    split_train_val,
+    validate_dataset,
 )
 from tests.support.models import build_tiny_text_model
 

@@ -4,6 +4,7 @@ or an s3:// object in the storage bucket, or in a bucket AIGC_ITEMS_FILE_BUCKETS
 from __future__ import annotations
 
 import shutil
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,7 @@ def test_a_job_file_and_a_schedule_follow_the_same_rule(tmp_path, fake_s3, monke
 
 
 def test_a_schedule_whose_bucket_is_not_allowed_fails_its_firing_with_the_rule(client, tmp_path, fake_s3):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from aigc_core.schema import RunOutcome
     from scheduler.schedules import fire_due, parse_schedules, sync_schedules
@@ -115,7 +116,7 @@ def test_a_schedule_whose_bucket_is_not_allowed_fails_its_firing_with_the_rule(c
     fake_s3["s3://another-bucket/items.jsonl"] = _items(tmp_path)
     defs = parse_schedules({"schedules": [{"name": "n", "cron": "0 * * * *", "job": {
         "model": "tiny", "items_file": "s3://another-bucket/items.jsonl"}}]})  # stored before the rule was checked
-    sync_schedules(client.db, defs, now=datetime(2026, 5, 1, 9, 30, tzinfo=timezone.utc))
-    (fired,) = fire_due(client, datetime(2026, 5, 1, 10, 0, 5, tzinfo=timezone.utc))
+    sync_schedules(client.db, defs, now=datetime(2026, 5, 1, 9, 30, tzinfo=UTC))
+    (fired,) = fire_due(client, datetime(2026, 5, 1, 10, 0, 5, tzinfo=UTC))
     assert fired.outcome == RunOutcome.failed and "AIGC_ITEMS_FILE_BUCKETS" in fired.error
     assert fake_s3["fetched"] == []

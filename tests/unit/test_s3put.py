@@ -11,7 +11,7 @@ from botocore.credentials import Credentials
 
 from aigc_core.s3put import FastPut, SigV4Signer, canonical_host, object_path
 
-NOW = dt.datetime(2026, 12, 2, 21, 5, 9, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 12, 2, 21, 5, 9, tzinfo=dt.UTC)
 
 
 def botocore_headers(monkeypatch, url: str, body: bytes, headers: dict, creds: Credentials, region: str) -> dict:

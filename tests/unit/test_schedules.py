@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select
@@ -20,7 +20,7 @@ from scheduler.cron import Cron, slot_str
 from scheduler.schedule_admin import pause, resume, run_now, schedule_detail, schedule_views
 from scheduler.schedules import fire_due, load_schedules_file, parse_schedules, sync_schedules
 
-U = timezone.utc
+U = UTC
 
 
 def at(s: str) -> datetime:
