@@ -6,9 +6,9 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
 from aigc_core.db import Database
@@ -139,12 +139,13 @@ def iter_results(db: Database, job_id: str, *, with_provenance: bool = True) -> 
                 .where(Item.job_id == job_id, Item.index > last).order_by(Item.index).limit(RESULT_PAGE)
             ).all()
         for r in rows:
-            yield Result(r.index, r.custom_id, ItemStatus(r.status), r.uri, r.key, r.sha256, r.size,
-                         r.media_type, r.error, r.attempts, dict(r.provenance or {}) if with_provenance else {},
-                         r.duration_s)
+            m = r._mapping  # by name: a Row's own .index is tuple.index
+            yield Result(m["index"], m["custom_id"], ItemStatus(m["status"]), m["uri"], m["key"], m["sha256"],
+                         m["size"], m["media_type"], m["error"], m["attempts"],
+                         dict(m["provenance"] or {}) if with_provenance else {}, m["duration_s"])
         if len(rows) < RESULT_PAGE:
             return
-        last = rows[-1].index
+        last = rows[-1]._mapping["index"]
 
 
 def record_event(s: Session, job_id: str, type_: str, **data: Any) -> None:
@@ -166,37 +167,79 @@ def final_status(job: Job, counts: dict[str, int]) -> JobStatus:
 
 
 def finalize_if_done(db: Database, store: ObjectStore, job_id: str) -> JobStatus | None:
-    """When no item is open: write manifest.jsonl and errors.jsonl, then mark the job final, once."""
+    """When no item is open: write manifest.jsonl and errors.jsonl, then mark the job final, once.
+
+    Both files are streamed: read a page of rows at a time and written as they are read (a multipart
+    upload on S3, a temporary file renamed into place on disk), so a million-item job's manifest is
+    never whole in the worker's memory."""
     with db.session() as s:
         job = s.get(Job, job_id)
         if job is None or job.finished_at is not None or s.scalar(_open_items(job_id).exists().select()):
             return None  # the common case after a chunk: one indexed probe, not a count of the job
         counts = item_counts(s, job_id)
-    lines, errors = [], []
-    for r in iter_results(db, job_id, with_provenance=False):
-        lines.append(json.dumps(r.manifest_line(), ensure_ascii=False))
-        if r.status == ItemStatus.failed:
-            errors.append(json.dumps({"index": r.index, "custom_id": r.custom_id, "error": r.error,
-                                      "attempts": r.attempts}, ensure_ascii=False))
     prefix = job_prefix(job_id)
-    # Object first, database second: a final job always has its manifest.
-    store.put(f"{prefix}/manifest.jsonl", ("\n".join(lines) + "\n").encode(), "application/x-ndjson")
-    store.put(f"{prefix}/errors.jsonl", ("\n".join(errors) + "\n" if errors else "").encode(), "application/x-ndjson")
+    # Object first, database second: a final job always has its whole manifest.
+    store.put_stream(f"{prefix}/manifest.jsonl", manifest_chunks(db, job_id), "application/x-ndjson")
+    errors = error_chunks(db, job_id) if counts.get("failed", 0) else iter(())
+    store.put_stream(f"{prefix}/errors.jsonl", errors, "application/x-ndjson")
     sweep_orphans(db, store, job_id)
     with db.session() as s:
         job = s.get(Job, job_id)
+        if job is None:  # removed meanwhile (aigc gc never takes an open job, but a person might)
+            return None
         status = final_status(job, counts)
         # Not if an item was reopened meanwhile (retry_failed): that job is not finished after all.
-        done = s.execute(
+        done = _rowcount(s.execute(
             update(Job).where(Job.id == job_id, Job.finished_at.is_(None), ~_open_items(job_id).exists())
             .values(status=status, finished_at=utcnow(), succeeded_items=counts.get("succeeded", 0),
                     failed_items=counts.get("failed", 0), cancelled_items=counts.get("cancelled", 0))
-        ).rowcount
+        ))
         if done:
             record_event(s, job_id, "finished", status=status.value, counts=counts)
             s.execute(update(Chunk).where(Chunk.job_id == job_id, Chunk.status == ChunkStatus.published)
                       .values(status=ChunkStatus.done))
     return status if done else None
+
+
+def _rowcount(result: Any) -> int:
+    """Rows an UPDATE or DELETE matched (``Session.execute`` is typed as returning a plain Result)."""
+    return int(cast(CursorResult[Any], result).rowcount)
+
+
+def _json_line(d: dict[str, Any]) -> str:
+    return json.dumps(d, ensure_ascii=False) + "\n"
+
+
+def manifest_chunks(db: Database, job_id: str) -> Iterator[bytes]:
+    """manifest.jsonl a page of items at a time: one JSON line per item, in index order."""
+    lines: list[str] = []
+    wrote = False
+    for r in iter_results(db, job_id, with_provenance=False):
+        lines.append(_json_line(r.manifest_line()))
+        if len(lines) >= RESULT_PAGE:
+            yield "".join(lines).encode()
+            lines.clear()
+            wrote = True
+    if lines or not wrote:
+        yield ("".join(lines) or "\n").encode()  # a job without items has always had a manifest of one newline
+
+
+def error_chunks(db: Database, job_id: str) -> Iterator[bytes]:
+    """errors.jsonl a page of failed items at a time, in index order (keyset-paged on the index)."""
+    last = -1
+    while True:
+        with db.session() as s:
+            rows = s.execute(
+                select(Item.index, Item.custom_id, Item.error, Item.attempts)
+                .where(Item.job_id == job_id, Item.status == ItemStatus.failed, Item.index > last)
+                .order_by(Item.index).limit(RESULT_PAGE)
+            ).all()
+        if rows:
+            yield "".join(_json_line({"index": r[0], "custom_id": r[1], "error": r[2], "attempts": r[3]})
+                          for r in rows).encode()
+        if len(rows) < RESULT_PAGE:
+            return
+        last = rows[-1][0]
 
 
 DISCARDED_EVENT = "outputs_discarded"
@@ -235,9 +278,9 @@ def finish_chunk(s: Session, job_id: str, chunk_no: int) -> bool:
     Atomic with the check, so an item reopened meanwhile (retry_failed) keeps it open."""
     open_items = select(Item.id).where(Item.job_id == job_id, Item.chunk_no == chunk_no,
                                        Item.status.in_(OPEN_ITEM_STATES))
-    return bool(s.execute(update(Chunk).where(Chunk.job_id == job_id, Chunk.chunk_no == chunk_no,
-                                              Chunk.status == ChunkStatus.published, ~open_items.exists())
-                          .values(status=ChunkStatus.done)).rowcount)
+    return bool(_rowcount(s.execute(update(Chunk).where(Chunk.job_id == job_id, Chunk.chunk_no == chunk_no,
+                                                        Chunk.status == ChunkStatus.published, ~open_items.exists())
+                                    .values(status=ChunkStatus.done))))
 
 
 def release_ready(db: Database, store: ObjectStore, job_id: str | None = None) -> list[tuple[str, int, str]]:

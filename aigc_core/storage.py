@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlparse
 
 from aigc_core.errors import NotFound, SpecError, StorageError
 from aigc_core.s3put import FastPut
 from aigc_core.settings import mask_url
 
+if TYPE_CHECKING:
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
 # Presigned download URLs are short-lived: 15 minutes unless asked, never more than a day.
 PRESIGN_DEFAULT_S = 900
 PRESIGN_MAX_S = 86_400
+# put_stream's multipart parts: S3 refuses a part under 5 MiB unless it is the last one.
+MIN_PART_BYTES = 5 * 2**20
+DEFAULT_PART_BYTES = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -31,13 +38,15 @@ class ObjectStore(Protocol):
     """Keys are relative, '/'-separated, built only from server ids."""
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> ObjectInfo: ...
+    def put_stream(self, key: str, chunks: Iterable[bytes],
+                   content_type: str = "application/octet-stream") -> ObjectInfo: ...
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> Iterator[str]: ...
     def uri(self, key: str) -> str: ...
     def download(self, key: str, path: Path) -> None: ...
     def upload(self, key: str, path: Path, content_type: str = "application/octet-stream") -> ObjectInfo: ...
-    def delete(self, keys: list[str]) -> None: ...
+    def delete(self, keys: builtins.list[str]) -> None: ...
 
 
 def check_key(key: str) -> str:
@@ -67,6 +76,27 @@ class LocalStore:
         except OSError as e:
             raise StorageError(f"cannot write {path}: {e}") from e
         return ObjectInfo(key, self.uri(key), len(data))
+
+    def put_stream(self, key: str, chunks: Iterable[bytes],
+                   content_type: str = "application/octet-stream") -> ObjectInfo:
+        """Written as ``chunks`` come, to a temporary file renamed into place at the end: a reader sees
+        the whole object or none, and a failure (of the store or of ``chunks``) leaves nothing."""
+        path = self._path(key)
+        size, tmp = 0, None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                    size += len(chunk)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise StorageError(f"cannot write {path}: {e}") from e
+        finally:
+            if tmp is not None and Path(tmp).exists():
+                Path(tmp).unlink(missing_ok=True)
+        return ObjectInfo(key, self.uri(key), size)
 
     def get(self, key: str) -> bytes:
         try:
@@ -110,7 +140,7 @@ class LocalStore:
             raise StorageError(f"upload {key} failed: {e}") from e
         return ObjectInfo(key, self.uri(key), dest.stat().st_size)
 
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: builtins.list[str]) -> None:
         """Remove objects; a key that is already gone is not an error."""
         try:
             for key in keys:
@@ -135,11 +165,14 @@ class S3Store:
     """An S3 bucket (any S3-compatible server); credentials come from the default boto3 chain."""
 
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
-                 *, fast_put: bool = True):
+                 *, fast_put: bool = True, part_bytes: int = DEFAULT_PART_BYTES):
         import boto3
         from botocore.config import Config
 
+        if part_bytes < MIN_PART_BYTES:
+            raise SpecError(f"multipart part size {part_bytes} bytes: S3 needs at least {MIN_PART_BYTES}")
         self.bucket = bucket
+        self.part_bytes = part_bytes
         self.prefix = prefix.strip("/")
         if self.prefix and any(p in ("", ".", "..") for p in self.prefix.split("/")):
             raise SpecError(f"storage prefix {self.prefix!r} has an empty, '.' or '..' part")
@@ -173,9 +206,57 @@ class S3Store:
             self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data, ContentType=content_type)
         except Exception as e:  # botocore raises many unrelated types; all are storage faults here
             raise StorageError(f"put s3://{self.bucket}/{self._full(key)} failed: {e}") from e
-        if fast in ("refused", "failed"):  # botocore stored what the fast path could not
+        if fast in ("refused", "failed") and self.fast is not None:  # botocore stored what the fast path could not
             self.fast.botocore_stored(fast)
         return ObjectInfo(key, self.uri(key), len(data))
+
+    def put_stream(self, key: str, chunks: Iterable[bytes],
+                   content_type: str = "application/octet-stream") -> ObjectInfo:
+        """An object of any size with at most about one part in memory: a multipart upload of
+        ``part_bytes`` parts, started only once a whole part is read (a smaller object is one PUT).
+        The object appears whole at completion; any failure, of S3 or of ``chunks``, aborts the
+        upload, so no parts are left behind and nothing (or the old object) is visible."""
+        full = self._full(key)
+        buf = bytearray()
+        size = 0
+        upload_id: str | None = None
+        parts: builtins.list[CompletedPartTypeDef] = []
+        try:
+            for chunk in chunks:
+                buf += chunk
+                size += len(chunk)
+                while len(buf) >= self.part_bytes:  # parts of exactly part_bytes; the rest waits
+                    if upload_id is None:
+                        upload_id = self.client.create_multipart_upload(
+                            Bucket=self.bucket, Key=full, ContentType=content_type)["UploadId"]
+                    parts.append(self._part(full, upload_id, len(parts) + 1, bytes(buf[:self.part_bytes])))
+                    del buf[:self.part_bytes]
+            if upload_id is None:  # smaller than one part: a plain PUT
+                return self.put(key, bytes(buf), content_type)
+            if buf:  # the last part may be under 5 MiB
+                parts.append(self._part(full, upload_id, len(parts) + 1, bytes(buf)))
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id,
+                                                  MultipartUpload={"Parts": parts})
+        except BaseException as e:
+            if upload_id is not None:
+                self._abort(full, upload_id)
+            if isinstance(e, StorageError) or not isinstance(e, Exception):
+                raise
+            raise StorageError(f"put s3://{self.bucket}/{full} failed: {e}") from e
+        return ObjectInfo(key, self.uri(key), size)
+
+    def _part(self, full: str, upload_id: str, number: int, data: bytes) -> CompletedPartTypeDef:
+        out = self.client.upload_part(Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=data)
+        return {"PartNumber": number, "ETag": out["ETag"]}
+
+    def _abort(self, full: str, upload_id: str) -> None:
+        import logging
+
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+        except Exception as e:  # the original failure is what the caller needs; a bucket lifecycle rule cleans up
+            logging.getLogger("aigc.storage").warning("could not abort upload %s of s3://%s/%s: %s",
+                                                      upload_id, self.bucket, full, e)
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
@@ -216,7 +297,7 @@ class S3Store:
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._full(key)}"
 
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: builtins.list[str]) -> None:
         """Remove objects, a thousand per request (DeleteObjects); a missing key is not an error."""
         full = [self._full(k) for k in keys]
         try:
@@ -273,7 +354,7 @@ class S3Store:
 
 
 def open_store(url: str, endpoint_url: str | None = None, region: str | None = None, *,
-               fast_put: bool = True) -> ObjectStore:
+               fast_put: bool = True, part_bytes: int = DEFAULT_PART_BYTES) -> ObjectStore:
     """``file://DIR`` (relative paths allowed: ``file://./aigc-data``) or ``s3://bucket/prefix``."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
@@ -284,7 +365,8 @@ def open_store(url: str, endpoint_url: str | None = None, region: str | None = N
         if "@" in parsed.netloc:
             raise SpecError(f"storage URL {mask_url(url)!r}: S3 credentials never go in a URL; they come from "
                             "the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), a profile or a role")
-        return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region, fast_put=fast_put)
+        return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region, fast_put=fast_put,
+                       part_bytes=part_bytes)
     raise SpecError(f"storage URL {mask_url(url)!r}: use file://DIR or s3://bucket/prefix")
 
 
