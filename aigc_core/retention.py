@@ -1,0 +1,198 @@
+"""Retention: ``aigc gc`` removes finished jobs older than an age, in short batched transactions.
+
+A job goes with its items, artifacts, chunks and events; with ``objects`` its whole prefix in the
+object store goes too (outputs, sidecars, manifest, errors, checkpoints, and any orphan a zombie
+delivery wrote after the job finished: the prefix is listed, not derived from the rows). Deletes run
+a few thousand rows per statement, each in its own transaction, so locks are short and a running
+job's commits never wait long behind gc (PostgreSQL takes row locks only on the rows it deletes).
+
+Never removed: a job that is not finished, a job a registered model's lineage names (the fine-tune
+that made it: its card and metrics stay inspectable), and a job an unfinished job depends on
+(``after`` / ``from``). Objects go before rows, so an interrupted run leaves rows whose objects are
+gone, which the next run removes; never objects that no row leads to.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, delete, func, select, tuple_
+from sqlalchemy.orm import Session
+
+from aigc_core.db import Database
+from aigc_core.errors import SpecError
+from aigc_core.jobs import job_prefix
+from aigc_core.schema import FINAL_JOB_STATES, Artifact, Chunk, Item, Job, JobEvent, Model, utcnow
+from aigc_core.storage import ObjectStore
+
+log = logging.getLogger("aigc.retention")
+
+ROWS_PER_STATEMENT = 5_000  # one short transaction each: milliseconds of locks, not minutes
+JOBS_PER_BATCH = 200
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+_AGE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+
+Progress = Callable[[str], None]
+
+
+def parse_age(text: str) -> timedelta:
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` as a timedelta; anything else is a SpecError."""
+    m = _AGE.match(str(text).lower())
+    if not m or int(m.group(1)) == 0:
+        raise SpecError(f"age {text!r}: give a positive number and a unit, s, m, h, d or w (e.g. 30d, 12h)")
+    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+
+
+@dataclass
+class GcReport:
+    dry_run: bool
+    cutoff: datetime
+    jobs: int = 0
+    items: int = 0
+    artifacts: int = 0
+    chunks: int = 0
+    events: int = 0
+    objects: int = 0
+    kept: dict[str, int] = field(default_factory=dict)  # old finished jobs kept, by reason
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        verb = "would remove" if self.dry_run else "removed"
+        kept = ", ".join(f"{n} {why}" for why, n in sorted(self.kept.items()) if n) or "none"
+        return (f"gc {verb} {self.jobs} jobs finished before {self.cutoff:%Y-%m-%d %H:%M:%S} UTC: "
+                f"{self.items} items, {self.artifacts} artifacts, {self.chunks} chunks, {self.events} events, "
+                f"{self.objects} objects; kept: {kept} ({self.seconds:.1f} s)")
+
+
+def protected_jobs(s: Session) -> dict[str, str]:
+    """{job id: why it is kept}: jobs a registered model's lineage names, and jobs an unfinished job
+    depends on. Both sets are small (models; open jobs), read whole."""
+    keep: dict[str, str] = {}
+    for (lineage,) in s.execute(select(Model.lineage)):
+        if isinstance(lineage, dict) and lineage.get("job_id"):
+            keep[str(lineage["job_id"])] = "a model's lineage"
+    for (deps,) in s.execute(select(Job.depends_on).where(Job.finished_at.is_(None))):
+        for d in deps or []:
+            if isinstance(d, dict) and d.get("job"):
+                keep.setdefault(str(d["job"]), "an unfinished job depends on it")
+    return keep
+
+
+def _rowcount(result: Any) -> int:
+    return int(cast(CursorResult[Any], result).rowcount)
+
+
+def _candidate_pages(db: Database, cutoff: datetime, page: int) -> Iterable[list[tuple[datetime, str]]]:
+    """Finished jobs older than ``cutoff``, oldest first, keyset-paged on (finished_at, id)."""
+    after: tuple[datetime, str] | None = None
+    while True:
+        q = (select(Job.finished_at, Job.id)
+             .where(Job.finished_at.is_not(None), Job.finished_at < cutoff, Job.status.in_(FINAL_JOB_STATES)))
+        if after is not None:
+            q = q.where(tuple_(Job.finished_at, Job.id) > tuple_(*after))
+        with db.session() as s:
+            rows = [(cast(datetime, r[0]), r[1]) for r in s.execute(q.order_by(Job.finished_at, Job.id).limit(page))]
+        if rows:
+            yield rows
+        if len(rows) < page:
+            return
+        after = rows[-1]
+
+
+def _delete_in_batches(db: Database, model: Any, job_ids: Sequence[str], rows: int) -> int:
+    """DELETE ... WHERE pk IN (SELECT pk ... LIMIT rows), one transaction each, until none are left."""
+    pk = model.id
+    total = 0
+    while True:
+        with db.session() as s:
+            sub = select(pk).where(model.job_id.in_(job_ids)).limit(rows).scalar_subquery()
+            n = _rowcount(s.execute(delete(model).where(pk.in_(sub)), execution_options={"synchronize_session": False}))
+        total += n
+        if n < rows:
+            return total
+
+
+def _delete_chunks(db: Database, job_ids: Sequence[str], rows: int) -> int:
+    total = 0
+    while True:
+        with db.session() as s:
+            keys = s.execute(select(Chunk.job_id, Chunk.chunk_no).where(Chunk.job_id.in_(job_ids)).limit(rows)).all()
+            for job_id in {k[0] for k in keys}:
+                nums = [k[1] for k in keys if k[0] == job_id]
+                s.execute(delete(Chunk).where(Chunk.job_id == job_id, Chunk.chunk_no.in_(nums)),
+                          execution_options={"synchronize_session": False})
+        total += len(keys)
+        if len(keys) < rows:
+            return total
+
+
+def _count(s: Session, model: Any, job_ids: Sequence[str]) -> int:
+    return int(s.scalar(select(func.count()).select_from(model).where(model.job_id.in_(job_ids))) or 0)
+
+
+def collect_garbage(db: Database, store: ObjectStore | None, older_than: timedelta, *, objects: bool = False,
+                    dry_run: bool = False, rows_per_statement: int = ROWS_PER_STATEMENT,
+                    jobs_per_batch: int = JOBS_PER_BATCH, progress: Progress | None = None,
+                    now: datetime | None = None) -> GcReport:
+    """Remove finished jobs whose ``finished_at`` is older than ``older_than`` (see the module doc).
+
+    ``objects`` also removes each job's prefix in ``store``. ``dry_run`` counts what would go and
+    changes nothing. ``progress`` gets a line after each batch of jobs."""
+    if objects and store is None:
+        raise SpecError("gc of objects needs the object store")
+    t0 = time.monotonic()
+    rep = GcReport(dry_run, (now or utcnow()) - older_than)
+    for page in _candidate_pages(db, rep.cutoff, jobs_per_batch):
+        with db.session() as s:
+            keep = protected_jobs(s)  # read again per batch: a job submitted meanwhile may depend on one
+            ids = [j for _, j in page if j not in keep]
+            for _, j in page:
+                if j in keep:
+                    rep.kept[keep[j]] = rep.kept.get(keep[j], 0) + 1
+            if not ids:
+                continue
+            # Re-read in this transaction: a job reopened meanwhile (retry_failed) is not finished any more.
+            ids = list(s.scalars(select(Job.id).where(Job.id.in_(ids), Job.finished_at.is_not(None),
+                                                      Job.finished_at < rep.cutoff)))
+            if dry_run:
+                rep.items += _count(s, Item, ids)
+                rep.artifacts += _count(s, Artifact, ids)
+                rep.chunks += _count(s, Chunk, ids)
+                rep.events += _count(s, JobEvent, ids)
+        if not ids:
+            continue
+        if objects and store is not None:
+            rep.objects += _objects(store, ids, dry_run)
+        if not dry_run:
+            rep.artifacts += _delete_in_batches(db, Artifact, ids, rows_per_statement)
+            rep.items += _delete_in_batches(db, Item, ids, rows_per_statement)
+            rep.chunks += _delete_chunks(db, ids, rows_per_statement)
+            rep.events += _delete_in_batches(db, JobEvent, ids, rows_per_statement)
+            with db.session() as s:  # last: a job row stays until everything under it is gone
+                s.execute(delete(Job).where(Job.id.in_(ids)), execution_options={"synchronize_session": False})
+        rep.jobs += len(ids)
+        rep.seconds = time.monotonic() - t0
+        if progress is not None:
+            verb = "would remove" if dry_run else "removed"
+            progress(f"gc: {verb} {rep.jobs} jobs, {rep.items} items, {rep.objects} objects so far "
+                     f"({rep.seconds:.1f} s)")
+    rep.seconds = time.monotonic() - t0
+    log.info("%s", rep.line())
+    return rep
+
+
+def _objects(store: ObjectStore, job_ids: Sequence[str], dry_run: bool) -> int:
+    """Every object under each job's prefix (listed, so orphans of late deliveries go too)."""
+    n = 0
+    for job_id in job_ids:
+        keys = list(store.list(f"{job_prefix(job_id)}/"))
+        n += len(keys)
+        if keys and not dry_run:
+            store.delete(keys)
+    return n
