@@ -59,6 +59,9 @@ class ImageParams(BaseModel):
 
 
 class AudioParams(BaseModel):
+    """Audio parameters, by architecture; None leaves the checkpoint's (or the backend's) default.
+    Each backend reads its own and ignores the others'."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # espeak-ng
@@ -69,7 +72,15 @@ class AudioParams(BaseModel):
     speaking_rate: float | None = Field(None, ge=0.1, le=10.0)
     noise_scale: float | None = Field(None, ge=0.0, le=2.0)
     noise_scale_duration: float | None = Field(None, ge=0.0, le=2.0)
+    # VITS: a multi-speaker model's speaker; SpeechT5: the row of the speaker embeddings file (default 0)
     speaker_id: int | None = Field(None, ge=0)
+    # MusicGen: length in seconds (default 8) or in decoder steps (duration wins when both are set);
+    # classifier-free guidance (default 3); sampling temperature (0: greedy) and top_k (default 250)
+    duration: float | None = Field(None, gt=0.0, le=600.0)
+    max_new_tokens: int | None = Field(None, ge=1, le=30_000)
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
+    temperature: float | None = Field(None, ge=0.0, le=10.0)
+    top_k: int | None = Field(None, ge=0, le=100_000)
 
 
 PARAMS_BY_KIND: dict[str, type[BaseModel]] = {"text": TextParams, "image": ImageParams, "audio": AudioParams}

@@ -1,34 +1,44 @@
-"""Speech backends: transformers text-to-speech checkpoints (VITS / MMS-TTS) and weightless espeak-ng.
+"""Audio backends: transformers audio checkpoints (VITS / MMS-TTS here; MusicGen and SpeechT5 in their own
+files), picked by the checkpoint's model_type, and weightless espeak-ng.
 
-Both write 16-bit PCM WAV in ``postprocess`` only and record sample rate, duration and sample count.
+All write 16-bit PCM WAV in ``postprocess`` only and record sample rate, duration and sample count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import importlib
 import io
+import json
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import soundfile as sf
 
-from aigc_models.base import BackendError, GenRequest, Output, group_by_params, in_order
-from aigc_models.device import default_dtype
+from aigc_models.base import BackendError, Generator, GenRequest, Output, group_by_params, in_order
 
 TTS_DEFAULTS: dict[str, Any] = {"speaking_rate": None, "noise_scale": None, "noise_scale_duration": None,
                                 "speaker_id": None}
 ESPEAK_DEFAULTS: dict[str, Any] = {"voice": None, "rate": 175, "pitch": 50}
 ESPEAK_LIMITS = {"rate": (80, 450), "pitch": (0, 100)}  # words per minute; espeak-ng's own bounds
-SUPPORTED_TTS = ("vits",)  # model_type values whose forward returns a waveform (MMS-TTS is VITS)
+# The `hf-tts` backend: a checkpoint's config.json model_type -> the class that runs it (MMS-TTS is VITS).
+ARCHITECTURES: dict[str, str] = {
+    "vits": "aigc_models.audio:VitsGenerator",
+    "musicgen": "aigc_models.musicgen:MusicgenGenerator",
+    "speecht5": "aigc_models.speecht5:SpeechT5Generator",
+}
+SUPPORTED_TTS = tuple(ARCHITECTURES)
 
 
-def _wav(samples: np.ndarray, sample_rate: int, info: dict[str, Any]) -> Output:
-    """Mono float in [-1, 1] (clipped) or int16 to a PCM_16 WAV; the same samples give the same bytes."""
+def wav_output(samples: np.ndarray, sample_rate: int, info: dict[str, Any]) -> Output:
+    """Float in [-1, 1] (clipped) or int16, mono ``(n,)`` or ``(n, channels)``, to a PCM_16 WAV; the same
+    samples give the same bytes."""
     if samples.dtype != np.int16:
         samples = np.clip(samples.astype(np.float32), -1.0, 1.0)
     buf = io.BytesIO()
@@ -38,8 +48,59 @@ def _wav(samples: np.ndarray, sample_rate: int, info: dict[str, Any]) -> Output:
     return Output(buf.getvalue(), "audio/wav", "wav", info)
 
 
-class TTSGenerator:
-    """A transformers text-to-waveform checkpoint (VITS, e.g. facebook/mms-tts-*) and its tokenizer.
+@contextlib.contextmanager
+def seeded(device: str, seed: int) -> Iterator[None]:
+    """torch's global RNG (and the GPU's) seeded with one item's seed, restored afterwards.
+
+    For models whose sampling reads the global RNG (VITS noise, SpeechT5's prenet dropout, MusicGen's
+    ``generate``): run one item inside, and it draws the same numbers alone or among others."""
+    import torch
+
+    devices = [torch.device(device)] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
+
+
+def load_transformers(path: Path, what: str) -> None:
+    """Quiet transformers, and refuse a path that is not a directory (transformers would read it as a
+    hub repository id and try to download it)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    if not Path(path).is_dir():
+        raise BackendError(f"cannot load a {what} model from {path}: not a directory")
+
+
+def model_size(*modules) -> int:
+    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
+
+
+class HFAudio:
+    """The ``hf-tts`` backend: reads the checkpoint's model_type and loads the class that runs it, so any
+    supported transformers audio checkpoint registers as ``--kind audio`` with no ``--backend``."""
+
+    @classmethod
+    def load(cls, path: Path, device: str = "cpu", dtype: str | None = None) -> Generator:
+        path = Path(path)
+        if not path.is_dir():  # never a hub lookup
+            raise BackendError(f"cannot load an audio model from {path}: not a directory")
+        try:
+            model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError, AttributeError) as e:
+            raise BackendError(f"cannot load an audio model from {path}: no readable config.json ({e})") from e
+        target = ARCHITECTURES.get(str(model_type))
+        if target is None:
+            raise BackendError(f"cannot load an audio model from {path}: model type {model_type!r} is not "
+                               f"supported (supported: {', '.join(SUPPORTED_TTS)})")
+        module, _, name = target.partition(":")
+        generator: Generator = getattr(importlib.import_module(module), name).load(path, device=device, dtype=dtype)
+        return generator
+
+
+class VitsGenerator:
+    """A transformers VITS checkpoint (e.g. facebook/mms-tts-*) and its tokenizer.
 
     VITS draws its noise (durations and prior) with the global torch RNG over the whole batch, so a
     batched forward would make each item depend on its neighbours and their padding. Each item
@@ -56,18 +117,16 @@ class TTSGenerator:
         self._lock = threading.Lock()  # noise scales are model attributes, set per group
 
     @classmethod
-    def load(cls, path: Path, device: str = "cpu", dtype: str | None = None) -> TTSGenerator:
-        import transformers
+    def load(cls, path: Path, device: str = "cpu", dtype: str | None = None) -> VitsGenerator:
         from transformers import AutoConfig, AutoModelForTextToWaveform, AutoTokenizer
 
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        if not Path(path).is_dir():  # otherwise transformers would read the path as a hub repository id
-            raise BackendError(f"cannot load a text-to-speech model from {path}: not a directory")
+        from aigc_models.device import default_dtype
+
+        load_transformers(path, "text-to-speech")
         try:
             model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
-            if model_type not in SUPPORTED_TTS:
-                raise ValueError(f"model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_TTS)})")
+            if model_type != "vits":
+                raise ValueError(f"model type {model_type!r} is not VITS")
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModelForTextToWaveform.from_pretrained(path, dtype=default_dtype(device, dtype),
                                                                use_safetensors=True, local_files_only=True)
@@ -80,7 +139,7 @@ class TTSGenerator:
         return int(self.model.config.sampling_rate)
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+        return model_size(self.model)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -110,7 +169,7 @@ class TTSGenerator:
     def _run(self, params: dict[str, Any], reqs: list[GenRequest]) -> list[Output]:
         t0 = time.perf_counter()
         encoded = [self.tokenizer(r.prompt, return_tensors="pt") for r in reqs]
-        for r, enc in zip(reqs, encoded):
+        for r, enc in zip(reqs, encoded, strict=True):
             if enc["input_ids"].shape[1] == 0 or not enc["input_ids"].any():
                 raise BackendError(f"item {r.index}: no character of the prompt is in the model's vocabulary")
         waves = self._forward(encoded, params, [r.seed for r in reqs])
@@ -119,7 +178,6 @@ class TTSGenerator:
     def _forward(self, encoded, params: dict[str, Any], seeds: list[int]) -> list[np.ndarray]:
         import torch
 
-        devices = [torch.device(self.device)] if self.device.startswith("cuda") else []
         knobs = {k: params[k] for k in ("noise_scale", "noise_scale_duration") if params[k] is not None}
         waves = []
         with self._lock, torch.inference_mode():
@@ -127,9 +185,8 @@ class TTSGenerator:
             try:
                 for k, v in knobs.items():
                     setattr(self.model, k, float(v))
-                for enc, seed in zip(encoded, seeds):
-                    with torch.random.fork_rng(devices=devices):
-                        torch.manual_seed(int(seed))
+                for enc, seed in zip(encoded, seeds, strict=True):
+                    with seeded(self.device, seed):
                         out = self.model(**enc.to(self.device), speaker_id=params["speaker_id"],
                                          speaking_rate=params["speaking_rate"])
                     n = int(out.sequence_lengths[0]) if out.sequence_lengths is not None else out.waveform.shape[-1]
@@ -141,9 +198,9 @@ class TTSGenerator:
 
     def postprocess(self, reqs, waves: list[np.ndarray], params, seconds: float) -> list[Output]:
         rate = params["speaking_rate"] or getattr(self.model, "speaking_rate", 1.0)
-        return [_wav(w, self.sample_rate, {"seed": int(r.seed), "speaking_rate": float(rate),
+        return [wav_output(w, self.sample_rate, {"seed": int(r.seed), "speaking_rate": float(rate),
                                            "batch_size": len(reqs), "batch_seconds": round(seconds, 4)})
-                for r, w in zip(reqs, waves)]
+                for r, w in zip(reqs, waves, strict=True)]
 
 
 # ---- espeak-ng through ctypes ------------------------------------------------------------------------
@@ -286,10 +343,10 @@ class EspeakGenerator:
 
     def _forward(self, texts: list[str], params: dict[str, Any], seeds: list[int]) -> list[np.ndarray]:
         return [self.engine.synthesize(t, params["voice"], params["rate"], params["pitch"], s)
-                for t, s in zip(texts, seeds)]
+                for t, s in zip(texts, seeds, strict=True)]
 
     def postprocess(self, reqs, samples: list[np.ndarray], params, seconds: float) -> list[Output]:
-        return [_wav(s, self.engine.sample_rate, {"voice": params["voice"], "rate": int(params["rate"]),
+        return [wav_output(s, self.engine.sample_rate, {"voice": params["voice"], "rate": int(params["rate"]),
                                                   "pitch": int(params["pitch"]), "seed": int(r.seed),
                                                   "batch_size": len(reqs), "batch_seconds": round(seconds, 4)})
-                for r, s in zip(reqs, samples)]
+                for r, s in zip(reqs, samples, strict=True)]
