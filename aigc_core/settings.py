@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     scheduler_tick_s: float = Field(15.0, gt=0)
     scheduler_grace_s: float = Field(60.0, ge=0)
     reconcile_every_s: float = Field(30.0, gt=0)
+    # Retention (``aigc gc``, aigc_core/retention.py): the scheduler removes finished jobs older than
+    # this ("30d", "12h"; empty: never) every gc_every_s, with their stored objects if gc_objects.
+    gc_older_than: str = Field("", pattern=r"^\s*(0*[1-9]\d*\s*[smhdwSMHDW])?\s*$")
+    gc_objects: bool = False
+    gc_every_s: float = Field(3600.0, gt=0)
     limits: Limits = Field(default_factory=Limits)
 
     @property
