@@ -12,7 +12,7 @@ from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
 from aigc_core.db import Database
-from aigc_core.errors import NotFound, SpecError
+from aigc_core.errors import IdempotencyConflict, NotFound, SpecError
 from aigc_core.schema import (
     OPEN_ITEM_STATES,
     Artifact,
@@ -330,6 +330,18 @@ def release_ready(db: Database, store: ObjectStore, job_id: str | None = None) -
 
 JOB_ID_MIN_PREFIX = 6
 _JOB_ID_CHARS = frozenset("0123456789abcdef")
+
+
+def job_by_idempotency_key(s: Session, key: str | None, digest: str) -> str | None:
+    """The job an idempotency key already made, if any; the same key with another payload is refused."""
+    if not key:
+        return None
+    row = s.execute(select(Job.id, Job.payload_digest).where(Job.idempotency_key == key)).first()
+    if row is None:
+        return None
+    if row.payload_digest != digest:
+        raise IdempotencyConflict(f"idempotency key {key!r} was used for job {row.id} with a different payload")
+    return row.id
 
 
 def resolve_job_id(s: Session, text: str) -> str:

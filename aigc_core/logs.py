@@ -13,16 +13,19 @@ import contextvars
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 CONTEXT_FIELDS = ("job_id", "chunk", "item")
 # Celery tasks whose positional arguments name a job: task name -> the fields they fill.
 TASK_ARG_FIELDS = {"worker.run_chunk": ("job_id", "chunk")}
 
-_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("aigc_log_context", default={})
+# Read-only: log_context sets a new mapping, never changes the one it found.
+_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "aigc_log_context", default=MappingProxyType({}))
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
 _MARK = "_aigc_instrumented"
 
@@ -46,7 +49,7 @@ class ContextFilter(logging.Filter):
                 setattr(record, k, v)
         data = getattr(record, "data", None)
         if isinstance(data, dict) and data.get("name") in TASK_ARG_FIELDS and not hasattr(record, "job_id"):
-            for k, v in zip(TASK_ARG_FIELDS[data["name"]], _task_args(data.get("args"))):
+            for k, v in zip(TASK_ARG_FIELDS[data["name"]], _task_args(data.get("args")), strict=False):
                 setattr(record, k, v)
         if "celery" in sys.modules and not hasattr(record, "task_id"):
             _add_current_task(record)
@@ -70,7 +73,7 @@ def _add_current_task(record: logging.LogRecord) -> None:
         return
     record.task_id, record.task_name = task.request.id, task.name
     if task.name in TASK_ARG_FIELDS and not hasattr(record, "job_id"):
-        for k, v in zip(TASK_ARG_FIELDS[task.name], task.request.args or ()):
+        for k, v in zip(TASK_ARG_FIELDS[task.name], task.request.args or (), strict=False):
             setattr(record, k, v)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -47,7 +47,7 @@ def new_id() -> str:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
 
 
 class JobStatus(str, Enum):
@@ -226,7 +226,7 @@ class JobEvent(Base):
 
 
 class CatchUp(str, Enum):
-    """What a schedule does with slots missed while no scheduler ran (see scheduler/schedules.py)."""
+    """What a schedule does with slots missed while no scheduler ran (see scheduler/cron/schedules.py)."""
 
     none = "none"  # only a slot that is due now (within the grace period) fires
     latest = "latest"  # the newest missed slot fires, once

@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     # reconciler: Redis restarted empty, a task that failed outright) is published again after this.
     lost_message_after_s: float = Field(15.0, ge=0)
     model_memory_budget_mb: int = 8192
+    # Backends beyond the built-in table, for workers: "name=package.module:Class" (comma-separated),
+    # e.g. a custom generator, or the benchmarks' null backend (bench/null.py). A model registered
+    # with such a backend runs only on workers that have this setting and can import the module.
+    backends: str = ""
     storage_workers: int = 8
     # Each output's provenance as a `NNNNNN.provenance.json` object beside it. Off: provenance stays
     # in the database row (and inside PNG/WAV files), and each text item costs one PUT, not two.
@@ -104,6 +108,17 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return not self.broker_url
+
+    def extra_backends(self) -> dict[str, str]:
+        """``backends`` as {name: "module:Class"}; a malformed entry is refused with the whole setting."""
+        table: dict[str, str] = {}
+        for entry in filter(None, (e.strip() for e in self.backends.split(","))):
+            name, sep, target = (x.strip() for x in entry.partition("="))
+            module, colon, cls = target.partition(":")
+            if not (sep and name and module and colon and cls):
+                raise ValueError(f"AIGC_BACKENDS: {entry!r} is not name=package.module:Class")
+            table[name] = target
+        return table
 
     def broker_ssl(self) -> dict[str, Any] | None:
         """Celery's ``broker_use_ssl`` (and redis-py's keyword arguments) for a ``rediss://`` broker, else None.

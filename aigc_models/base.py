@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,16 +68,18 @@ BACKENDS: dict[str, str] = {
     "hf-causal-lm": "aigc_models.text:CausalLMGenerator",
     "diffusers": "aigc_models.image:DiffusersImageGenerator",
     "digits": "aigc_models.image:DigitsGenerator",
-    "hf-tts": "aigc_models.audio:HFAudio",  # VITS, MusicGen, SpeechT5: picked by config.json model_type
+    "hf-tts": "aigc_models.audio:TTSGenerator",
     "espeak": "aigc_models.audio:EspeakGenerator",
-    "null": "aigc_models.null:NullGenerator",  # fixed bytes, no model: benchmarks the machinery
 }
 
 
-def load_backend(name: str, path: Path, device: str, dtype: str | None = None) -> Generator:
-    """Import the backend class by name and load the model directory onto ``device``."""
-    target = BACKENDS.get(name)
+def load_backend(name: str, path: Path, device: str, dtype: str | None = None,
+                 extra: Mapping[str, str] | None = None) -> Generator:
+    """Import the backend class by name and load the model directory onto ``device``; ``extra`` adds
+    "module:Class" entries to the built-in table (the workers' AIGC_BACKENDS setting)."""
+    table = {**BACKENDS, **(extra or {})}
+    target = table.get(name)
     if target is None:
-        raise BackendError(f"unknown backend {name!r}; known: {', '.join(sorted(BACKENDS))}")
+        raise BackendError(f"unknown backend {name!r}; known: {', '.join(sorted(table))}")
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls).load(path, device=device, dtype=dtype)

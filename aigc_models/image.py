@@ -250,7 +250,7 @@ class DigitsGenerator:
         """
         param = next(self.model.parameters())
         outs = []
-        for label, seed in zip(labels, seeds):
+        for label, seed in zip(labels, seeds, strict=False):
             z = torch.randn(1, self.model.latent_dim, generator=torch.Generator().manual_seed(int(seed))) * temperature
             outs.append(self.model.decode(z.to(param), torch.tensor([label], device=param.device)))
         return torch.cat(outs).float().cpu().numpy()

@@ -24,7 +24,9 @@ from typing import Any
 
 # Quiet model libraries: the tables are the output.
 for _k, _v in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TQDM_DISABLE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
-               ("DIFFUSERS_VERBOSITY", "error"), ("TOKENIZERS_PARALLELISM", "false")):
+               ("DIFFUSERS_VERBOSITY", "error"), ("TOKENIZERS_PARALLELISM", "false"),
+               # the null backend is the benchmarks' own, not the product's: workers are told where it is
+               ("AIGC_BACKENDS", "null=bench.null:NullGenerator")):
     os.environ.setdefault(_k, _v)
 
 from tests.support.s3server import S3Server, start_s3_server  # noqa: E402
@@ -244,7 +246,7 @@ def build_text_model(out: Path, *, n_layer: int, n_embd: int, n_head: int, vocab
     """A GPT-2 of the given shape with the demo's tokenizer recipe (byte-level BPE on the news corpus),
     randomly initialised and saved with save_pretrained: loaded through the same code as a real checkpoint.
     2 layers x 128 wide with a 4096 vocabulary is the ``aigc demo`` model's size."""
-    from aigc_models.train_text import save, tiny_gpt2, train_tokenizer
+    from aigc_models.tiny_text import save, tiny_gpt2, train_tokenizer
     from tests.support.models import corpus_texts
 
     if (out / "model.safetensors").exists():
@@ -307,7 +309,7 @@ class BareText:
 def interleave(n_pairs: int, a: Callable[[], float], b: Callable[[], float]) -> list[tuple[float, float]]:
     """n pairs (a, b), alternating which runs first (ABBA...), so a drift in load hits both alike."""
     runs = interleave_many(n_pairs, {"a": a, "b": b})
-    return list(zip(runs["a"], runs["b"]))
+    return list(zip(runs["a"], runs["b"], strict=False))
 
 
 def interleave_many(n_rounds: int, fns: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
@@ -332,7 +334,7 @@ def fmt_range(s: dict[str, float], digits: int = 3) -> str:
 def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))  # noqa: E731
     out = [title, line(cells[0]), "  ".join("-" * w for w in widths), *(line(r) for r in cells[1:])]
     text = "\n".join(out)
     print(text + "\n", flush=True)
@@ -447,9 +449,9 @@ def task_seconds(worker_log: str, job_id: str) -> tuple[int, float]:
 def efficiency_ratios(runs: dict[str, list[float]], variants, n: int) -> dict[str, dict]:
     """Per runner variant, against the interleaved bare runs: E, items/s and the extra ms per item."""
     bare = runs["bare"]
-    return {v: {"E": summary([b / a for a, b in zip(runs[v], bare)]),
+    return {v: {"E": summary([b / a for a, b in zip(runs[v], bare, strict=False)]),
                 "runner_items_s": summary([n / a for a in runs[v]]),
-                "extra_ms_per_item": summary([(a - b) / n * 1e3 for a, b in zip(runs[v], bare)])}
+                "extra_ms_per_item": summary([(a - b) / n * 1e3 for a, b in zip(runs[v], bare, strict=False)])}
             for v in variants}
 
 

@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
             models[label] = (name, path, n)
         for v in variants:
             st.worker(f"text-{v}", env=VARIANTS[v])
-        for label, nl, ne, nh, _, new_tokens in sizes:
+        for label, _nl, _ne, _nh, _, new_tokens in sizes:
             name, path, n = models[label]
             params = text_params(new_tokens)
             prompts = headline_prompts(n)

@@ -45,7 +45,8 @@ class BareImage:
         import torch
         from PIL import Image
 
-        sizes = [min(batch, min(chunk, n - c) - b) for c in range(0, n, chunk) for b in range(0, min(chunk, n - c), batch)]
+        sizes = [min(batch, min(chunk, n - c) - b)
+                 for c in range(0, n, chunk) for b in range(0, min(chunk, n - c), batch)]
         t0 = time.perf_counter()
         seed = 0
         with torch.inference_mode():
@@ -66,7 +67,8 @@ class BareAudio:
         from transformers import AutoModelForTextToWaveform, AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForTextToWaveform.from_pretrained(path, use_safetensors=True, local_files_only=True).eval()
+        self.model = AutoModelForTextToWaveform.from_pretrained(
+            path, use_safetensors=True, local_files_only=True).eval()
 
     def run(self, texts: list[str]) -> float:
         import numpy as np
@@ -151,7 +153,8 @@ def main(argv=None) -> dict:
     heads = ["kind", "model", "items", "bare ms/item", "bare it/s"]
     heads += variant_heads(variants)
     text = table(f"Efficiency E for images and audio (micro-batch {batch}, chunk {chunk}; {pairs_n} interleaved "
-                 "rounds, median [range]; sidecars on = the default, off = AIGC_PROVENANCE_SIDECARS=false)", heads, rows)
+                 "rounds, median [range]; sidecars on = the default, off = AIGC_PROVENANCE_SIDECARS=false)",
+                 heads, rows)
     result = {"sidecars": variants, "cases": out, "table": text}
     write_json("media", result)
     return result

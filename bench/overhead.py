@@ -166,7 +166,8 @@ def main(argv=None) -> dict:
     prof = profs[variants[0]]
     n = prof["items"]
     steps = sorted(prof["steps"].items(), key=lambda kv: -kv[1]["seconds"])
-    t3 = table(f"Pipeline steps (cumulative, profiled, sidecars {variants[0]}; they nest)", ["step", "calls", "ms/item"],
+    t3 = table(f"Pipeline steps (cumulative, profiled, sidecars {variants[0]}; they nest)",
+               ["step", "calls", "ms/item"],
                [[k, v["calls"], f"{v['seconds'] / n * 1e3:.3f}"] for k, v in steps])
     t4 = table("Per item at chunk 32, micro-batch 16 (in process)", ["what", *[f"sidecars {v}" for v in variants]],
                [["SQL statements", *[f"{profs[v]['sql_statements_per_item']:.2f}" for v in variants]],

@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
         t1 = table(f"Model loads over {n_jobs} jobs alternating two models ({items} items each, chunk 32)",
                    ["worker", "jobs", "chunks", "processes", "(process, model)", "max loads", "loads"], rows)
         cold, warm = [], []
-        for i in range(pairs_n):  # a fresh worker each pair: its first job is cold, its second warm
+        for _i in range(pairs_n):  # a fresh worker each pair: its first job is cold, its second warm
             w = st.worker("text")
             cold.append(first_output(client, "demo", 32))
             warm.append(first_output(client, "demo", 32))
@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
     imports = import_seconds()
     c = summary([x["first_output_s"] for x in cold])
     wm = summary([x["first_output_s"] for x in warm])
-    ratio = summary([a["first_output_s"] / b["first_output_s"] for a, b in zip(cold, warm)])
+    ratio = summary([a["first_output_s"] / b["first_output_s"] for a, b in zip(cold, warm, strict=False)])
     load = summary([x["model_load_s"] for x in cold])
     t2 = table(f"Time to first output (submit -> first item committed), demo-size model, micro-batch 16; "
                f"{pairs_n} fresh workers, median [range]", ["", "seconds"],
@@ -127,7 +127,8 @@ def main(argv=None) -> dict:
     max_loads = max(max(s["loads"].values()) for s in out["setups"])
     ok = max_loads == 1
     print(f"target model loads per worker per model = 1: {verdict(ok)} (max measured {max_loads})")
-    out.update({"import_text_backend_s": imports, "cold": cold, "warm": warm, "cold_s": c, "warm_s": wm, "cold_over_warm": ratio,
+    out.update({"import_text_backend_s": imports, "cold": cold, "warm": warm, "cold_s": c, "warm_s": wm,
+                "cold_over_warm": ratio,
                 "tables": [t1, t2], "targets": [{"target": "loads per worker per model = 1", "holds": ok,
                                                  "measured": max_loads}]})
     out["median_warm_first_output_s"] = statistics.median(x["first_output_s"] for x in warm)

@@ -145,7 +145,7 @@ def s3_capacity(st, seconds: float = 2.0) -> dict:
     t0, done = time.perf_counter(), 0
     with ThreadPoolExecutor(8) as ex:
         while time.perf_counter() - t0 < seconds:
-            list(ex.map(lambda i: store.put(f"cap/{done + i}.bin", data), range(64)))
+            list(ex.map(lambda i, base=done: store.put(f"cap/{base + i}.bin", data), range(64)))
             done += 64
     return {"tool": "S3Store.put 1 KiB, 8 threads", "put_per_s": done / (time.perf_counter() - t0)}
 
@@ -216,7 +216,8 @@ def main(argv=None) -> dict:
 
         from bench.common import RESULTS
 
-        bulk = statistics.median(r["rows_per_s"] for r in json.loads((RESULTS / "bulk_submit.json").read_text())["runs"])
+        runs = json.loads((RESULTS / "bulk_submit.json").read_text())["runs"]
+        bulk = statistics.median(r["rows_per_s"] for r in runs)
     except (OSError, KeyError, ValueError):
         pass
     need, cap = paper(load, redis_cap, pg_cap, s3_cap, bulk)
@@ -232,7 +233,8 @@ def main(argv=None) -> dict:
                                                                "of S3 here"], need)
     t4 = table("What Redis and PostgreSQL sustain on this 2-core machine (shared with the benchmark's own load)",
                ["server", "per second"], cap)
-    out = {"items": n, "results": res, "load": load, "redis_capacity": redis_cap, "pg_capacity": pg_cap, "s3_capacity": s3_cap,
+    out = {"items": n, "results": res, "load": load, "redis_capacity": redis_cap, "pg_capacity": pg_cap,
+           "s3_capacity": s3_cap,
            "bulk_rows_per_s": bulk, "tables": [t1, t2, t3, t4]}
     write_json("scaling", out)
     return out

@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
                 model, bare = "null", None
             params = text_params(32) if shape else {}
 
-            def runner(variant):
+            def runner(variant, model=model, prompts=prompts, params=params, n=n):
                 job = client.submit("text", model=model, items=prompts, params=params)
                 with patched(rt, variant):
                     t0 = time.perf_counter()
@@ -122,7 +122,8 @@ def main(argv=None) -> dict:
             res = {"case": label, "items": n, "seconds": times}
             for v in VARIANTS:
                 ms = summary([t / n * 1e3 for t in times[v]])
-                e = summary([b / a for a, b in zip(times[v], times["bare"])]) if bare is not None else None
+                e = (summary([b / a for a, b in zip(times[v], times["bare"], strict=False)])
+                     if bare is not None else None)
                 rows.append([label, v, fmt_range(ms, 2), fmt_range(e) if e else "-"])
                 res[v] = {"ms_per_item": ms, "E_in_process": e}
             out.append(res)

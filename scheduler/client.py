@@ -6,7 +6,7 @@ import itertools
 import json
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -15,11 +15,12 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from aigc_core.db import Database, database
-from aigc_core.errors import IdempotencyConflict, NotFound, SpecError
+from aigc_core.errors import NotFound, SpecError
 from aigc_core.jobs import (
     JobView,
     Result,
     iter_results,
+    job_by_idempotency_key,
     job_prefix,
     job_view,
     record_event,
@@ -27,7 +28,7 @@ from aigc_core.jobs import (
     resolve_job_id,
     sidecar_of,
 )
-from aigc_core.reconcile import ReconcileReport, publish_chunks, reconcile
+from aigc_core.reconcile import ReconcileReport, reconcile
 from aigc_core.registry import (
     BUILTIN_MODELS,
     ModelRef,
@@ -42,29 +43,39 @@ from aigc_core.schema import Chunk, ChunkStatus, Item, ItemStatus, Job, JobEvent
 from aigc_core.settings import Settings
 from aigc_core.spec import JobSpec, check_item_count, check_items_container, check_limits, parse_spec
 from aigc_core.storage import ObjectStore, open_store
-from scheduler.dispatch import CeleryPublisher
+from scheduler.runners import Runner, default_runner
 
 
 class Client:
-    """``Client()`` reads AIGC_* settings; with no broker it runs an in-process worker inside ``wait``."""
+    """``Client()`` reads AIGC_* settings. Construction does no I/O: the database is opened (and the
+    embedded SQLite one migrated, the models file synced) on first use, the store likewise. How jobs
+    run is the ``runner``: by default Celery workers when a broker is configured, else an in-process
+    worker inside ``wait`` (scheduler/runners.py)."""
 
-    def __init__(self, settings: Settings | None = None, **overrides: Any):
+    def __init__(self, settings: Settings | None = None, *, runner: Runner | None = None, **overrides: Any):
         self.settings = settings or Settings(**overrides)
-        self.db: Database = database(self.settings.database_url)
-        self.db.ensure_schema()
-        self.store: ObjectStore = open_store(
-            self.settings.storage_url, self.settings.s3_endpoint_url, self.settings.s3_region,
-            fast_put=self.settings.s3_fast_put,
-        )
-        self.publish = (
-            CeleryPublisher(self.settings.broker_url, self.settings.visibility_timeout_s, self.settings.broker_ssl())
-            if self.settings.broker_url else None
-        )
-        with self.db.session() as s:
+        self.runner: Runner = runner if runner is not None else default_runner(self.settings)
+
+    @cached_property
+    def db(self) -> Database:
+        db = database(self.settings.database_url)
+        db.ensure_schema()
+        with db.session() as s:
             if not s.scalar(select(Model.id).where(Model.name == "espeak-en").limit(1)):
                 sync_models_file(s, BUILTIN_MODELS, only_missing=True)
             if self.settings.models_file:
                 sync_models_file(s, self.settings.models_file)
+        return db
+
+    @cached_property
+    def store(self) -> ObjectStore:
+        return open_store(self.settings.storage_url, self.settings.s3_endpoint_url, self.settings.s3_region,
+                          fast_put=self.settings.s3_fast_put)
+
+    @property
+    def publish(self) -> Callable[[str, str, int], None] | None:
+        """How chunks reach workers (the reconciler republishes through it); None when run in-process."""
+        return self.runner.publisher
 
     # ---- submit -------------------------------------------------------------------------------
 
@@ -86,8 +97,7 @@ class Client:
         })
         job_id = self._insert(spec)
         release_ready(self.db, self.store, job_id)  # its dependencies may be final already
-        if self.publish is not None:
-            self._publish_job(job_id)
+        self.runner.dispatch(self, job_id)
         return self.status(job_id)
 
     def finetune(self, base_model: str, dataset: str | Path, output_model: str,
@@ -100,15 +110,14 @@ class Client:
 
         job_id = submit_finetune(self, base_model, dataset, output_model, hyperparameters or {},
                                  idempotency_key, metadata or {})
-        if self.publish is not None:
-            self._publish_job(job_id)
+        self.runner.dispatch(self, job_id)
         return self.status(job_id)
 
     def _insert(self, spec: JobSpec) -> str:
         digest = spec.payload_digest()
         try:
             with self.db.session() as s:
-                existing = self._by_key(s, spec.idempotency_key, digest)
+                existing = job_by_idempotency_key(s, spec.idempotency_key, digest)
                 if existing:
                     return existing
                 deps = dependencies(s, spec)
@@ -119,31 +128,10 @@ class Client:
             if not spec.idempotency_key:
                 raise
             with self.db.session() as s:  # a concurrent submit with the same key won the insert
-                existing = self._by_key(s, spec.idempotency_key, digest)
+                existing = job_by_idempotency_key(s, spec.idempotency_key, digest)
                 if existing:
                     return existing
             raise
-
-    @staticmethod
-    def _by_key(s, key: str | None, digest: str) -> str | None:
-        if not key:
-            return None
-        row = s.execute(select(Job.id, Job.payload_digest).where(Job.idempotency_key == key)).first()
-        if row is None:
-            return None
-        if row.payload_digest != digest:
-            raise IdempotencyConflict(
-                f"idempotency key {key!r} was used for job {row.id} with a different payload"
-            )
-        return row.id
-
-    def _publish_job(self, job_id: str) -> None:
-        with self.db.session() as s:
-            rows = s.execute(
-                select(Chunk.job_id, Chunk.chunk_no, Job.queue).join(Job, Job.id == Chunk.job_id)
-                .where(Chunk.job_id == job_id, Chunk.status == ChunkStatus.pending).order_by(Chunk.chunk_no)
-            ).all()
-        publish_chunks(self.db, self.publish, [tuple(r) for r in rows])
 
     # ---- watch --------------------------------------------------------------------------------
 
@@ -176,8 +164,7 @@ class Client:
         job_id = self._job_id(job_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         with JobProgress(self.status(job_id), enabled=progress) as bar:
-            if self.publish is None:
-                self._run_inline(job_id, bar)
+            self.runner.drive(self, job_id, lambda: bar.update(self.status(job_id)))
             while True:
                 view = self.status(job_id)
                 bar.update(view)
@@ -186,16 +173,6 @@ class Client:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"job {job_id} still {view.status.value} after {timeout}s")
                 time.sleep(poll_s)
-
-    def _run_inline(self, job_id: str, bar) -> None:
-        from worker.inprocess import drain  # the embedded worker loads torch only when it runs
-        from worker.runtime import get_runtime
-
-        rt = get_runtime(self.settings)
-        with self.db.session() as s:
-            waits = s.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.waiting
-        # A waiting job's dependencies run here too: drain everything pending, not just this job.
-        drain(rt, None if waits else job_id, on_chunk=lambda _: bar.update(self.status(job_id)))
 
     # ---- results ------------------------------------------------------------------------------
 
@@ -265,8 +242,7 @@ class Client:
             s.execute(update(Chunk).where(Chunk.job_id == job_id, Chunk.chunk_no.in_(chunks))
                       .values(status=ChunkStatus.pending))
             record_event(s, job_id, "retry_failed", items=n)
-        if self.publish is not None:
-            self._publish_job(job_id)
+        self.runner.dispatch(self, job_id)
         return n
 
     def reconcile(self) -> ReconcileReport:
@@ -279,7 +255,7 @@ class Client:
         url = self.settings.broker_url or ""
         if not url.startswith(("redis://", "rediss://")):
             return None
-        from scheduler.broker import RedisChunkProbe
+        from scheduler.ops.broker import RedisChunkProbe
 
         # A delivered message whose chunk is still pending a lease later sits with a dead worker.
         return RedisChunkProbe(url, self.settings.broker_ssl(), unacked_stale_s=self.settings.lease_s)

@@ -32,5 +32,7 @@ class CeleryPublisher:
         # A short retry: when the broker is down the outbox keeps the chunk, the reconciler sends it later.
         self.app.send_task(
             TASK, args=[job_id, chunk_no], queue=queue, retry=True,
+            # Flower's task list and the worker's log show this instead of the bare ids.
+            argsrepr=f"{queue} job {job_id[:8]} chunk {chunk_no}",
             retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
         )

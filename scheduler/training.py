@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from aigc_core.errors import NotFound, SpecError
-from aigc_core.jobs import record_event
+from aigc_core.jobs import job_by_idempotency_key, record_event
 from aigc_core.registry import check_model_name, resolve
 from aigc_core.schema import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus
 
@@ -111,7 +111,7 @@ def _insert_finetune(client, base_model: str, params: dict[str, Any], seed: int,
         if not key:
             raise
         with client.db.session() as s:  # a concurrent submit with the same key won the insert
-            existing = client._by_key(s, key, digest)
+            existing = job_by_idempotency_key(s, key, digest)
         if existing:
             return existing
         raise
@@ -119,7 +119,7 @@ def _insert_finetune(client, base_model: str, params: dict[str, Any], seed: int,
 def _write_finetune(client, base_model: str, params: dict[str, Any], seed: int, key: str | None,
                     metadata: dict[str, Any], digest: str) -> str:
     with client.db.session() as s:
-        existing = client._by_key(s, key, digest)
+        existing = job_by_idempotency_key(s, key, digest)
         if existing:
             return existing
         base = resolve(s, base_model)

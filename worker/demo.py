@@ -48,7 +48,7 @@ def _key(texts: list[str]) -> str:
 
 
 def build_base(out: Path, texts: list[str]) -> Path:
-    from aigc_models.train_text import save, tiny_gpt2, train_tokenizer
+    from aigc_models.tiny_text import save, tiny_gpt2, train_tokenizer
 
     if (out / "model.safetensors").exists():
         return out
@@ -176,7 +176,8 @@ def run_demo(settings: Settings, n_items: int = 200, max_new_tokens: int = 120,
     grid = _digit_grid(client, digits.id)
     n_read = min(5, n_items)
     talk = client.submit("audio", model="espeak-en", params={"rate": 170},
-                         items=[{"custom_id": f"read-{i:04d}", "from": {"job": text.id, "custom_id": f"article-{i:04d}"}}
+                         items=[{"custom_id": f"read-{i:04d}",
+                                 "from": {"job": text.id, "custom_id": f"article-{i:04d}"}}
                                 for i in range(n_read)])
     console.print(f"submitted job {talk.id}: {n_read} articles read aloud by espeak-en")
     parts["audio"] = _timed(client, talk.id, n_read)

@@ -6,7 +6,6 @@ import os
 import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import cached_property
 
 from aigc_core.db import Database
@@ -20,17 +19,24 @@ from worker.metrics import InstrumentedStore
 from worker.pool import ModelPool
 
 
-@dataclass
 class Runtime:
-    settings: Settings
-    db: Database
-    store: ObjectStore
-    # Sends released chunks of waiting jobs at once (the Celery worker sets it); None: the outbox keeps them.
-    publish: Callable[[str, str, int], None] | None = None
-    # name@version -> the largest micro-batch that fitted after an out-of-memory split in this process.
-    batch_caps: dict[str, int] = field(default_factory=dict)
-    # The last chunk ended on a storage error: the next one checks the store before it generates.
-    storage_failed: bool = False
+    """What a worker process runs chunks with. ``pool`` and ``device`` are built on first use (the device
+    imports torch); give them to run with a model pool or device of your own (tests, embedding)."""
+
+    def __init__(self, settings: Settings, db: Database, store: ObjectStore, *,
+                 publish: Callable[[str, str, int], None] | None = None, pool: ModelPool | None = None,
+                 device: str | None = None):
+        self.settings, self.db, self.store = settings, db, store
+        # Sends released chunks of waiting jobs at once (the Celery worker sets it); None: the outbox keeps them.
+        self.publish = publish
+        # name@version -> the largest micro-batch that fitted after an out-of-memory split in this process.
+        self.batch_caps: dict[str, int] = {}
+        # The last chunk ended on a storage error: the next one checks the store before it generates.
+        self.storage_failed = False
+        if pool is not None:
+            self.__dict__["pool"] = pool  # what the cached property below would have built
+        if device is not None:
+            self.__dict__["device"] = device
 
     @cached_property
     def worker_id(self) -> str:
@@ -65,7 +71,8 @@ class Runtime:
     def _load(self, ref: ModelRef) -> Generator:
         path = materialize(ref, self.settings.cache_dir, endpoint_url=self.settings.s3_endpoint_url)
         try:
-            return load_backend(ref.backend, path, self.device, ref.defaults.get("dtype"))
+            return load_backend(ref.backend, path, self.device, ref.defaults.get("dtype"),
+                                self.settings.extra_backends())
         except BackendError as e:
             raise ModelLoadError(f"{ref.tag}: {e}") from e
 

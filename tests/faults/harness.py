@@ -27,7 +27,8 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import create_engine, func, select, text
 
-from tests.faults.servers import RedisServer, TcpProxy
+from tests.faults.servers import TcpProxy
+from tests.support.redisserver import RedisServer
 from tests.support.workers import ServiceProc, WorkerProc, start_worker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +73,7 @@ class FaultEnv:
 
     def __init__(self, root: Path, pg_admin_url: str, s3_server, model_dir: Path):
         self.root, self.pg_admin_url, self.s3, self.model_dir = root, pg_admin_url, s3_server, model_dir
-        self.redis = RedisServer(root / "redis")
+        self.redis = RedisServer(root / "redis", aof=True)
         self.redis.start()
         endpoint = urlsplit(s3_server.endpoint)
         self.proxy = TcpProxy((endpoint.hostname, endpoint.port))
@@ -109,11 +110,11 @@ class Run:
         env.s3.create_bucket(self.bucket)
         if not env.redis.ping():
             env.redis.start()
-        _redis(env.redis.url).flushall()
+        _redis(env.redis.url()).flushall()
         self.env_vars = {
             **env.s3.env,
             "AIGC_S3_ENDPOINT_URL": env.proxy.url,  # workers reach S3 through the proxy a fault can cut
-            "AIGC_DATABASE_URL": self.db_url, "AIGC_BROKER_URL": env.redis.url,
+            "AIGC_DATABASE_URL": self.db_url, "AIGC_BROKER_URL": env.redis.url(),
             "AIGC_STORAGE_URL": f"s3://{self.bucket}/out", "AIGC_CACHE_DIR": str(self.dir / "cache"),
             "AIGC_TORCH_THREADS": "1", "AIGC_LOG_JSON": "1",
             "AIGC_CHUNK_SIZE": "8", "AIGC_MICRO_BATCH_SIZE": "2",

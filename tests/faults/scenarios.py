@@ -433,7 +433,7 @@ def killed_during_s3_outage(env: FaultEnv, full: bool) -> Report:
         run.wait_until(lambda: "retry: Retry in" in w.log(), 60, "a retry countdown")
         # Kill when the worker holds (in kombu's unacked hash) a message for a chunk none of whose
         # items it has claimed: a countdown or prefetched message, which dies with it.
-        run.wait_until(lambda: _holds_unstarted_chunk(run, env.redis.url), 30, "a held, unstarted chunk")
+        run.wait_until(lambda: _holds_unstarted_chunk(run, env.redis.url()), 30, "a held, unstarted chunk")
         w.kill()
         run.start_worker()
         time.sleep(max(0.0, outage - (time.time() - cut_at)))
@@ -457,7 +457,7 @@ def killed_during_s3_outage(env: FaultEnv, full: bool) -> Report:
 
 def _holds_unstarted_chunk(run: Run, redis_url: str) -> bool:
     from aigc_core.schema import Item
-    from scheduler.broker import chunk_of
+    from scheduler.ops.broker import chunk_of
 
     for raw in _redis(redis_url).hvals("unacked"):
         c = chunk_of(raw, unacked=True)

@@ -2,67 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-import signal
+import contextlib
 import socket
-import subprocess
 import threading
-import time
-from pathlib import Path
 
 from tests.support.s3server import free_port
-
-
-class RedisServer:
-    """A throwaway ``redis-server`` on a free loopback port; AOF on, so a restart keeps the queues."""
-
-    def __init__(self, data_dir: Path, *, aof: bool = True):
-        self.dir, self.aof = data_dir, aof
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 15.0) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
-                "--appendonly", "yes" if self.aof else "no", "--appendfsync", "always",
-                "--maxmemory-policy", "noeviction", "--logfile", str(self.dir / "redis.log")]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.ping():
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited {self.proc.returncode}")
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not answer")
-
-    def ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        """SIGTERM: Redis fsyncs its AOF and exits; SIGKILL: it just dies (appendfsync always loses nothing)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(15)
-
-    def wipe(self) -> None:
-        """Forget everything on disk: the next start is an empty Redis."""
-        for p in self.dir.iterdir():
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.name != "redis.log":
-                p.unlink()
 
 
 class TcpProxy:
@@ -142,8 +86,6 @@ class TcpProxy:
 
 
 def _close(s: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         s.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     s.close()

@@ -12,8 +12,8 @@ pytestmark = pytest.mark.integration
 def test_the_redis_probe_reads_chunk_ids_from_queued_and_unacked_messages(redis_url):
     import redis
 
-    from scheduler.broker import RedisChunkProbe
     from scheduler.dispatch import CeleryPublisher
+    from scheduler.ops.broker import RedisChunkProbe
 
     r = redis.Redis.from_url(redis_url)
     r.flushdb()
@@ -33,8 +33,8 @@ def test_a_message_a_worker_took_more_than_a_lease_ago_is_not_counted_as_held(re
     unacked hash until the visibility timeout (an hour by default): the probe must not count them."""
     import redis
 
-    from scheduler.broker import RedisChunkProbe
     from scheduler.dispatch import CeleryPublisher
+    from scheduler.ops.broker import RedisChunkProbe
 
     r = redis.Redis.from_url(redis_url)
     for job in ("job-old", "job-new"):

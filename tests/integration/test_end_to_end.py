@@ -32,7 +32,8 @@ def test_two_jobs_through_a_celery_worker_land_in_s3_with_rows_and_one_model_loa
         results = list(c.results(v.id))
         assert len(results) == 20 and all(r.status == ItemStatus.succeeded for r in results)
         for r in results:
-            assert r.uri.startswith("s3://") and re.search(rf"/jobs/{v.id}/items/{r.index:06d}\.[0-9a-f]{{32}}\.txt$", r.uri)
+            assert r.uri.startswith("s3://")
+            assert re.search(rf"/jobs/{v.id}/items/{r.index:06d}\.[0-9a-f]{{32}}\.txt$", r.uri)
             assert hashlib.sha256(s3.get(r.key)).hexdigest() == r.sha256
             assert json.loads(s3.get(r.key.replace(".txt", ".provenance.json")))["output"]["sha256"] == r.sha256
             assert r.provenance["model"]["uri"].startswith("s3://")

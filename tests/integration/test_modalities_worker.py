@@ -32,7 +32,7 @@ def test_write_draw_and_narrate_through_a_celery_worker(deploy_client, workers):
         assert json.loads(img.text["aigc:provenance"])["job_id"] == draw.id
         assert r.uri.startswith("s3://") and r.uri.endswith(".png")
     for r in c.results(talk.id):
-        samples, rate = sf.read(io.BytesIO(c.store.get(r.key)))
+        _samples, rate = sf.read(io.BytesIO(c.store.get(r.key)))
         assert rate == 22050 and r.duration_s > 0.2 and r.provenance["source"]["job"] == text.id
     # A released job started without waiting for the reconciler: the worker that finished
     # the text job published the narration's chunks itself.

@@ -24,8 +24,8 @@ from sqlalchemy import func, select, text, update
 
 from aigc_core.schema import Job, RunOutcome, Schedule, ScheduleRun
 from scheduler import Client
-from scheduler.cron import parse_slot, slot_str
-from scheduler.schedules import fire_due, parse_schedules, sync_schedules
+from scheduler.cron.rules import parse_slot, slot_str
+from scheduler.cron.schedules import fire_due, parse_schedules, sync_schedules
 from tests.support.workers import ServiceProc
 
 pytestmark = pytest.mark.integration

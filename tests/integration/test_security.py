@@ -19,7 +19,7 @@ from aigc_core.schema import JobStatus
 from aigc_core.settings import Settings
 from aigc_core.storage import S3Store
 from scheduler.dispatch import CeleryPublisher
-from scheduler.ops import BrokerProbe
+from scheduler.ops.overview import BrokerProbe
 from tests.support.redisserver import start_redis
 from tests.support.s3server import SECRET_KEY
 from tests.unit.test_cli import AIGC
@@ -31,7 +31,7 @@ def test_a_pickled_message_is_refused_and_runs_nothing(deploy_client, deploy_env
     from unittest import mock
 
     c = deploy_client
-    with mock.patch.object(type(c), "_publish_job", lambda self, job_id: None):  # keep it in the outbox
+    with mock.patch.object(c.runner, "dispatch", lambda client, job_id: None):  # keep it in the outbox
         job = c.submit("text", model="tiny", items=["Headline: x\n\n"])
     evil = Celery("evil", broker=deploy_env["AIGC_BROKER_URL"])
     evil.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])

@@ -15,7 +15,8 @@ def corpus_texts(n: int | None = None) -> list[str]:
 
 def build_tiny_text_model(out: Path, *, n_layer: int = 2, n_embd: int = 32, train_seconds: float = 0.0) -> Path:
     """A byte-level BPE tokenizer and a 2-layer GPT-2, optionally trained for a few seconds."""
-    from aigc_models.train_text import TrainConfig, save, tiny_gpt2, train_causal_lm, train_tokenizer
+    from aigc_models.tiny_text import save, tiny_gpt2, train_tokenizer
+    from tests.support.train_text import TrainConfig, train_causal_lm
 
     texts = corpus_texts()
     tok = train_tokenizer(texts, vocab_size=512)

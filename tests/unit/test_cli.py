@@ -188,7 +188,7 @@ def test_param_values_are_read_as_yaml_scalars_so_the_readmes_finetune_example_r
 
 
 def test_parse_params_keeps_text_as_text_and_types_numbers():
-    from scheduler.cli import _parse_params
+    from scheduler.cli.root import _parse_params
 
     got = _parse_params(["temperature=7e-1", "max_new_tokens=20", "echo=true", "voice=en-us",
                          "negative_prompt=blurry: dark", "n='20'"])
@@ -269,7 +269,7 @@ def test_broker_failures_are_described_in_one_line_with_the_password_masked():
     from kombu.exceptions import OperationalError as KombuOperationalError
 
     from aigc_core.settings import Settings
-    from scheduler.cli import describe_failure
+    from scheduler.cli.root import describe_failure
 
     settings = Settings(broker_url="redis://:hunter2@10.0.0.7:6379/0")
     for e in (redis.exceptions.ConnectionError("Error 111 connecting to 10.0.0.7:6379. Connection refused."),

@@ -518,9 +518,8 @@ def check_healthchecks(compose: dict[str, Any]) -> list[str]:
         elif name == "flower":
             if (flower_port(svc), "/healthcheck") not in probed:
                 problems.append(f"{name}: healthcheck does not request :{flower_port(svc)}/healthcheck")
-        elif name == "prometheus":
-            if not {path for _, path in probed} & {"/-/healthy", "/-/ready"}:
-                problems.append(f"{name}: healthcheck does not request /-/healthy or /-/ready")
+        elif name == "prometheus" and not {path for _, path in probed} & {"/-/healthy", "/-/ready"}:
+            problems.append(f"{name}: healthcheck does not request /-/healthy or /-/ready")
     return problems
 
 
@@ -708,9 +707,8 @@ def check_secret_references(compose: dict[str, Any]) -> list[str]:
                 problems.append(f"{where}: a literal password in a URL ({password!r}), not a ${{VAR}} from .env")
         if where.startswith("configs.") and where.endswith(".content"):
             for k, v in re.findall(r'"(\w+)"\s*:\s*"([^"]*)"', value):
-                if SECRET_NAME.search(k) or k.lower() in ("secretkey", "accesskey"):
-                    if not _is_bare_reference(v):
-                        problems.append(f"{where}: {k} is a literal ({v!r}), not a ${{VAR}} from .env")
+                if (SECRET_NAME.search(k) or k.lower() in ("secretkey", "accesskey")) and not _is_bare_reference(v):
+                    problems.append(f"{where}: {k} is a literal ({v!r}), not a ${{VAR}} from .env")
     return problems
 
 
@@ -723,9 +721,9 @@ def check_env_example(compose: dict[str, Any], root: Path) -> list[str]:
     env = read_env_file(path)
     problems = []
     for i, line in enumerate(lines):
-        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
-            if i == 0 or not lines[i - 1].lstrip().startswith("#"):
-                problems.append(f".env.example: {line.partition('=')[0]} has no comment above it")
+        if (line.strip() and not line.lstrip().startswith("#") and "=" in line
+                and (i == 0 or not lines[i - 1].lstrip().startswith("#"))):
+            problems.append(f".env.example: {line.partition('=')[0]} has no comment above it")
     used = {name: op for _, name, op, _ in references(compose)}
     for name, op in sorted(used.items()):
         if (op in (":?", "?") or SECRET_NAME.search(name)) and name not in env:

@@ -20,7 +20,8 @@ def trained(tmp_path_factory):
     for kind in digits.KINDS:
         seen: list[int] = []
         out = tmp_path_factory.mktemp("digits") / kind
-        metrics = digits.train_digits(kind, out, seed=0, max_steps=STEPS, on_step=lambda s, _: seen.append(s))
+        metrics = digits.train_digits(kind, out, seed=0, max_steps=STEPS,
+                                      on_step=lambda s, _, seen=seen: seen.append(s))
         result[kind] = (out, metrics, seen)
     return result
 
@@ -129,7 +130,7 @@ def test_the_demo_model_is_saved_once_and_reloads(tmp_path, monkeypatch):
         stamp = (out / "model.safetensors").stat().st_mtime_ns
         assert digits.ensure_demo_digits(out, "demo-digits") == out
         assert (out / "model.safetensors").stat().st_mtime_ns == stamp
-        model, config = digits.load(out)
+        _model, config = digits.load(out)
         assert (config["kind"], config["training"]["steps"]) == ("vae", 20)
     finally:
         digits._demo_state.cache_clear()

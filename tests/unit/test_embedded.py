@@ -23,7 +23,8 @@ def test_a_job_runs_in_process_and_every_output_has_its_object_row_and_manifest(
     for r in results:
         data = client.store.get(r.key)
         assert hashlib.sha256(data).hexdigest() == r.sha256 and len(data) == r.size
-        assert r.uri.startswith("file://") and re.fullmatch(rf"jobs/{job.id}/items/{r.index:06d}\.[0-9a-f]{{32}}\.txt", r.key)
+        assert r.uri.startswith("file://")
+        assert re.fullmatch(rf"jobs/{job.id}/items/{r.index:06d}\.[0-9a-f]{{32}}\.txt", r.key)
         assert r.provenance["seed"] == 7 + r.index
 
     out = client.download(job.id, tmp_path / "out")

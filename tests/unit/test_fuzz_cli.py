@@ -27,7 +27,7 @@ FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 
 
 class InProcessCli:
-    """``aigc`` run in this process through ``scheduler.cli.main`` (its real error handling), against an
+    """``aigc`` run in this process through ``scheduler.cli.root`` (its real error handling), against an
     embedded SQLite database of its own: fast enough for hypothesis."""
 
     def __init__(self, root: Path):
@@ -36,7 +36,7 @@ class InProcessCli:
                     "AIGC_CACHE_DIR": str(root / "cache")}
 
     def __call__(self, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-        from scheduler import cli
+        from scheduler.cli import root as cli
 
         full = {**self.env, **(env or {})}
         saved = {k: v for k, v in os.environ.items() if k.startswith("AIGC_")}
@@ -99,7 +99,7 @@ job_like = st.fixed_dictionaries({}, optional={
     "params": json_values, "seed": json_values, "metadata": json_values, "after": json_values,
     "chunk_size": json_values,
 })
-yaml_chars = st.text(alphabet=st.sampled_from(list("[]{}:,-&*!|>'\"#%@`?\n \t\\ab01.~") + ["\x00", "\ufeff", "é"]),
+yaml_chars = st.text(alphabet=st.sampled_from([*list("[]{}:,-&*!|>'\"#%@`?\n \t\\ab01.~"), "\x00", "\ufeff", "é"]),
                      max_size=80)
 
 
@@ -114,7 +114,8 @@ def nested(depth: int, style: str) -> str:
 def billion_laughs(levels: int = 12) -> str:
     lines = ['a: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     lines += [f"b{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
-    return "\n".join(lines) + f"\nkind: text\nmodel: espeak-en\nitems: *a{levels - 1}\nmetadata: {{x: *a{levels - 1}}}\n"
+    top = levels - 1
+    return "\n".join(lines) + f"\nkind: text\nmodel: espeak-en\nitems: *a{top}\nmetadata: {{x: *a{top}}}\n"
 
 
 yaml_documents = st.one_of(
@@ -144,7 +145,8 @@ jsonl_lines = st.one_of(
                      '{"prompt": "x", "prompt": 3}', "{", "\x00", '{"prompt": "\\ud800"}']),
     yaml_chars,
 )
-jsonl_files = st.one_of(st.lists(jsonl_lines, min_size=1, max_size=6).map(lambda ls: "\n".join(ls).encode("utf-8", "surrogatepass")),
+jsonl_files = st.one_of(st.lists(jsonl_lines, min_size=1, max_size=6)
+                        .map(lambda ls: "\n".join(ls).encode("utf-8", "surrogatepass")),
                         st.binary(max_size=300))
 
 
@@ -277,7 +279,7 @@ def test_a_million_item_file_is_refused_at_the_item_limit_with_bounded_memory(tm
                        cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr
     verdict, measures = r.stdout.strip().splitlines()
-    growth_mb, seconds = measures.split()
+    growth_mb, _seconds = measures.split()
     assert verdict.startswith("refused:") and "more than 100000 items, over the limit of 100000" in verdict, verdict
     # a million parsed items would take hundreds of MB; counting lines takes a read buffer
     assert int(growth_mb) < 32, f"peak RSS grew by {growth_mb} MB"

@@ -62,7 +62,8 @@ small = Limits(max_items_per_job=4, max_prompt_bytes=40, max_new_tokens=16, max_
 
 
 @settings(max_examples=200, deadline=None)
-@given(n=st.integers(0, 7), prompt=st.text(min_size=1, max_size=60), cid=st.text(st.characters(categories=["L", "N", "P"]), min_size=1, max_size=9),
+@given(n=st.integers(0, 7), prompt=st.text(min_size=1, max_size=60),
+       cid=st.text(st.characters(categories=["L", "N", "P"]), min_size=1, max_size=9),
        tokens=st.integers(1, 40), meta=st.text(max_size=80))
 def test_limits_hold_exactly_at_their_edges(n, prompt, cid, tokens, meta):
     items = [{"prompt": prompt, "custom_id": f"{cid}{i}"} for i in range(n)]

@@ -205,7 +205,7 @@ def test_a_digit_renders_the_same_alone_as_in_a_batch(digits_gen):
     assert [o.data for o in digits_gen.generate(reqs)] == [digits_gen.generate([r])[0].data for r in reqs]
     # Rounding to 8 bits hides most float differences; the floats themselves must match too.
     labels, seeds = [i % 10 for i in range(100)], list(range(100))
-    alone = np.concatenate([digits_gen._forward([d], [s], 1.0) for d, s in zip(labels, seeds)])
+    alone = np.concatenate([digits_gen._forward([d], [s], 1.0) for d, s in zip(labels, seeds, strict=False)])
     assert np.array_equal(digits_gen._forward(labels, seeds, 1.0), alone)
 
 

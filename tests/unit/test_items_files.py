@@ -85,8 +85,8 @@ def test_other_uris_are_refused_saying_what_is_accepted(ref):
 
 
 def test_a_job_file_and_a_schedule_follow_the_same_rule(tmp_path, fake_s3, monkeypatch):
-    from scheduler.cli import load_job_file
-    from scheduler.schedules import load_schedules_file
+    from scheduler.cli.root import load_job_file
+    from scheduler.cron.schedules import load_schedules_file
 
     for var, value in (("AIGC_STORAGE_URL", "s3://outputs/aigc"), ("AIGC_S3_ENDPOINT_URL", "http://127.0.0.1:1")):
         monkeypatch.setenv(var, value)
@@ -111,7 +111,7 @@ def test_a_schedule_whose_bucket_is_not_allowed_fails_its_firing_with_the_rule(c
     from datetime import datetime
 
     from aigc_core.schema import RunOutcome
-    from scheduler.schedules import fire_due, parse_schedules, sync_schedules
+    from scheduler.cron.schedules import fire_due, parse_schedules, sync_schedules
 
     fake_s3["s3://another-bucket/items.jsonl"] = _items(tmp_path)
     defs = parse_schedules({"schedules": [{"name": "n", "cron": "0 * * * *", "job": {

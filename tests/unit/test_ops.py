@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from aigc_core.errors import SpecError, StorageError
 from aigc_core.logs import ContextFilter, JsonFormatter, instrument_handler, log_context
 from aigc_core.schema import Chunk, ChunkStatus, Item, ItemStatus, Job
-from scheduler.cli_ops import render_overview
-from scheduler.metrics import make_registry
-from scheduler.ops import gather_overview
+from scheduler.cli.ops import render_overview
+from scheduler.ops.metrics import make_registry
+from scheduler.ops.overview import gather_overview
 from tests.unit.test_pipeline import FakeGen, runtime, submit
 from worker import metrics as wm
 from worker.pipeline import run_chunk
@@ -139,7 +139,7 @@ def test_overview_without_a_reachable_broker_still_shows_the_database(client):
 
 
 def test_status_with_no_job_prints_the_overview(client, monkeypatch):
-    from scheduler import cli
+    from scheduler.cli import root as cli
 
     _busy_db(client)
     monkeypatch.setattr(cli, "_client", lambda: client)
@@ -158,7 +158,7 @@ def _samples(registry) -> dict[tuple[str, tuple], float]:
 
 
 def test_collector_series_match_the_database_and_the_broker(client):
-    done, half, _ = _busy_db(client)
+    _done, half, _ = _busy_db(client)
     client.cancel(half.id)
     samples = _samples(make_registry(client.db, FakeBroker({"text": 3, "image": 1}), process=False))
     with client.db.session() as s:
@@ -234,7 +234,8 @@ def test_worker_metrics_server_takes_the_next_port_when_one_is_taken(monkeypatch
 # ---- aigc flower --------------------------------------------------------------------------------
 
 def _flower(monkeypatch, env, *args):
-    from scheduler import cli, cli_ops
+    from scheduler.cli import ops as cli_ops
+    from scheduler.cli import root as cli
 
     calls = []
     monkeypatch.setattr(cli_ops.os, "execve", lambda path, argv, e: calls.append((argv, e)))

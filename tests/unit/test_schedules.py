@@ -16,9 +16,9 @@ from sqlalchemy import select
 from aigc_core.errors import SpecError
 from aigc_core.schema import Item, Job, RunOutcome, Schedule, ScheduleRun, utcnow
 from scheduler import Client
-from scheduler.cron import Cron, slot_str
-from scheduler.schedule_admin import pause, resume, run_now, schedule_detail, schedule_views
-from scheduler.schedules import fire_due, load_schedules_file, parse_schedules, sync_schedules
+from scheduler.cron.admin import pause, resume, run_now, schedule_detail, schedule_views
+from scheduler.cron.rules import Cron, slot_str
+from scheduler.cron.schedules import fire_due, load_schedules_file, parse_schedules, sync_schedules
 
 U = UTC
 
@@ -125,7 +125,7 @@ def test_cron_fields_out_of_range_are_refused_naming_the_field(expr, expected):
     with pytest.raises(ValueError) as e:
         Cron.parse(expr)
     assert str(e.value) == f"cron: {expr!r}: {expected}"
-    with pytest.raises(SpecError, match="schedule 'brief': cron: .*out of range"):
+    with pytest.raises(SpecError, match=r"schedule 'brief': cron: .*out of range"):
         parse_schedules({"schedules": [sched(cron=expr)]})
 
 
@@ -169,7 +169,8 @@ def test_a_wildcard_schedule_fires_in_both_passes_of_the_repeated_hour():
     assert got == ["2026-10-24T23:30:00Z", "2026-10-25T00:00:00Z", "2026-10-25T00:30:00Z",
                    "2026-10-25T01:00:00Z", "2026-10-25T01:30:00Z", "2026-10-25T02:00:00Z"]
     tz = Cron.parse("*/30 * * * *", "Europe/London").tz
-    assert [at(s).astimezone(tz).strftime("%H:%M") for s in got] == ["00:30", "01:00", "01:30", "01:00", "01:30", "02:00"]
+    want = ["00:30", "01:00", "01:30", "01:00", "01:30", "02:00"]
+    assert [at(s).astimezone(tz).strftime("%H:%M") for s in got] == want
 
 
 def test_newest_latest_next_and_a_seconds_field():
@@ -249,7 +250,8 @@ def test_a_slot_is_skipped_while_the_previous_job_is_open_and_fires_once_it_ende
 
 
 def test_a_paused_schedule_fires_nothing_and_resume_does_not_catch_up_the_pause(client):
-    define(client, sched(cron="0 * * * *", catchup="all", catchup_cap=10, max_concurrent=10), now="2026-05-01T09:30:00Z")
+    define(client, sched(cron="0 * * * *", catchup="all", catchup_cap=10, max_concurrent=10),
+           now="2026-05-01T09:30:00Z")
     assert len(fire_due(client, at("2026-05-01T10:00:05Z"))) == 1
     pause(client.db, "brief", now=at("2026-05-01T10:10:00Z"))
     assert fire_due(client, at("2026-05-01T13:00:05Z")) == []
@@ -349,7 +351,8 @@ def test_firing_across_both_dst_changes_makes_one_job_per_real_slot(client):
                  job={"model": "tiny", "items": ["Half-hourly at {date:%H:%M %Z}"]}),
            now="2026-03-28T23:50:00Z")
     fired = []
-    for start, end in (("2026-03-28T23:50:00Z", "2026-03-29T02:30:00Z"), ("2026-10-24T23:20:00Z", "2026-10-25T02:10:00Z")):
+    for start, end in (("2026-03-28T23:50:00Z", "2026-03-29T02:30:00Z"),
+                       ("2026-10-24T23:20:00Z", "2026-10-25T02:10:00Z")):
         if start.startswith("2026-10"):
             for name in ("daily", "halfhourly"):  # as if the schedules were paused all summer
                 pause(client.db, name, now=at(start))
@@ -399,7 +402,8 @@ def test_schedules_commands_list_show_pause_resume_and_run_now(tmp_path, tiny_te
         return subprocess.run([*aigc, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
 
     assert run("models", "register", "tiny", tiny_text_model.as_uri()).returncode == 0
-    (tmp_path / "bad.yaml").write_text("schedules:\n  - {name: brief, cron: '0 7 * *', job: {model: tiny, items: [x]}}\n")
+    (tmp_path / "bad.yaml").write_text(
+        "schedules:\n  - {name: brief, cron: '0 7 * *', job: {model: tiny, items: [x]}}\n")
     bad = run("schedules", "sync", "bad.yaml")
     assert bad.returncode == 2 and "schedule 'brief': cron:" in bad.stderr
     (tmp_path / "s.yaml").write_text("schedules:\n  - {name: brief, cron: '0 7 * * *', timezone: Europe/London, "

@@ -73,9 +73,9 @@ def _weight_loads(tree: ast.AST):
         if node.func.attr == "load" and receiver == "torch":
             if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
                 yield node.lineno, "torch.load without weights_only=True"
-        elif node.func.attr == "from_pretrained" and not receiver.endswith(NO_WEIGHTS):
-            if not (isinstance(kw.get("use_safetensors"), ast.Constant) and kw["use_safetensors"].value is True):
-                yield node.lineno, f"{receiver}.from_pretrained without use_safetensors=True"
+        elif node.func.attr == "from_pretrained" and not receiver.endswith(NO_WEIGHTS) and not (
+                isinstance(kw.get("use_safetensors"), ast.Constant) and kw["use_safetensors"].value is True):
+            yield node.lineno, f"{receiver}.from_pretrained without use_safetensors=True"
 
 
 def test_every_weights_load_in_the_product_is_safetensors_or_weights_only():
@@ -122,8 +122,8 @@ def test_every_celery_app_and_the_publisher_use_the_tls_options(monkeypatch, tmp
     monkeypatch.setenv("AIGC_BROKER_SSL_CA_CERTS", "/etc/aigc/ca.pem")
     s = Settings(broker_url="rediss://:pw@h:6380/0")
     want = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": "/etc/aigc/ca.pem"}
-    from scheduler.beat import make_app as beat_app
     from scheduler.client import Client
+    from scheduler.cron.beat import make_app as beat_app
     from worker.app import make_app as worker_app
 
     assert worker_app(s).conf.broker_use_ssl == want

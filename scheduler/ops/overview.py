@@ -1,6 +1,6 @@
 """What ops watch, read from the database and the broker: queues, items, jobs, workers, failures.
 
-Shared by the Prometheus collector (``scheduler.metrics``) and ``aigc status`` (``scheduler.cli_ops``).
+Shared by the Prometheus collector (``scheduler.ops.metrics``) and ``aigc status`` (``scheduler.cli.ops``).
 Torch-free, and the worker is never imported: workers are asked over the broker by name.
 Scans of recent activity (items per second, workers seen, last failures) read index ranges of
 items that are open or finished inside the window, so they stay cheap on a large items table.
@@ -53,7 +53,7 @@ def items_by_state(s: Session) -> dict[str, int]:
                             func.coalesce(func.sum(Job.failed_items), 0),
                             func.coalesce(func.sum(Job.cancelled_items), 0))
                      .where(Job.finished_at.is_not(None))).one()
-    for state, n in zip(("succeeded", "failed", "cancelled"), done):
+    for state, n in zip(("succeeded", "failed", "cancelled"), done, strict=False):
         counts[state] += int(n)
     return counts
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from scheduler.ops import (
+from scheduler.ops.overview import (
     DEFAULT_QUEUES,
     RATE_WINDOW_S,
     BrokerProbe,

@@ -12,15 +12,16 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
 from aigc_core.errors import AigcError, NotFound, SpecError, service_error
 from aigc_core.settings import Limits, Settings
 from aigc_core.spec import items_file_location, load_items_jsonl, load_yaml, parse_scalar, read_items_file
-from scheduler import cli_ops, cli_schedules
-from scheduler.cli_ops import stdout_console
+from scheduler.cli import models as cli_models
+from scheduler.cli import ops as cli_ops
+from scheduler.cli import schedules as cli_schedules
+from scheduler.cli.ops import stdout_console
 
 # Exit codes, the same for every command (README, "From the shell").
 EXIT_OK = 0
@@ -44,9 +45,8 @@ class _Commands(TyperGroup):
 app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
                   help="aigc-runner: batch content generation jobs.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
-models_app = typer.Typer(no_args_is_help=True, help="The model registry.")
 app.add_typer(db_app, name="db")
-app.add_typer(models_app, name="models")
+app.add_typer(cli_models.models_app, name="models")
 out = stdout_console()
 err = Console(stderr=True, soft_wrap=True)  # one error, one line, whatever the width
 
@@ -178,7 +178,7 @@ def submit(
     items: Annotated[Path | None, typer.Option("--items", help="items.jsonl, one {custom_id, prompt} a line")] = None,
     kind: Annotated[str | None, typer.Option(help="text, image or audio (with --items)")] = None,
     model: Annotated[str | None, typer.Option(help="model name or name@version")] = None,
-    param: Annotated[list[str], typer.Option("--param", "-p", help="NAME=VALUE, repeatable")] = [],
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="NAME=VALUE, repeatable")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     key: Annotated[str | None, typer.Option("--idempotency-key", help="same key + payload = same job")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait for the job and show progress")] = False,
@@ -232,13 +232,14 @@ def finetune(
     base: Annotated[str, typer.Option(help="base model name or name@version")],
     dataset: Annotated[str, typer.Option(help="JSONL {\"text\"} or plain text: a path, file:// or s3://")],
     output: Annotated[str, typer.Option(help="name the fine-tuned model is registered under")],
-    param: Annotated[list[str], typer.Option("--param", "-p", help="hyperparameter NAME=VALUE, repeatable")] = [],
+    param: Annotated[list[str] | None,
+                     typer.Option("--param", "-p", help="hyperparameter NAME=VALUE, repeatable")] = None,
     key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait and show step / loss")] = False,
 ) -> None:
     """Fine-tune a text model; on success OUTPUT gets a new registered version with its lineage."""
     client = _client()
-    job = client.finetune(base, dataset, output, _parse_params(param), idempotency_key=key)
+    job = client.finetune(base, dataset, output, _parse_params(param or []), idempotency_key=key)
     out.print(job.id)
     if wait:
         _finished(client.wait(job.id, progress=True))
@@ -313,6 +314,9 @@ def worker(
     pool: Annotated[str, typer.Option(help="solo (one process per GPU), prefork or threads")] = "solo",
     concurrency: int = 1,
     loglevel: str = "INFO",
+    hostname: Annotated[str | None, typer.Option(
+        help="Celery node name; default aigc-<pid>@<host>, unique for each worker process on a host "
+             "(one per GPU), so Flower and `celery inspect` tell them apart")] = None,
 ) -> None:
     """Run a worker: Celery when AIGC_BROKER_URL is set, else the embedded one polling the database."""
     settings = Settings()
@@ -320,7 +324,8 @@ def worker(
         from worker.app import app as celery_app
 
         celery_app.worker_main(["worker", "-Q", queues, "--pool", pool, "--concurrency", str(concurrency),
-                                "--loglevel", loglevel, "-E", "--without-gossip", "--without-mingle"])
+                                "--loglevel", loglevel, "-E", "--without-gossip", "--without-mingle",
+                                "--hostname", hostname or f"aigc-{os.getpid()}@%h"])
         return
     from aigc_core.logs import setup_logging
     from worker.inprocess import serve
@@ -329,7 +334,7 @@ def worker(
 
     setup_logging(settings.log_json, settings.log_level or loglevel)
     start_server(settings.worker_metrics_port)
-    _client()  # migrates the embedded SQLite database and syncs models.yaml
+    _ = _client().db  # migrates the embedded SQLite database and syncs models.yaml
     err.print("no AIGC_BROKER_URL: embedded worker polling the database (Ctrl-C to stop)")
     serve(get_runtime(settings))
 
@@ -342,32 +347,6 @@ def db_upgrade() -> None:
     settings = Settings()
     Database(settings.database_url).upgrade()
     out.print("database is at the newest revision")
-
-
-@models_app.command("list")
-def models_list() -> None:
-    """Registered models and versions."""
-    t = Table("model", "kind", "backend", "uri", "digest", "created")
-    for m in _client().models():
-        t.add_row(m["tag"], m["kind"], m["backend"], m["uri"], (m["digest"] or "")[:19], m["created_at"][:19])
-    out.print(t)
-
-
-@models_app.command("show")
-def models_show(name: str) -> None:
-    """Every version of NAME with its URI, digest and lineage."""
-    rows = [m for m in _client().models() if m["name"] == name]
-    if not rows:
-        raise NotFound(f"unknown model {name!r}")
-    out.print_json(json.dumps(rows, default=str))
-
-
-@models_app.command("register")
-def models_register(name: str, uri: str, kind: str = "text",
-                    backend: Annotated[str | None, typer.Option()] = None) -> None:
-    """Register a new version of NAME at URI (file://DIR or s3://bucket/prefix)."""
-    ref = _client().register_model(name, kind, uri, backend=backend)
-    out.print(f"registered {ref.tag}")
 
 
 @app.command()

@@ -10,8 +10,8 @@ from sqlalchemy import func, select
 from aigc_core.db import Database
 from aigc_core.errors import NotFound
 from aigc_core.schema import Job, Schedule, ScheduleRun, utcnow
-from scheduler.cron import Cron, as_utc, slot_str
-from scheduler.schedules import Fired, fire_slot, get_schedule, skip_to
+from scheduler.cron.rules import Cron, as_utc, slot_str
+from scheduler.cron.schedules import Fired, fire_slot, get_schedule, skip_to
 
 
 def schedule_views(db: Database, now: datetime | None = None) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -43,17 +44,15 @@ def metrics(
 ) -> None:
     """Serve Prometheus metrics from the database and Redis: queue depth, items and jobs by state, items/s."""
     from aigc_core.logs import setup_logging
-    from scheduler.metrics import serve
+    from scheduler.ops.metrics import serve
 
     settings = Settings()
     setup_logging(settings.log_json, settings.log_level or "INFO")
     port = port or settings.metrics_port or 9808
     serve(settings, port, host)
     err.print(f"metrics on http://{host}:{port}/metrics (Ctrl-C to stop)", highlight=False)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
 
 
 # ---- aigc flower --------------------------------------------------------------------------------
@@ -99,7 +98,7 @@ def flower(
 
 def status_overview(client, limit: int = 20, *, console: Console | None = None) -> None:
     """Queues, workers, jobs in flight with progress, the last failures and the latest jobs."""
-    from scheduler.ops import BrokerProbe, gather_overview
+    from scheduler.ops.overview import BrokerProbe, gather_overview
 
     settings = client.settings
     broker = BrokerProbe(settings.broker_url, ssl=settings.broker_ssl()) if settings.broker_url else None

@@ -1,7 +1,7 @@
 """``aigc scheduler``: Celery beat for the cron schedules and the reconciler.
 
 Beat has two periodic entries, ``scheduler.tick`` every ``AIGC_SCHEDULER_TICK_S`` (fires the due
-slots of every schedule, see ``scheduler.schedules``) and ``scheduler.reconcile`` every
+slots of every schedule, see ``scheduler.cron.schedules``) and ``scheduler.reconcile`` every
 ``AIGC_RECONCILE_EVERY_S``. They are not cron entries per schedule: a tick reads the schedules from
 the database, so ``aigc schedules pause`` or an edited schedules.yaml takes effect at the next tick
 without restarting beat, and slots missed while no beat ran are found from the database cursor.
@@ -68,7 +68,7 @@ def _client():
 
 def tick() -> dict[str, Any]:
     """Sync schedules.yaml if it changed, then fire every due slot."""
-    from scheduler.schedules import fire_due
+    from scheduler.cron.schedules import fire_due
 
     client = _client()
     _resync_if_changed(client)
@@ -85,7 +85,7 @@ def reconcile() -> dict[str, Any]:
 
 def sync_file(client, path: str) -> dict[str, str]:
     """Load, validate and store schedules.yaml; a bad file raises SpecError and changes nothing."""
-    from scheduler.schedules import load_schedules_file, sync_schedules
+    from scheduler.cron.schedules import load_schedules_file, sync_schedules
 
     result = sync_schedules(client.db, load_schedules_file(path))
     _state["file_sig"] = _signature(path)
@@ -123,7 +123,7 @@ def serve(settings: Settings, *, loglevel: str = "INFO") -> None:
     if settings.schedules_file:
         log.info("schedules: %s", sync_file(client, settings.schedules_file))
     if settings.metrics_port:  # the database and queue gauges, as `aigc metrics` serves them
-        from scheduler.metrics import serve as serve_metrics
+        from scheduler.ops.metrics import serve as serve_metrics
 
         serve_metrics(settings, settings.metrics_port)
     if not settings.broker_url:

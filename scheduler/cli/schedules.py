@@ -12,7 +12,7 @@ from rich.table import Table
 
 from aigc_core.errors import SpecError
 from aigc_core.settings import Settings
-from scheduler.cli_ops import stdout_console
+from scheduler.cli.ops import stdout_console
 
 out = stdout_console()
 err = Console(stderr=True, soft_wrap=True)
@@ -34,7 +34,7 @@ def scheduler(
     loglevel: str = "INFO",
 ) -> None:
     """Run Celery beat with the cron schedules and the reconciler, and the worker that runs their ticks."""
-    from scheduler.beat import serve
+    from scheduler.cron.beat import serve
 
     settings = Settings()
     if schedules is not None:
@@ -50,7 +50,7 @@ def schedules_sync(
 ) -> None:
     """Validate schedules.yaml and store it now (`aigc scheduler` also does, at start and on change, and
     prunes with its own file). Schedules the file does not name are disabled only with --prune."""
-    from scheduler.schedules import load_schedules_file, schedules_not_in, sync_schedules
+    from scheduler.cron.schedules import load_schedules_file, schedules_not_in, sync_schedules
 
     path = file or Settings().schedules_file
     if not path:
@@ -70,7 +70,7 @@ def schedules_sync(
 @schedules_app.command("list")
 def schedules_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Every schedule: state, cron, catch-up, last and next slot, last run."""
-    from scheduler.schedule_admin import schedule_views
+    from scheduler.cron.admin import schedule_views
 
     views = schedule_views(_client().db)
     if as_json:
@@ -86,7 +86,7 @@ def schedules_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> 
 @schedules_app.command("show")
 def schedules_show(name: str, runs: int = 20, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """One schedule, its job template and its latest runs: slot, job, outcome."""
-    from scheduler.schedule_admin import schedule_detail
+    from scheduler.cron.admin import schedule_detail
 
     v = schedule_detail(_client().db, name, runs=runs)
     if as_json:
@@ -106,7 +106,7 @@ def schedules_show(name: str, runs: int = 20, as_json: Annotated[bool, typer.Opt
 @schedules_app.command("pause")
 def schedules_pause(name: str) -> None:
     """Stop firing NAME (survives restarts and re-syncs) until `resume`."""
-    from scheduler.schedule_admin import pause
+    from scheduler.cron.admin import pause
 
     out.print(f"{name} paused since {pause(_client().db, name)['paused_at']}", highlight=False)
 
@@ -114,7 +114,7 @@ def schedules_pause(name: str) -> None:
 @schedules_app.command("resume")
 def schedules_resume(name: str) -> None:
     """Fire NAME again from its next slot; slots during the pause are not caught up."""
-    from scheduler.schedule_admin import resume
+    from scheduler.cron.admin import resume
 
     v = resume(_client().db, name)
     out.print(f"{name} {v['state']}; next slot {v['next_slot'] or '-'}", highlight=False)
@@ -123,7 +123,7 @@ def schedules_resume(name: str) -> None:
 @schedules_app.command("run-now")
 def schedules_run_now(name: str) -> None:
     """Fire NAME once now, outside its cron (even if paused); prints the job id."""
-    from scheduler.schedule_admin import run_now
+    from scheduler.cron.admin import run_now
 
     f = run_now(_client(), name)
     out.print(f"{f.job_id or '-'}  {f.schedule} {f.slot} {f.outcome.value}" + (f": {f.error}" if f.error else ""),

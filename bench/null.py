@@ -1,4 +1,6 @@
-"""A null backend: fixed bytes, no model and no torch. It measures the runner's own machinery per item."""
+"""The benchmarks' null backend: fixed bytes, no model and no torch. It measures the runner's own
+machinery per item. Not in the product's backend table: workers load it with
+``AIGC_BACKENDS=null=bench.null:NullGenerator`` (bench.common sets it for the benchmarks)."""
 
 from __future__ import annotations
 

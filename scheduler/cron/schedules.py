@@ -33,7 +33,7 @@ from aigc_core.errors import AigcError, IdempotencyConflict, NotFound, SpecError
 from aigc_core.schema import FINAL_JOB_STATES, CatchUp, Job, RunOutcome, Schedule, ScheduleRun, utcnow
 from aigc_core.settings import Settings
 from aigc_core.spec import format_validation_error, items_file_location, load_yaml, parse_spec, read_items_file
-from scheduler.cron import Cron, as_utc, parse_slot, slot_str
+from scheduler.cron.rules import Cron, as_utc, parse_slot, slot_str
 
 log = logging.getLogger("aigc.schedules")
 

@@ -154,7 +154,7 @@ def _check_fields(expr: str) -> None:
     """Numbers in range in every field, and steps from 1 to the field's highest value: croniter takes
     ``*/61`` (it then fires at minute 0 only) and says of ``0 25 * * *`` only that it is not valid.
     Names (``jan``, ``mon``) and croniter's extensions (``L``, ``W``, ``#``) are left to croniter."""
-    for (name, lo, hi), field in zip(_FIELDS, expr.split()):
+    for (name, lo, hi), field in zip(_FIELDS, expr.split(), strict=False):
         for part in field.split(","):
             values, _, step = part.partition("/")
             if step.isdigit() and not 1 <= int(step) <= hi:

@@ -1,0 +1,3 @@
+from scheduler.cli.root import main
+
+main()
