@@ -61,12 +61,10 @@ class CountingStore:
         return getattr(self.inner, name)
 
 
-def runtime(client, gen, store=None, **overrides) -> Runtime:
+def runtime(client, gen, store=None, pool=None, **overrides) -> Runtime:
     settings = client.settings.model_copy(update=overrides)
-    rt = Runtime(settings, client.db, store or CountingStore(client.store))
-    rt.__dict__["pool"] = ModelPool(lambda ref: gen, 1 << 40)
-    rt.__dict__["device"] = "cpu"
-    return rt
+    return Runtime(settings, client.db, store or CountingStore(client.store),
+                   pool=pool or ModelPool(lambda ref: gen, 1 << 40), device="cpu")
 
 
 def items(client, job_id):
@@ -201,12 +199,10 @@ def test_a_storage_fault_gives_the_items_back_and_a_retry_completes(client):
 
 def test_a_model_that_fails_to_load_fails_its_items_with_the_reason(client):
     job = submit(client, ["a", "b"])
-    rt = runtime(client, None)
-
     def broken(ref):
         raise ModelLoadError("weights are corrupt")
 
-    rt.__dict__["pool"] = ModelPool(broken, 1 << 30)
+    rt = runtime(client, None, pool=ModelPool(broken, 1 << 30))
     res = run_chunk(rt, job.id, 0)
     assert res.failed == 2
     assert all("weights are corrupt" in i.error for i in items(client, job.id).values())
@@ -627,8 +623,7 @@ def test_a_model_load_that_crashes_each_time_counts_against_the_chunk_and_ends(c
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     for _ in range(3):
-        rt = runtime(client, FakeGen(), max_attempts=3)
-        rt.__dict__["pool"] = ModelPool(crashing_load, 1 << 40)
+        rt = runtime(client, FakeGen(), pool=ModelPool(crashing_load, 1 << 40), max_attempts=3)
         with pytest.raises(RuntimeError):
             run_chunk(rt, job.id, 0)
     # Each crash counts against the items it would have generated first (after the first crash,
