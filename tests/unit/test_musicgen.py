@@ -105,6 +105,7 @@ def test_a_musicgen_directory_without_weights_is_a_load_error(musicgen_dir, tmp_
 
 
 def test_a_musicgen_job_of_two_items_succeeds_through_the_embedded_client(sqlite_settings, musicgen_dir):
+    from aigc_core.errors import SpecError
     from aigc_core.schema import JobStatus
     from aigc_models.media import read_wav_metadata
     from scheduler import Client
@@ -123,3 +124,12 @@ def test_a_musicgen_job_of_two_items_succeeds_through_the_embedded_client(sqlite
         assert r.duration_s == pytest.approx(1.0) and np.abs(samples).max() > 0.01
         assert r.provenance["seed"] == 5 + r.index
         assert read_wav_metadata(data)["custom_id"] == r.custom_id
+    for bad in ({"duration": 0}, {"duration": 601}, {"guidance_scale": -1}, {"max_new_tokens": 0}):
+        with pytest.raises(SpecError, match=next(iter(bad))):  # refused at submit, before any write
+            client.submit("audio", model="tiny-musicgen", items=["x"], params=bad)
+
+
+def test_an_unsupported_model_type_names_every_supported_one(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bark"}')
+    with pytest.raises(BackendError, match=r"'bark' is not supported \(supported: vits, musicgen, speecht5\)"):
+        load_backend("hf-tts", tmp_path, device="cpu")
