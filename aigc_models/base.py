@@ -68,7 +68,7 @@ BACKENDS: dict[str, str] = {
     "hf-causal-lm": "aigc_models.text:CausalLMGenerator",
     "diffusers": "aigc_models.image:DiffusersImageGenerator",
     "digits": "aigc_models.image:DigitsGenerator",
-    "hf-tts": "aigc_models.audio:TTSGenerator",
+    "hf-tts": "aigc_models.audio:HFAudio",  # VITS, MusicGen, SpeechT5: picked by config.json model_type
     "espeak": "aigc_models.audio:EspeakGenerator",
 }
 
