@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -104,8 +105,9 @@ def register(
 
 
 # Model defaults that set up the worker rather than the generation: the dtype the weights load in,
-# and the micro-batch size (items per generate call) for this model, over AIGC_MICRO_BATCH_SIZE.
-WORKER_DEFAULTS = ("dtype", "micro_batch_size")
+# the micro-batch size (items per generate call) for this model, over AIGC_MICRO_BATCH_SIZE, and a
+# chat template (Jinja) for a checkpoint that has none of its own, or to use instead of its own.
+WORKER_DEFAULTS = ("dtype", "micro_batch_size", "chat_template")
 MAX_MICRO_BATCH = 4096
 
 
@@ -115,10 +117,47 @@ def generation_defaults(defaults: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def check_defaults(name: str, defaults: dict[str, Any] | None) -> None:
+    template = (defaults or {}).get("chat_template")
+    if template is not None and (not isinstance(template, str) or not template.strip()):
+        raise SpecError(f"model {name!r}: defaults.chat_template must be a Jinja template (text)")
     mbs = (defaults or {}).get("micro_batch_size")
     if mbs is not None and (isinstance(mbs, bool) or not isinstance(mbs, int) or not 1 <= mbs <= MAX_MICRO_BATCH):
         raise SpecError(f"model {name!r}: defaults.micro_batch_size must be a whole number from 1 to "
                         f"{MAX_MICRO_BATCH}, not {mbs!r}")
+
+
+def has_chat_template(ref: ModelRef) -> bool | None:
+    """Whether ``messages`` items can be rendered for this model: True when its registry entry
+    supplies ``defaults.chat_template`` or its file:// checkpoint has a template of its own, False when
+    the checkpoint is a local directory without one, None when that cannot be told without fetching
+    the model (s3://, hf://): the worker then refuses such items if it finds none."""
+    if ref.defaults.get("chat_template"):
+        return True
+    if not ref.uri.startswith("file://"):
+        return None
+    path = local_path(ref.uri)
+    return checkpoint_chat_template(path) is not None if path.is_dir() else None
+
+
+def checkpoint_chat_template(path: Path) -> str | None:
+    """The chat template a checkpoint directory carries, read without transformers: the
+    ``chat_template.jinja`` file, ``chat_template.json`` or the ``chat_template`` entry of
+    ``tokenizer_config.json`` (a string, or a list of named templates of which "default" is used)."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8") or None
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        template = data.get("chat_template") if isinstance(data, dict) else None
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if isinstance(template, str) and template:
+            return template
+    return None
 
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -10,7 +10,7 @@ import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -23,20 +23,29 @@ KINDS: tuple[str, ...] = ("text", "image", "audio")
 
 
 class TextParams(BaseModel):
-    """Sampling parameters of the text backend; unknown names are refused."""
+    """Parameters of the text backend; unknown names are refused. None (the default) is "not set":
+    the worker then takes the checkpoint's generation_config.json value, else the project default
+    (``aigc_models.text.TEXT_DEFAULTS``), so provenance can say where each value came from."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_new_tokens: int = Field(128, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=10.0)  # 0 means greedy
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    do_sample: bool = True
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=10.0)  # 0 means greedy
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)  # 0: no top-k cut
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    do_sample: bool | None = None
     # Off only for benchmarks that need fixed token counts.
-    stop_at_eos: bool = True
+    stop_at_eos: bool | None = None
     # Put the prompt in front of the output (a headline prompt then gives the whole article).
-    echo: bool = False
+    echo: bool | None = None
+    # Like OpenAI's: up to 4 strings; the output is cut before the first one generated.
+    stop: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(None, max_length=4)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
 
 class ImageParams(BaseModel):
@@ -95,12 +104,23 @@ class SourceRef(BaseModel):
     custom_id: str = Field(min_length=1, max_length=128)
 
 
+class ChatMessage(BaseModel):
+    """One message of a chat item, in OpenAI's chat shape."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class ItemSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     custom_id: str | None = None
     prompt: str = ""
     text: str | None = None  # audio items may say "text"; it is the prompt
+    # A chat item: rendered by the model's chat template in the worker, instead of a raw prompt.
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1000)
     source: SourceRef | None = Field(None, alias="from")
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -128,6 +148,9 @@ class JobSpec(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     chunk_size: int | None = Field(None, ge=1, le=10_000)
     after: list[str] = Field(default_factory=list, max_length=16)
+    # A system message put in front of every chat item (one with messages, or a "from" item) that does
+    # not begin with its own.
+    system: str | None = Field(None, min_length=1)
     _digest: str | None = PrivateAttr(default=None)
 
     @field_validator("after", mode="before")
@@ -139,6 +162,12 @@ class JobSpec(BaseModel):
         """What the idempotency key protects: everything but the key itself (computed once)."""
         if self._digest is None:
             body = self.model_dump(mode="json", exclude={"idempotency_key"}, by_alias=True)
+            # Fields added later are left out while unset, so a job's digest does not change with them.
+            if body["system"] is None:
+                del body["system"]
+            for item in body["items"]:
+                if item["messages"] is None:
+                    del item["messages"]
             raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
             self._digest = hashlib.sha256(raw.encode()).hexdigest()
         return self._digest
@@ -200,7 +229,10 @@ def _json_loader():
     def refuse(loader, node):
         raise yaml.constructor.ConstructorError(None, None, f"{node.tag} values are not allowed", node.start_mark)
 
-    JsonSafeLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
+    def as_text(loader, node):
+        return yaml.SafeLoader.construct_yaml_str(loader, node)
+
+    JsonSafeLoader.add_constructor("tag:yaml.org,2002:timestamp", as_text)
     # YAML 1.1 (PyYAML) reads 5e-4 and 1E5 as text; YAML 1.2, JSON and every user read them as numbers.
     JsonSafeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+0123456789."))
     for tag in ("binary", "set"):
@@ -449,9 +481,11 @@ def check_limits(spec: JobSpec, limits: Limits, model_defaults: dict[str, Any]) 
             raise SpecError(f"items[{i}]: give text or prompt, not both")
         if item.source is not None and item.input_text:
             raise SpecError(f"items[{i}]: an item with 'from' takes its text from that job; give no prompt")
-        if item.source is None and not item.input_text and spec.kind != "image":
-            raise SpecError(f"items[{i}].prompt: a {spec.kind} item needs a prompt (or 'from')")
-        size = len(item.input_text.encode())
+        _check_chat(spec, i, item)
+        if item.source is None and item.messages is None and not item.input_text and spec.kind != "image":
+            raise SpecError(f"items[{i}].prompt: a {spec.kind} item needs a prompt (or 'messages', or 'from')")
+        messages = chat_messages(spec, item)
+        size = len(item.input_text.encode()) + sum(len(m["content"].encode()) for m in messages or [])
         if size > limits.max_prompt_bytes:
             raise SpecError(f"items[{i}].prompt: {size} bytes is over the limit of {limits.max_prompt_bytes}")
         if spec.kind == "audio" and len(item.input_text) > limits.max_tts_chars:
@@ -463,10 +497,32 @@ def check_limits(spec: JobSpec, limits: Limits, model_defaults: dict[str, Any]) 
         _check_param_limits(spec.kind, p, limits, f"items[{i}].params" if item.params else "params")
 
 
+def _check_chat(spec: JobSpec, i: int, item: ItemSpec) -> None:
+    if spec.kind != "text" and (spec.system is not None or item.messages is not None):
+        raise SpecError(f"items[{i}].messages: chat messages and 'system' are for text jobs, not {spec.kind}")
+    if item.messages is not None and (item.prompt or item.text is not None):
+        raise SpecError(f"items[{i}]: give messages or prompt, not both")
+    if spec.system is not None and item.messages is None and item.source is None:
+        raise SpecError(f"items[{i}]: a job with 'system' takes chat items ('messages' or 'from'), not a raw prompt")
+
+
+def chat_messages(spec: JobSpec, item: ItemSpec) -> list[dict[str, str]] | None:
+    """The messages an item is rendered from (None for a raw-prompt item): its own, with the job's
+    ``system`` in front unless they begin with a system message of their own. A ``from`` item of a
+    job with ``system`` is a chat item too: the worker adds the source text as the user message."""
+    if item.messages is None and (spec.system is None or item.source is None):
+        return None
+    own = [m.model_dump() for m in item.messages or []]
+    if spec.system is not None and not (own and own[0]["role"] == "system"):
+        own.insert(0, {"role": "system", "content": spec.system})
+    return own
+
+
 def _check_param_limits(kind: str, p: BaseModel, limits: Limits, where: str) -> None:
-    if kind == "text" and p.max_new_tokens > limits.max_new_tokens:
+    # Unset max_new_tokens takes the project default (128), which is under any sane limit.
+    if isinstance(p, TextParams) and p.max_new_tokens is not None and p.max_new_tokens > limits.max_new_tokens:
         raise SpecError(f"{where}.max_new_tokens: {p.max_new_tokens} is over the limit of {limits.max_new_tokens}")
-    if kind == "image":
+    if isinstance(p, ImageParams):
         if p.num_inference_steps is not None and p.num_inference_steps > limits.max_inference_steps:
             raise SpecError(f"{where}.num_inference_steps: {p.num_inference_steps} is over the limit of "
                             f"{limits.max_inference_steps}")

@@ -11,12 +11,20 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class GenRequest:
-    """One item to generate: its own seed makes it reproducible alone."""
+    """One item to generate: its own seed makes it reproducible alone.
+
+    ``params`` are the values set for the item (item > job > registry defaults, merged by the worker),
+    ``sources`` says which of those layers set each ("item", "job", "registry"); a backend fills the
+    rest from the checkpoint, then its own defaults. ``messages`` (OpenAI's chat shape) make a chat
+    item, rendered with the model's chat template (``chat_template`` from the registry overrides it)."""
 
     index: int
     prompt: str
     params: dict[str, Any]
     seed: int
+    messages: list[dict[str, str]] | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+    chat_template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,7 @@ def in_order(requests: Sequence[GenRequest], run_group, groups) -> list[Output]:
     """Run each group and put the outputs back in request order."""
     results: dict[int, Output] = {}
     for params, positions in groups:
-        for pos, out in zip(positions, run_group(params, [requests[i] for i in positions])):
+        for pos, out in zip(positions, run_group(params, [requests[i] for i in positions]), strict=True):
             results[pos] = out
     return [results[i] for i in range(len(requests))]
 

@@ -33,6 +33,7 @@ from aigc_core.registry import (
     BUILTIN_MODELS,
     ModelRef,
     generation_defaults,
+    has_chat_template,
     list_models,
     register,
     resolve,
@@ -41,7 +42,14 @@ from aigc_core.registry import (
 )
 from aigc_core.schema import Chunk, ChunkStatus, Item, ItemStatus, Job, JobEvent, JobStatus, Model, utcnow
 from aigc_core.settings import Settings
-from aigc_core.spec import JobSpec, check_item_count, check_items_container, check_limits, parse_spec
+from aigc_core.spec import (
+    JobSpec,
+    chat_messages,
+    check_item_count,
+    check_items_container,
+    check_limits,
+    parse_spec,
+)
 from aigc_core.storage import ObjectStore, open_store
 from scheduler.runners import Runner, default_runner
 
@@ -83,8 +91,10 @@ class Client:
                items: Iterable[dict[str, Any] | str] | None = None, *, params: dict[str, Any] | None = None,
                seed: int | None = None, idempotency_key: str | None = None,
                metadata: dict[str, Any] | None = None, chunk_size: int | None = None,
-               after: str | list[str] | None = None) -> JobView:
-        """Validate, then write the job, its items and its outbox in one transaction, then publish."""
+               after: str | list[str] | None = None, system: str | None = None) -> JobView:
+        """Validate, then write the job, its items and its outbox in one transaction, then publish.
+        An item is a prompt, ``{"prompt": ...}``, ``{"messages": [...]}`` (a chat item; ``system`` goes in
+        front of each) or ``{"from": {"job", "custom_id"}}``."""
         limits = self.settings.limits
         if not isinstance(kind, (JobSpec, dict)):
             check_items_container(items)
@@ -93,7 +103,7 @@ class Client:
         spec = kind if isinstance(kind, JobSpec) else parse_spec(kind if isinstance(kind, dict) else {
             "kind": kind, "model": model, "items": _take_items(items or [], limits.max_items_per_job),
             "params": params or {}, "seed": seed, "idempotency_key": idempotency_key,
-            "metadata": metadata or {}, "chunk_size": chunk_size, "after": after or [],
+            "metadata": metadata or {}, "chunk_size": chunk_size, "after": after or [], "system": system,
         })
         job_id = self._insert(spec)
         release_ready(self.db, self.store, job_id)  # its dependencies may be final already
@@ -328,6 +338,12 @@ def _model_for(s, spec: JobSpec) -> ModelRef | None:
 
 def _write_job(s, spec: JobSpec, ref: ModelRef | None, digest: str, chunk_size: int,
                deps: list[dict[str, str]]) -> str:
+    chats = [chat_messages(spec, it) for it in spec.items]
+    first_chat = next((i for i, m in enumerate(chats) if m is not None), None)
+    if first_chat is not None and ref is not None and has_chat_template(ref) is False:
+        raise SpecError(f"items[{first_chat}].messages: model {ref.tag} has no chat template (none in its "
+                        "tokenizer_config.json or chat_template.jinja); give prompts, or register the model "
+                        "with defaults.chat_template")
     seed = spec.seed if spec.seed is not None else secrets.randbelow(2**31)
     job = Job(kind=spec.kind, model_name=ref.name if ref else spec.model.partition("@")[0],
               model_version=ref.version if ref else None, queue=ref.queue if ref else spec.kind,
@@ -339,7 +355,8 @@ def _write_job(s, spec: JobSpec, ref: ModelRef | None, digest: str, chunk_size: 
     rows = [
         {"job_id": job.id, "index": i, "chunk_no": i // chunk_size,
          "custom_id": it.custom_id if it.custom_id is not None else str(i), "prompt": it.input_text,
-         "source": it.source.model_dump() if it.source else None, "params": it.params, "seed": seed + i, "status": ItemStatus.pending, "attempts": 0}
+         "source": it.source.model_dump() if it.source else None, "messages": chats[i], "params": it.params,
+         "seed": seed + i, "status": ItemStatus.pending, "attempts": 0}
         for i, it in enumerate(spec.items)
     ]
     for k in range(0, len(rows), 5000):

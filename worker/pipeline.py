@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import logging
 import sys
@@ -11,9 +12,10 @@ import uuid
 from concurrent.futures import FIRST_EXCEPTION, wait
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, case, insert, or_, select, text, tuple_, update
+from sqlalchemy import ColumnElement, CursorResult, and_, case, insert, or_, select, text, tuple_, update
+from sqlalchemy.orm import InstrumentedAttribute
 
 from aigc_core import __version__
 from aigc_core.errors import ModelLoadError, NotFound, StorageError, TransientError
@@ -51,6 +53,7 @@ class Claimed:
     seed: int
     attempts: int
     source: dict[str, Any] | None = None
+    messages: list[dict[str, str]] | None = None  # a chat item (the prompt is then empty)
 
 
 @dataclass
@@ -89,7 +92,7 @@ def _run_chunk(rt: Runtime, job_id: str, chunk_no: int) -> ChunkResult:
     res = ChunkResult(job_id, chunk_no)
     job, token, items = claim(rt, job_id, chunk_no)
     res.claimed = len(items)
-    if items:
+    if job is not None and items:  # claim gives items only with their job
         log.info("claimed %d items", len(items), extra={"job_id": job_id, "chunk": chunk_no})
         try:
             if job.kind == "finetune":
@@ -148,7 +151,7 @@ def claim(rt: Runtime, job_id: str, chunk_no: int) -> tuple[JobInfo | None, str,
             .values(status=ItemStatus.running, claim_token=token,
                     lease_until=now + timedelta(seconds=rt.settings.lease_s), worker=rt.worker_id, started_at=now)
             .returning(Item.id, Item.index, Item.custom_id, Item.prompt, Item.params, Item.seed, Item.attempts,
-                       Item.source)
+                       Item.source, Item.messages)
             .execution_options(synchronize_session=False)
         ).all()
         if not rows:
@@ -169,7 +172,8 @@ def claim(rt: Runtime, job_id: str, chunk_no: int) -> tuple[JobInfo | None, str,
 
 
 def _read_sources(rt: Runtime, token: str, items: list[Claimed]) -> list[Claimed]:
-    """Items ``from`` another job take that item's text output as their prompt, read now."""
+    """Items ``from`` another job take that item's text output as their prompt, read now; a chat item
+    (one with messages: the job's system message) takes it as its last user message."""
     wanted = {(c.source["job"], c.source["custom_id"]) for c in items if c.source}
     if not wanted:
         return items
@@ -193,7 +197,9 @@ def _read_sources(rt: Runtime, token: str, items: list[Claimed]) -> list[Claimed
             failures[c.id] = f"source item {ref[1]!r} of job {ref[0]} is {row.media_type}, not text"
         else:
             try:
-                out.append(replace(c, prompt=rt.store.get(row.key).decode("utf-8")))
+                text = rt.store.get(row.key).decode("utf-8")
+                out.append(replace(c, prompt=text) if c.messages is None else
+                           replace(c, messages=[*c.messages, {"role": "user", "content": text}]))
             except NotFound:
                 failures[c.id] = f"the output of source item {ref[1]!r} of job {ref[0]} is missing from the store"
     if failures:
@@ -284,8 +290,21 @@ def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed],
 
 
 def _requests(job: JobInfo, batch: list[Claimed]) -> list[GenRequest]:
-    defaults = generation_defaults(job.model.defaults)
-    return [GenRequest(c.index, c.prompt, {**defaults, **job.params, **c.params}, c.seed) for c in batch]
+    """Each item's request: the params it sets, item > job > registry defaults (a None sets nothing),
+    with the layer each came from; the backend fills the rest from the checkpoint, then its defaults."""
+    layers = (("registry", generation_defaults(job.model.defaults)), ("job", job.params))
+    template = job.model.defaults.get("chat_template")
+    out = []
+    for c in batch:
+        params: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for name, layer in (*layers, ("item", c.params or {})):
+            for k, v in layer.items():
+                if v is not None:
+                    params[k], sources[k] = v, name
+        out.append(GenRequest(c.index, c.prompt, params, c.seed, messages=c.messages, sources=sources,
+                              chat_template=template))
+    return out
 
 
 def _generate_isolated(rt: Runtime, model, job: JobInfo,
@@ -355,13 +374,13 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
     # A PUT in the last fifth of the lease renews its item's lease first (_hold).
     deadline = leased_at + 0.8 * rt.settings.lease_s
     # An item whose lease expired and was claimed by another delivery is theirs now: write nothing.
-    outputs = [r if c.id in mine else (None, None, 0.0) for c, r in zip(batch, outputs)]
+    outputs = [r if c.id in mine else (None, None, 0.0) for c, r in zip(batch, outputs, strict=True)]
     limit = rt.settings.limits.max_audio_seconds
     outputs = [(None, f"audio of {o.info['duration_s']:.1f} s is over the limit of {limit:.0f} s", s_)
                if o is not None and (o.info.get("duration_s") or 0) > limit else (o, err, s_)
                for o, err, s_ in outputs]
-    ok = [(c, o, secs) for c, (o, err, secs) in zip(batch, outputs) if o is not None]
-    failures = {c.id: err for c, (o, err, _) in zip(batch, outputs) if o is None and err is not None}
+    ok = [(c, o, secs) for c, (o, err, secs) in zip(batch, outputs, strict=True) if o is not None]
+    failures = {c.id: err for c, (o, err, _) in zip(batch, outputs, strict=True) if o is None and err is not None}
     artifacts = _store_all(rt, job, token, model, ok, deadline)
     with rt.db.session() as s:
         done = set()
@@ -384,25 +403,26 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
         res.errors[err] = res.errors.get(err, 0) + 1
 
 
-def _store_all(rt: Runtime, job: JobInfo, token: str, model, ok: list, deadline: float) -> list[dict[str, Any]]:
+def _store_all(rt: Runtime, job: JobInfo, token: str, model, ok: list[tuple[Claimed, Output, float]],
+               deadline: float) -> list[dict[str, Any]]:
     """Each output stored side by side on the runtime's upload threads (each with the log context);
     the rows to commit for those still ours. After the first failure, or an interrupt, the uploads not
     yet begun are dropped, and this returns (raises) only when none is still running: an item given
     back is never written to afterwards."""
-    futures = [rt.uploads.submit(contextvars.copy_context().run, _store_one, rt, job, token, model, *a, deadline)
-               for a in ok]
+    futures = [rt.uploads.submit(contextvars.copy_context().run,
+                                 functools.partial(_store_one, rt, job, token, model, *a, deadline)) for a in ok]
     try:
         wait(futures, return_when=FIRST_EXCEPTION)
     finally:
         for f in futures:
             f.cancel()  # only those not yet begun
         wait(futures)
-    failed = next((f for f in futures if not f.cancelled() and f.exception() is not None), None)
+    failed = next((e for f in futures if not f.cancelled() and (e := f.exception()) is not None), None)
     if failed is not None:
         # The items go back uncommitted: the objects stored for them are nobody's output.
         _discard(rt, job.id, [r["key"] for f in futures
                               if not f.cancelled() and f.exception() is None and (r := f.result()) is not None])
-        raise failed.exception()
+        raise failed
     return [r for f in futures if (r := f.result()) is not None]
 
 
@@ -468,13 +488,15 @@ def _store_one(rt: Runtime, job: JobInfo, token: str, model, c: Claimed, out: Ou
     prov = provenance(rt, job, model, c, out, gen_seconds)
     data = embed_metadata(out.data, out.media_type, prov)  # PNG text chunk, WAV INFO chunk
     sha = hashlib.sha256(data).hexdigest()
-    prov["output"] = {"sha256": sha, "size": len(data), "media_type": out.media_type, **out.info}
-    if (deadline := _hold(rt, token, c.id, deadline)) is None:
+    prov["output"] = {"sha256": sha, "size": len(data), "media_type": out.media_type,
+                      **{k: v for k, v in out.info.items() if k not in LIFTED_INFO}}
+    held = _hold(rt, token, c.id, deadline)
+    if held is None:
         return None
     info = rt.store.put(key, data, out.media_type)
     prov["timings"]["store_s"] = round(time.perf_counter() - t0, 4)
     if rt.settings.provenance_sidecars:
-        if (deadline := _hold(rt, token, c.id, deadline)) is None:
+        if _hold(rt, token, c.id, held) is None:
             _discard(rt, job.id, [key])
             return None
         rt.store.put(sidecar_key(job.id, c.index, token), _json(prov), "application/json")
@@ -493,15 +515,22 @@ def _hold(rt: Runtime, token: str, item_id: int, deadline: float) -> float | Non
     return now + 0.8 * rt.settings.lease_s if _renew(rt, token, [item_id]) else None
 
 
+# Output.info entries that belong at the top of the provenance, not under "output".
+LIFTED_INFO = ("params", "param_sources", "prompt_sha256", "chat_template_sha256")
+
+
 def provenance(rt: Runtime, job: JobInfo, model, c: Claimed, out: Output, gen_seconds: float) -> dict:
     """What made this output; embedded in the file where its format allows, and in the sidecar."""
     ref = job.model
+    # A backend that reports the parameters that ran (and where each came from) is believed over the
+    # request; a chat backend reports the hash of the prompt it rendered, and of its template.
+    lifted = {k: out.info[k] for k in LIFTED_INFO if k in out.info}
     return {
         "job_id": job.id, "item_index": c.index, "custom_id": c.custom_id, "attempt": c.attempts,
         "model": {"name": ref.name, "version": ref.version, "uri": ref.uri, "revision": ref.revision,
                   "weights_digest": ref.digest, "backend": ref.backend, **model.describe()},
         "params": _requests(job, [c])[0].params, "seed": c.seed,
-        "prompt_sha256": hashlib.sha256(c.prompt.encode()).hexdigest(), "source": c.source,
+        "prompt_sha256": hashlib.sha256(c.prompt.encode()).hexdigest(), "source": c.source, **lifted,
         "worker": rt.worker_id, "device": rt.device,
         "versions": {"aigc_runner": __version__, **library_versions()},
         "timings": {"generate_s": round(gen_seconds, 4)},
@@ -535,6 +564,7 @@ def release(rt: Runtime, token: str, give_back: set[int] | frozenset[int] = froz
     """Give uncommitted items back (pending, no lease). After a transient fault the attempts this
     delivery charged (``give_back``) are returned too: an S3 or database blip is not a crash, and must
     not use up an item's attempts. ``charge_all`` counts an attempt for every item instead."""
+    attempts: ColumnElement[int] | InstrumentedAttribute[int]
     if charge_all:
         attempts = Item.attempts + 1
     elif give_back:
@@ -559,6 +589,7 @@ def _release_quietly(rt: Runtime, token: str, *, charge_all: bool) -> None:
 
 def _cancel_rest(rt: Runtime, token: str) -> int:
     with rt.db.session() as s:
-        return s.execute(update(Item).where(Item.claim_token == token, Item.status == ItemStatus.running)
-                         .values(status=ItemStatus.cancelled, finished_at=utcnow(), lease_until=None)
-                         .execution_options(synchronize_session=False)).rowcount
+        result = s.execute(update(Item).where(Item.claim_token == token, Item.status == ItemStatus.running)
+                           .values(status=ItemStatus.cancelled, finished_at=utcnow(), lease_until=None)
+                           .execution_options(synchronize_session=False))
+        return cast("CursorResult[Any]", result).rowcount  # an UPDATE's result is a cursor's
