@@ -350,3 +350,8 @@ class EspeakGenerator:
                                                   "pitch": int(params["pitch"]), "seed": int(r.seed),
                                                   "batch_size": len(reqs), "batch_seconds": round(seconds, 4)})
                 for r, s in zip(reqs, samples, strict=True)]
+
+
+# The hf-tts class's name before MusicGen and SpeechT5: "aigc_models.audio:TTSGenerator" in an
+# AIGC_BACKENDS setting (or an older BACKENDS table) keeps loading every supported architecture.
+TTSGenerator = HFAudio
