@@ -385,6 +385,9 @@ app.command()(cli_schedules.scheduler)
 app.add_typer(cli_schedules.schedules_app, name="schedules")
 app.command()(cli_ops.metrics)
 app.command()(cli_ops.flower)
+from scheduler.cli import keys as cli_keys  # noqa: E402  (aigc keys, aigc serve: issue 13)
+
+cli_keys.register(app)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,157 @@
+"""The OpenAI-compatible Batch API, driven by the official openai SDK against a real ``aigc serve``
+(uvicorn) on a free loopback port, with a real Celery worker, PostgreSQL, Redis and S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+from openai import OpenAI
+from sqlalchemy import func, select
+
+from aigc_core.schema import Job
+from scheduler.api.keys import create_key
+from tests.support.workers import ServiceProc
+
+pytestmark = pytest.mark.integration
+
+UPLOAD_CAP = 64 * 1024
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def api_server(deploy_env, deploy_client, tmp_path):
+    """``aigc serve`` in a process of its own, as a deployment runs it."""
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, **deploy_env, "AIGC_API_MAX_FILE_BYTES": str(UPLOAD_CAP), "PYTHONUNBUFFERED": "1"}
+    key = create_key(deploy_client.db, f"first-{port}-{time.monotonic_ns()}")  # so serve finds an active key
+    proc = subprocess.Popen([sys.executable, "-m", "scheduler.cli", "serve", "--port", str(port)],
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            cwd=ROOT)
+    server = ServiceProc(proc, log)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/healthz", timeout=1).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError(f"aigc serve did not start:\n{server.log()[-3000:]}") from None
+            time.sleep(0.1)
+    yield base, key
+    server.stop()
+
+
+def sdk(base: str, key: str) -> OpenAI:
+    return OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, _strict_response_validation=True)
+
+
+def requests_file(n: int, *, model: str = "tiny") -> bytes:
+    lines = [{"custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": model, "prompt": f"Headline: story {i}", "max_tokens": 6, "seed": 7}}
+             for i in range(n)]
+    return "".join(json.dumps(x) + "\n" for x in lines).encode()
+
+
+def wait_final(client: OpenAI, batch_id: str, timeout: float = 180.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        b = client.batches.retrieve(batch_id)
+        if b.status in ("completed", "failed", "cancelled", "expired"):
+            return b
+        assert time.monotonic() < deadline, f"batch still {b.status}: {b.request_counts}"
+        time.sleep(0.3)
+
+
+def test_sdk_batch_runs_and_its_output_file_has_every_request(api_server, deploy_client, workers):
+    base, key = api_server
+    workers()
+    client = sdk(base, key)
+    assert "tiny" in [m.id for m in client.models.list()]
+    f = client.files.create(file=("requests.jsonl", requests_file(5)), purpose="batch")
+    assert f.bytes == len(requests_file(5)) and f.purpose == "batch"
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h",
+                                  metadata={"run": "nightly"})
+    assert batch.status == "in_progress" and batch.request_counts and batch.request_counts.total == 5
+    done = wait_final(client, batch.id)
+    assert done.status == "completed", done
+    assert done.request_counts and (done.request_counts.completed, done.request_counts.failed) == (5, 0)
+    assert done.output_file_id and done.error_file_id is None and done.completed_at and done.in_progress_at
+    lines = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    print("\n".join(json.dumps(x) for x in lines[:2]))
+    assert sorted(x["custom_id"] for x in lines) == [f"req-{i}" for i in range(5)]
+    job_id = deploy_client.jobs(1)[0].id
+    recorded = {r.custom_id: r.provenance["output"] for r in deploy_client.results(job_id)}
+    for x in lines:
+        assert x["error"] is None and x["response"]["status_code"] == 200
+        body = x["response"]["body"]
+        assert body["object"] == "text_completion" and body["choices"][0]["text"].strip()
+        assert body["choices"][0]["finish_reason"] in ("stop", "length")
+        rec = recorded[x["custom_id"]]
+        assert body["usage"]["prompt_tokens"] == rec["prompt_tokens"] > 0
+        assert body["usage"]["completion_tokens"] == rec["new_tokens"] > 0
+    assert client.batches.list(limit=10).data[0].id == batch.id
+    assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
+
+
+def test_another_key_gets_404_on_the_first_keys_batch_and_file(api_server, deploy_client):
+    base, key = api_server
+    first = sdk(base, key)
+    other = sdk(base, create_key(deploy_client.db, f"other-{time.monotonic_ns()}"))
+    f = first.files.create(file=("r.jsonl", requests_file(2)), purpose="batch")
+    batch = first.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    for call in (lambda: other.batches.retrieve(batch.id), lambda: other.files.retrieve(f.id),
+                 lambda: other.files.content(f.id), lambda: other.batches.cancel(batch.id),
+                 lambda: other.batches.create(input_file_id=f.id, endpoint="/v1/completions",
+                                              completion_window="24h")):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert e.value.response.json()["error"]["code"] == "not_found"
+    assert batch.id not in [b.id for b in other.batches.list().data]
+    with pytest.raises(openai.AuthenticationError):
+        sdk(base, "sk-aigc-not-a-key").files.list()
+
+
+def test_malformed_file_fails_with_line_numbers_and_enqueues_nothing(api_server, deploy_client):
+    base, key = api_server
+    client = sdk(base, key)
+    good = json.loads(requests_file(1).decode())
+    lines = [json.dumps(good), "{not json", json.dumps({**good, "url": "/v1/embeddings"}),
+             json.dumps(good),  # the same custom_id again
+             json.dumps({**good, "custom_id": "x", "body": {**good["body"], "model": "no-such-model"}})]
+    f = client.files.create(file=("bad.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    assert batch.status == "failed" and batch.failed_at and batch.errors and batch.errors.data
+    by_line = {e.line: e.code for e in batch.errors.data}
+    assert by_line == {2: "invalid_json_line", 3: "mismatched_url", 4: "duplicate_custom_id",
+                       5: "model_not_found"}
+    with deploy_client.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 0
+
+
+def test_upload_over_the_cap_is_refused_with_413_in_openais_shape(api_server):
+    base, key = api_server
+    client = sdk(base, key)
+    with pytest.raises(openai.APIStatusError) as e:
+        client.files.create(file=("big.jsonl", b"x" * (4 * 1024 * 1024)), purpose="batch")
+    assert e.value.status_code == 413
+    err = e.value.response.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == "file_too_large"
+    assert client.files.list().data == [] or all(x.filename != "big.jsonl" for x in client.files.list().data)
