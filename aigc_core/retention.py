@@ -7,9 +7,10 @@ a few thousand rows per statement, each in its own transaction, so locks are sho
 job's commits never wait long behind gc (PostgreSQL takes row locks only on the rows it deletes).
 
 Never removed: a job that is not finished, a job a registered model's lineage names (the fine-tune
-that made it: its card and metrics stay inspectable), and a job an unfinished job depends on
-(``after`` / ``from``). Objects go before rows, so an interrupted run leaves rows whose objects are
-gone, which the next run removes; never objects that no row leads to.
+that made it: its card and metrics stay inspectable), a job an unfinished job depends on
+(``after`` / ``from``), and a job whose API batch has not yet written its output file. Objects go
+before rows, so an interrupted run leaves rows whose objects are gone, which the next run removes;
+never objects that no row leads to.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sqlalchemy.orm import Session
 from aigc_core.db import Database
 from aigc_core.errors import SpecError
 from aigc_core.jobs import job_prefix
-from aigc_core.schema import FINAL_JOB_STATES, Artifact, Chunk, Item, Job, JobEvent, Model, utcnow
+from aigc_core.schema import FINAL_JOB_STATES, ApiBatch, Artifact, Chunk, Item, Job, JobEvent, Model, utcnow
 from aigc_core.storage import ObjectStore
 
 log = logging.getLogger("aigc.retention")
@@ -81,6 +82,10 @@ def protected_jobs(s: Session) -> dict[str, str]:
         for d in deps or []:
             if isinstance(d, dict) and d.get("job"):
                 keep.setdefault(str(d["job"]), "an unfinished job depends on it")
+    # An API batch writes its output file from the job's rows when it is first read after the job
+    # finished (scheduler/api/batches.py); until then the job is all there is.
+    for job_id in s.scalars(select(ApiBatch.job_id).where(ApiBatch.status.is_(None), ApiBatch.job_id.is_not(None))):
+        keep.setdefault(str(job_id), "an API batch has not written its output")
     return keep
 
 

@@ -68,3 +68,17 @@ def test_ages_are_a_number_and_a_unit(text, want):
 def test_other_ages_are_refused(text):
     with pytest.raises(SpecError):
         parse_age(text)
+
+
+def test_a_job_whose_api_batch_has_not_written_its_output_stays(db, store):
+    from aigc_core.schema import ApiBatch
+
+    pending, written = make_job(db, store), make_job(db, store)
+    with db.session() as s:
+        s.add(ApiBatch(id="batch_a", job_id=pending, endpoint="/v1/completions", input_file_id="file-a",
+                       completion_window="24h", status=None))
+        s.add(ApiBatch(id="batch_b", job_id=written, endpoint="/v1/completions", input_file_id="file-b",
+                       completion_window="24h", status="completed"))
+    rep = collect_garbage(db, store, timedelta(days=1))
+    assert rep.jobs == 1 and rep.kept == {"an API batch has not written its output": 1}
+    assert rows_of(db, pending)["items"] == 3 and rows_of(db, written)["jobs"] == 0
