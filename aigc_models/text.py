@@ -180,6 +180,8 @@ class CausalLMGenerator:
                 params[k], sources[k] = self.checkpoint[k], "checkpoint"
             else:
                 params[k], sources[k] = default, "default"
+        if isinstance(params["stop"], str):  # one string, as the submit side accepts it
+            params["stop"] = [params["stop"]]
         return params, sources
 
     def generate(self, requests: Sequence[GenRequest]) -> list[Output]:

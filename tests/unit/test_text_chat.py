@@ -121,6 +121,13 @@ def test_a_stop_string_cuts_the_output_before_it_and_says_stop(gpt2):
     assert gpt2._forward(enc, eff, [1]).shape[1] == out.info["new_tokens"] < 30
 
 
+def test_one_stop_string_given_as_text_is_a_string_not_its_characters(gpt2):
+    full = _one(gpt2, SAMPLED, prompt=PROMPTS[0]).data.decode()
+    stop = _stop_string(full)
+    out = _one(gpt2, {**SAMPLED, "stop": stop}, prompt=PROMPTS[0])
+    assert out.data.decode() == full[: full.find(stop)] and out.info["params"]["stop"] == [stop]
+
+
 def test_a_stop_string_ends_only_its_own_item_in_a_batch(gpt2):
     full = [_one(gpt2, SAMPLED, prompt=p, seed=i).data.decode() for i, p in enumerate(PROMPTS)]
     stop = _stop_string(full[0], avoid=full[1])
