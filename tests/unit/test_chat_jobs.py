@@ -202,3 +202,29 @@ def test_stop_strings_run_end_to_end(chat_client):
     (r,) = list(chat_client.results(cut.id))
     assert chat_client.store.get(r.key).decode() == full[: full.find(stop)]
     assert r.provenance["output"]["finish_reason"] == "stop" and r.provenance["params"]["stop"] == [stop]
+
+
+def test_the_cli_submits_a_chat_job_yaml_and_refuses_messages_for_a_model_without_a_template(tmp_path, chat_dirs):
+    from scheduler import Client
+    from tests.unit.test_cli import Cli
+
+    cli = Cli(tmp_path)
+    for name, path in (("chat", chat_dirs[0]), ("plain", chat_dirs[1])):
+        assert cli("models", "register", name, path.as_uri()).returncode == 0
+    job = tmp_path / "job.yaml"
+    job.write_text("kind: text\nmodel: chat\nsystem: You write one-line headlines.\nseed: 2\n"
+                   "params: {max_new_tokens: 40}\nitems:\n"
+                   "  - custom_id: h1\n    messages:\n      - {role: user, content: Council approves the budget}\n")
+    r = cli("submit", job)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    assert cli("wait", job_id).returncode == 0
+    client = Client(database_url=f"sqlite:///{cli.db_path}", storage_url=f"file://{tmp_path}/data", broker_url=None)
+    (res,) = list(client.results(job_id))
+    assert res.provenance["output"]["finish_reason"] == "stop"
+    assert res.provenance["chat_template_sha256"] == hashlib.sha256(CHATML.encode()).hexdigest()
+
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"custom_id": "a", "messages": USER}) + "\n")
+    r = cli("submit", "--items", items, "--model", "plain")
+    assert r.returncode != 0 and "has no chat template" in r.stderr and "Traceback" not in r.stderr
