@@ -59,6 +59,22 @@ def api_server(deploy_env, deploy_client, tmp_path):
     server.stop()
 
 
+@pytest.fixture
+def chat_model(deploy_client, s3_bucket, s3_server, tmp_path) -> str:
+    """The tiny ChatML checkpoint (tests/support/chat_models.py) in S3, registered as ``tiny-chat``."""
+    from aigc_core.registry import dir_digest
+    from tests.support.chat_models import build_chat_model
+
+    path = build_chat_model(tmp_path / "chat")
+    c = s3_server.client()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            c.upload_file(str(p), s3_bucket, f"models/tiny-chat/1/{p.relative_to(path).as_posix()}")
+    deploy_client.register_model("tiny-chat", "text", f"s3://{s3_bucket}/models/tiny-chat/1/",
+                                 digest=dir_digest(path))
+    return "tiny-chat"
+
+
 def sdk(base: str, key: str) -> OpenAI:
     return OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, _strict_response_validation=True)
 
@@ -80,10 +96,20 @@ def wait_final(client: OpenAI, batch_id: str, timeout: float = 180.0):
         time.sleep(0.3)
 
 
-def test_sdk_batch_runs_and_its_output_file_has_every_request(api_server, deploy_client, workers):
+def test_sdk_batch_runs_and_its_output_file_has_every_request(api_server, deploy_client, chat_model, workers):
     base, key = api_server
-    workers()
     client = sdk(base, key)
+    chat = [{"custom_id": f"chat-{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": chat_model, "max_completion_tokens": 8, "seed": 3,
+                      "messages": [{"role": "developer", "content": "Be brief."},
+                                   {"role": "user", "content": [{"type": "text", "text": f"Story {i}?"}]}]}}
+            for i in range(3)]
+    chat_file = client.files.create(file=("chat.jsonl", "".join(json.dumps(x) + "\n" for x in chat).encode()),
+                                    purpose="batch")
+    chat_batch = client.batches.create(input_file_id=chat_file.id, endpoint="/v1/chat/completions",
+                                       completion_window="24h")
+    assert chat_batch.status == "in_progress", chat_batch.errors
+    workers()
     assert "tiny" in [m.id for m in client.models.list()]
     f = client.files.create(file=("requests.jsonl", requests_file(5)), purpose="batch")
     assert f.bytes == len(requests_file(5)) and f.purpose == "batch"
@@ -107,7 +133,18 @@ def test_sdk_batch_runs_and_its_output_file_has_every_request(api_server, deploy
         rec = recorded[x["custom_id"]]
         assert body["usage"]["prompt_tokens"] == rec["prompt_tokens"] > 0
         assert body["usage"]["completion_tokens"] == rec["new_tokens"] > 0
-    assert client.batches.list(limit=10).data[0].id == batch.id
+    page = client.batches.list(limit=1)
+    assert [b.id for b in page.data] == [batch.id] and page.has_more
+    assert [b.id for b in client.batches.list(limit=1, after=batch.id).data] == [chat_batch.id]
+    chat_done = wait_final(client, chat_batch.id)
+    assert chat_done.status == "completed" and chat_done.output_file_id, chat_done
+    chat_lines = [json.loads(x) for x in client.files.content(chat_done.output_file_id).text.splitlines()]
+    print("\n".join(json.dumps(x) for x in chat_lines[:2]))
+    assert sorted(x["custom_id"] for x in chat_lines) == [f"chat-{i}" for i in range(3)]
+    for x in chat_lines:
+        body = x["response"]["body"]
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+        assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["prompt_tokens"] > 0
     assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
 
 
@@ -127,6 +164,21 @@ def test_another_key_gets_404_on_the_first_keys_batch_and_file(api_server, deplo
     assert batch.id not in [b.id for b in other.batches.list().data]
     with pytest.raises(openai.AuthenticationError):
         sdk(base, "sk-aigc-not-a-key").files.list()
+
+
+def test_cancel_ends_cancelled_with_the_requests_in_the_error_file(api_server):
+    base, key = api_server
+    client = sdk(base, key)  # no worker: the requests are still pending when the cancel comes
+    f = client.files.create(file=("r.jsonl", requests_file(3)), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    cancelled = client.batches.cancel(batch.id)
+    assert cancelled.status in ("cancelling", "cancelled") and cancelled.cancelling_at
+    done = wait_final(client, batch.id, timeout=30)
+    assert done.status == "cancelled" and done.cancelled_at and done.output_file_id is None
+    assert done.error_file_id
+    errors = [json.loads(x) for x in client.files.content(done.error_file_id).text.splitlines()]
+    assert sorted(e["custom_id"] for e in errors) == ["req-0", "req-1", "req-2"]
+    assert {(e["response"], e["error"]["code"]) for e in errors} == {(None, "batch_cancelled")}
 
 
 def test_malformed_file_fails_with_line_numbers_and_enqueues_nothing(api_server, deploy_client):
