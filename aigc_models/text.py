@@ -153,7 +153,7 @@ class CausalLMGenerator:
         """A bool per output logit: True where the tokenizer has no token (None when there is none)."""
         head = self.model.get_output_embeddings()
         size = int(head.weight.shape[0]) if head is not None else int(self.model.config.vocab_size)
-        invalid = torch.ones(size, dtype=torch.bool)
+        invalid = torch.ones(size, dtype=torch.bool, device=self.device)  # kept where the logits are
         known = [i for i in self.tokenizer.get_vocab().values() if 0 <= i < size]
         invalid[known] = False
         return invalid if bool(invalid.any()) else None
