@@ -7,6 +7,7 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from sqlalchemy import select, tuple_
 
@@ -61,7 +62,9 @@ async def upload(api: ApiDep, who: CallerDep, file: Annotated[UploadFile, File()
                            param="file", code="file_too_large")
         parts.append(chunk)
     name = (file.filename or "upload.jsonl").replace("/", "_")[:255]
-    f = store_file(api, who.owner, f"file-{uuid.uuid4().hex}", name, purpose, b"".join(parts))
+    # the store and the database block: off the event loop
+    f = await run_in_threadpool(store_file, api, who.owner, f"file-{uuid.uuid4().hex}", name, purpose,
+                                b"".join(parts))
     return file_object(f)
 
 

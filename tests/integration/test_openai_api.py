@@ -202,7 +202,7 @@ def test_upload_over_the_cap_is_refused_with_413_in_openais_shape(api_server):
     base, key = api_server
     client = sdk(base, key)
     with pytest.raises(openai.APIStatusError) as e:
-        client.files.create(file=("big.jsonl", b"x" * (4 * 1024 * 1024)), purpose="batch")
+        client.files.create(file=("big.jsonl", b"x" * (100 * 1024 * 1024)), purpose="batch")  # 100 MB
     assert e.value.status_code == 413
     err = e.value.response.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["code"] == "file_too_large"
