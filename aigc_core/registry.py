@@ -202,18 +202,19 @@ def sync_models_file(session: Session, path: str | Path, *, only_missing: bool =
             refs.append(ModelRef.from_row(current))
             continue
         digest = entry.get("digest")
-        same_place = current and (current.uri, current.revision) == (uri, entry.get("revision"))
+        same_place = current is not None and (current.uri, current.revision) == (uri, entry.get("revision"))
         kind = entry["kind"]
-        same_setup = current and (current.kind, current.backend, current.queue, dict(current.defaults or {})) == (
+        setup = (current.kind, current.backend, current.queue, dict(current.defaults or {})) if current else None
+        same_setup = setup is not None and setup == (
             kind, entry.get("backend") or DEFAULT_BACKEND.get(kind, kind), entry.get("queue") or kind,
             dict(entry.get("defaults") or {}))
-        if same_place and same_setup and digest in (None, current.digest):
+        if current is not None and same_place and same_setup and digest in (None, current.digest):
             # Unchanged entry: no re-hashing of the weights at every client start. A directory
             # rewritten in place needs a new revision (or `aigc models register`); a change of
             # backend, queue or defaults alone makes a new version too.
             refs.append(ModelRef.from_row(current))
             continue
-        if same_place and digest is None:
+        if current is not None and same_place and digest is None:
             digest = current.digest  # the same weights: no need to hash them again
         if digest is None and uri.startswith("file://") and local_path(uri).is_dir():
             digest = dir_digest(local_path(uri))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import secrets
@@ -9,9 +10,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sized
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import CursorResult, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from aigc_core.db import Database, database
@@ -202,10 +203,9 @@ class Client:
                 continue
             ext = r.key.rsplit("/", 1)[1].split(".", 2)[-1]
             self.store.download(r.key, safe_join(dest, f"items/{r.index:06d}.{ext}"))
-            try:
+            # AIGC_PROVENANCE_SIDECARS=false: no sidecar; the provenance is in the row and the file.
+            with contextlib.suppress(NotFound):
                 self.store.download(sidecar_of(r.key), safe_join(dest, f"items/{r.index:06d}.provenance.json"))
-            except NotFound:  # AIGC_PROVENANCE_SIDECARS=false: the provenance is in the row and the file
-                pass
         prefix = job_prefix(job_id)
         if view.final:
             for name in ("manifest.jsonl", "errors.jsonl"):
@@ -228,8 +228,8 @@ class Client:
                 raise NotFound(f"no job {job_id!r}")
             if not job.status.final:
                 s.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.cancelled))
-                n = s.execute(update(Item).where(Item.job_id == job_id, Item.status == ItemStatus.pending)
-                              .values(status=ItemStatus.cancelled, finished_at=utcnow())).rowcount
+                n = _rowcount(s.execute(update(Item).where(Item.job_id == job_id, Item.status == ItemStatus.pending)
+                                         .values(status=ItemStatus.cancelled, finished_at=utcnow())))
                 record_event(s, job_id, "cancelled", items_cancelled=n)
         reconcile(self.db, self.store, None, stale_after_s=self.settings.republish_after_s, job_id=job_id)
         return self.status(job_id)
@@ -244,9 +244,9 @@ class Client:
                                                                Item.status == ItemStatus.failed)))
             if not chunks:
                 return 0
-            n = s.execute(update(Item).where(Item.job_id == job_id, Item.status == ItemStatus.failed)
+            n = _rowcount(s.execute(update(Item).where(Item.job_id == job_id, Item.status == ItemStatus.failed)
                           .values(status=ItemStatus.pending, attempts=0, error=None, claim_token=None,
-                                  finished_at=None)).rowcount
+                                  finished_at=None)))
             s.execute(update(Job).where(Job.id == job_id)
                       .values(status=JobStatus.queued, finished_at=None))
             s.execute(update(Chunk).where(Chunk.job_id == job_id, Chunk.chunk_no.in_(chunks))
@@ -304,7 +304,7 @@ def dependencies(s, spec: JobSpec) -> list[dict[str, str]]:
     """Jobs this one waits for: ``after`` (must succeed) and the sources of ``from`` items (must end)."""
     deps = {j: "succeeded" for j in spec.after}
     wanted: dict[str, set[str]] = {}
-    for i, it in enumerate(spec.items):
+    for it in spec.items:
         if it.source is not None:
             wanted.setdefault(it.source.job, set()).add(it.source.custom_id)
             deps.setdefault(it.source.job, "final")
@@ -375,3 +375,8 @@ def _model_dict(m: Model) -> dict[str, Any]:
     return {"name": m.name, "version": m.version, "tag": f"{m.name}@{m.version}", "kind": m.kind,
             "backend": m.backend, "uri": m.uri, "digest": m.digest, "queue": m.queue,
             "defaults": m.defaults, "lineage": m.lineage, "created_at": m.created_at.isoformat()}
+
+
+def _rowcount(result: Any) -> int:
+    """Rows an UPDATE matched (``Session.execute`` is typed as returning a plain Result)."""
+    return int(cast(CursorResult[Any], result).rowcount)
