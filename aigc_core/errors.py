@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import sys
+from collections.abc import Iterator
 
 
 class AigcError(Exception):
@@ -84,7 +85,7 @@ def service_error(e: BaseException, *, database_url: str | None = None,
     return None
 
 
-def _chain(e: BaseException):
+def _chain(e: BaseException | None) -> Iterator[BaseException]:
     seen: set[int] = set()
     while e is not None and id(e) not in seen and len(seen) < 10:
         seen.add(id(e))

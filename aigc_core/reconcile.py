@@ -149,11 +149,11 @@ def reconcile(db: Database, store: ObjectStore, publish: Publish | None, *, stal
         for cond in chunks_in(wake):
             s.execute(update(Chunk).where(cond)
                       .values(status=ChunkStatus.pending))
-        pending = s.execute(
+        pending: list[tuple[str, int, str]] = [(j, n, q) for j, n, q in s.execute(
             select(Chunk.job_id, Chunk.chunk_no, Job.queue).join(Job, Job.id == Chunk.job_id)
             .where(Chunk.status == ChunkStatus.pending, *([Chunk.job_id == job_id] if job_id else []))
             .order_by(Chunk.created_at).limit(limit)
-        ).all()
+        )]
         open_items = select(Item.id).where(Item.job_id == Job.id, Item.status.in_(OPEN_ITEM_STATES))
         done_jobs = list(s.scalars(
             select(Job.id).where(Job.finished_at.is_(None), ~open_items.exists(),
@@ -168,5 +168,5 @@ def reconcile(db: Database, store: ObjectStore, publish: Publish | None, *, stal
         rep.released += len(released)
         pending = [*pending, *released]
     if publish is not None and pending:
-        rep.published, rep.publish_failed = publish_chunks(db, publish, [tuple(r) for r in pending])
+        rep.published, rep.publish_failed = publish_chunks(db, publish, pending)
     return rep

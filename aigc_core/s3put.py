@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import logging
 import threading
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 log = logging.getLogger("aigc.storage")
@@ -108,7 +109,7 @@ class FastPut:
         self.sent = 0  # PUTs this path stored (tests and benchmarks read it)
         self.misses = 0  # PUTs in a row this path could not store and botocore then did
         self._lock = threading.Lock()
-        kw = {}
+        kw: dict[str, Any] = {}  # PoolManager's **connection_pool_kw
         if u.scheme == "https":  # the CA bundle botocore verifies with
             from botocore.httpsession import get_cert_path
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -112,7 +112,7 @@ def digits_data() -> tuple[np.ndarray, np.ndarray]:
 # ---- training --------------------------------------------------------------------------------------
 
 def train_digits(kind: str, out_dir: Path | None = None, seconds: float = 30.0, seed: int = 0,
-                 on_step: Callable[[int, dict[str, float]], None] | None = None, *,
+                 on_step: Callable[[int, dict[str, float]], bool | None] | None = None, *,
                  max_steps: int | None = None, latent_dim: int | None = None,
                  hidden: int | None = None) -> dict[str, Any]:
     """Train a ``kind`` model for ``seconds``, or for ``max_steps`` when given (a reproducible run).
@@ -133,15 +133,18 @@ def train_digits(kind: str, out_dir: Path | None = None, seconds: float = 30.0, 
         torch.set_num_threads(threads)
 
 
-def _train(kind, out_dir, seconds, seed, on_step, max_steps, latent_dim, hidden) -> dict[str, Any]:
+def _train(kind: str, out_dir: Path | None, seconds: float, seed: int,
+           on_step: Callable[[int, dict[str, float]], bool | None] | None, max_steps: int | None,
+           latent_dim: int | None, hidden: int | None) -> dict[str, Any]:
     torch.manual_seed(seed)  # weight initialisation
     model = build(kind, latent_dim, hidden)
     x, y = (torch.from_numpy(a) for a in digits_data())
     gen = torch.Generator().manual_seed(seed)
-    step_fn = _vae_steps(model, x, y, gen) if kind == "vae" else _gan_steps(model, x, y, gen)
+    step_fn = _vae_steps(model, x, y, gen) if isinstance(model, CVAE) else _gan_steps(model, x, y, gen)
     before = _objective(model, x, y)
     t0 = time.perf_counter()
-    step, last = 0, {}
+    step = 0
+    last: dict[str, float] = {}
     while step < max_steps if max_steps is not None else time.perf_counter() - t0 < seconds:
         last = next(step_fn)
         step += 1
@@ -160,14 +163,14 @@ def _train(kind, out_dir, seconds, seed, on_step, max_steps, latent_dim, hidden)
     return metrics
 
 
-def _batches(n: int, batch: int, gen: torch.Generator):
+def _batches(n: int, batch: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
     while True:
         order = torch.randperm(n, generator=gen)
         for i in range(0, n - batch + 1, batch):
             yield order[i : i + batch]
 
 
-def _vae_steps(model: CVAE, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+def _vae_steps(model: CVAE, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Iterator[dict[str, float]]:
     opt = torch.optim.Adam(model.parameters(), lr=DEFAULTS["vae"]["learning_rate"])
     model.train()
     for idx in _batches(len(x), DEFAULTS["vae"]["batch_size"], gen):
@@ -178,7 +181,8 @@ def _vae_steps(model: CVAE, x: torch.Tensor, y: torch.Tensor, gen: torch.Generat
         yield {k: float(v.detach()) for k, v in losses.items()}
 
 
-def _gan_steps(model: CGAN, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+def _gan_steps(model: CGAN, x: torch.Tensor, y: torch.Tensor,
+               gen: torch.Generator) -> Iterator[dict[str, float]]:
     """Alternating updates of the min-max game, with the non-saturating generator loss."""
     lr = DEFAULTS["gan"]["learning_rate"]
     opt_d = torch.optim.Adam([*model.discriminator.parameters(), *model.real_fake.parameters(),
@@ -258,8 +262,11 @@ def save(model: CVAE | CGAN, out_dir: Path, metrics: dict[str, Any] | None = Non
     """``config.json`` + ``model.safetensors`` (a GAN keeps its discriminator, so training can resume)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kind = "vae" if isinstance(model, CVAE) else "gan"
-    hidden = model.encoder[0].out_features if kind == "vae" else model.discriminator[0].out_channels
+    # The first layers are built in __init__ as nn.Linear / nn.Conv2d; Sequential indexes as a plain Module.
+    if isinstance(model, CVAE):
+        kind, hidden = "vae", cast(nn.Linear, model.encoder[0]).out_features
+    else:
+        kind, hidden = "gan", cast(nn.Conv2d, model.discriminator[0]).out_channels
     config = {
         "format": FORMAT, "format_version": 1, "kind": kind, "architecture": type(model).__name__,
         "latent_dim": model.latent_dim, "hidden": hidden, "image_size": IMAGE_SIZE, "channels": 1,

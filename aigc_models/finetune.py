@@ -322,6 +322,7 @@ def finetune_causal_lm(
              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],  # none on biases, norms
             lr=cfg.learning_rate)
         if state:
+            assert resume_from is not None  # state is read from resume_from, and only when it is given
             run.restore(state, model, opt, Path(resume_from), device)
         else:
             run.eval_before = run.best = _evaluate(model, val, cfg.batch_size, device) if val is not None else None
@@ -372,7 +373,7 @@ def _load(base_dir: Path, cfg: FinetuneConfig, resume_from: Path | None, device:
             from safetensors.torch import load_file
 
             peft.set_peft_model_state_dict(model, load_file(Path(resume_from) / "adapter_model.safetensors"))
-    return tokenizer, model.to(device).train()
+    return tokenizer, model.to(device).train()  # type: ignore[arg-type]  # @wraps'd .to: typeshed's _Wrapped keeps self
 
 
 def _peft():
@@ -482,6 +483,7 @@ def _train_loop(run: _Run, model, opt, params, train, val, device, ckpt_root, to
         if epoch != perm_epoch:  # each epoch's order is a pure function of (seed, epoch): resumable
             perm_epoch, perm = epoch, torch.randperm(len(train), generator=torch.Generator().manual_seed(
                 (cfg.seed << 20) + epoch))
+        assert perm is not None  # drawn above on the first pass: perm_epoch starts at -1
         batch = train[perm[k * cfg.batch_size : (k + 1) * cfg.batch_size]].to(device)
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, run.step, run.total)
@@ -516,6 +518,7 @@ def _report(run: _Run, model, val, device, on_event, seconds: float) -> bool:
              "lr": _lr(run.cfg, run.step - 1, run.total), "seconds": round(seconds, 2)}
     if val is not None:
         run.last_eval = event["eval_loss"] = _evaluate(model, val, run.cfg.batch_size, device)
+        assert run.best is not None  # with a validation split, set by the first evaluation (or restored)
         if run.last_eval < run.best - 1e-4:
             run.best, run.best_step, run.bad_evals = run.last_eval, run.step, 0
             run.best_params = _trainable_copy(model)

@@ -62,10 +62,10 @@ class DiffusersImageGenerator:
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu", dtype: str | None = None) -> DiffusersImageGenerator:
-        import diffusers
         from diffusers import DiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
 
-        diffusers.logging.set_verbosity_error()
+        diffusers_logging.set_verbosity_error()
         if not Path(path).is_dir():  # otherwise diffusers would read the path as a hub repository id
             raise BackendError(f"cannot load a diffusers pipeline from {path}: not a directory")
         try:
@@ -110,9 +110,8 @@ class DiffusersImageGenerator:
         for params, _ in groups:
             if int(params["num_inference_steps"]) < 1:
                 raise BackendError("num_inference_steps must be at least 1")
-            if not self.conditional:
-                native = self.native_size()
-                asked = native and (int(params["height"] or native[0]), int(params["width"] or native[1]))
+            if not self.conditional and (native := self.native_size()) is not None:
+                asked = (int(params["height"] or native[0]), int(params["width"] or native[1]))
                 if asked != native:
                     raise BackendError(f"{type(self.pipe).__name__} makes only {native[0]}x{native[1]} images")
             for side in ("height", "width"):
@@ -257,7 +256,7 @@ class DigitsGenerator:
 
     def postprocess(self, reqs, images: np.ndarray, chosen, params, seconds: float) -> list[Output]:
         size = int(params["size"] or self.config.get("output_size", 64))
-        resample = Image.NEAREST if params["resample"] == "nearest" else Image.BILINEAR
+        resample = Image.Resampling.NEAREST if params["resample"] == "nearest" else Image.Resampling.BILINEAR
         pixels = _to_uint8(1.0 - images if params["invert"] else images)
         outs = []
         for i, r in enumerate(reqs):
