@@ -33,15 +33,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def api_server(deploy_env, deploy_client, tmp_path):
-    """``aigc serve`` in a process of its own, as a deployment runs it."""
+def start_server(env: dict[str, str], log: Path) -> tuple[ServiceProc, str]:
+    """``aigc serve`` in a process of its own, as a deployment runs it, on a free loopback port."""
     port = _free_port()
-    log = tmp_path / "serve.log"
-    env = {**os.environ, **deploy_env, "AIGC_API_MAX_FILE_BYTES": str(UPLOAD_CAP), "PYTHONUNBUFFERED": "1"}
-    key = create_key(deploy_client.db, f"first-{port}-{time.monotonic_ns()}")  # so serve finds an active key
     proc = subprocess.Popen([sys.executable, "-m", "scheduler.cli", "serve", "--port", str(port)],
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
                             cwd=ROOT)
     server = ServiceProc(proc, log)
     base = f"http://127.0.0.1:{port}"
@@ -49,12 +45,23 @@ def api_server(deploy_env, deploy_client, tmp_path):
     while True:
         try:
             urllib.request.urlopen(f"{base}/healthz", timeout=1).read()
-            break
+            return server, base
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 server.stop()
                 raise RuntimeError(f"aigc serve did not start:\n{server.log()[-3000:]}") from None
             time.sleep(0.1)
+
+
+@pytest.fixture
+def server_env(deploy_env) -> dict[str, str]:
+    return {**os.environ, **deploy_env, "AIGC_API_MAX_FILE_BYTES": str(UPLOAD_CAP), "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def api_server(server_env, deploy_client, tmp_path):
+    key = create_key(deploy_client.db, f"first-{time.monotonic_ns()}")  # serve wants an active key
+    server, base = start_server(server_env, tmp_path / "serve.log")
     yield base, key
     server.stop()
 
@@ -146,6 +153,27 @@ def test_sdk_batch_runs_and_its_output_file_has_every_request(api_server, deploy
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
         assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["prompt_tokens"] > 0
     assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
+
+
+def test_a_server_killed_mid_batch_loses_nothing(server_env, deploy_client, workers, tmp_path):
+    key = create_key(deploy_client.db, f"restart-{time.monotonic_ns()}")
+    server, base = start_server(server_env, tmp_path / "serve1.log")
+    client = sdk(base, key)
+    f = client.files.create(file=("r.jsonl", requests_file(4)), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    server.kill()  # SIGKILL, mid-batch: nothing has run yet
+    workers()
+    job_id = deploy_client.jobs(1)[0].id
+    deploy_client.wait(job_id, timeout=120)  # the workers finish the job with no server up
+    server, base = start_server(server_env, tmp_path / "serve2.log")
+    try:
+        done = wait_final(sdk(base, key), batch.id, timeout=30)
+        assert done.status == "completed" and done.request_counts and done.request_counts.completed == 4
+        assert done.output_file_id
+        lines = sdk(base, key).files.content(done.output_file_id).text.splitlines()
+        assert sorted(json.loads(x)["custom_id"] for x in lines) == [f"req-{i}" for i in range(4)]
+    finally:
+        server.stop()
 
 
 def test_another_key_gets_404_on_the_first_keys_batch_and_file(api_server, deploy_client):
