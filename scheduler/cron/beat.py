@@ -5,6 +5,8 @@ slots of every schedule, see ``scheduler.cron.schedules``) and ``scheduler.recon
 ``AIGC_RECONCILE_EVERY_S``. They are not cron entries per schedule: a tick reads the schedules from
 the database, so ``aigc schedules pause`` or an edited schedules.yaml takes effect at the next tick
 without restarting beat, and slots missed while no beat ran are found from the database cursor.
+With ``AIGC_GC_OLDER_THAN`` set, a third entry, ``scheduler.gc`` every ``AIGC_GC_EVERY_S``, removes
+finished jobs older than that (aigc_core/retention.py) in a thread, so it never delays a tick.
 
 Where the ticks run: on a Celery app of their own (``aigc-scheduler``, JSON only) whose worker
 consumes only the ``scheduler`` queue, started by ``aigc scheduler`` in the same process as beat
@@ -55,6 +57,10 @@ def make_app(settings: Settings):
     )
     app.task(name="scheduler.tick")(tick)
     app.task(name="scheduler.reconcile")(reconcile)
+    if settings.gc_older_than.strip():  # retention: off unless AIGC_GC_OLDER_THAN is set
+        app.conf.beat_schedule["gc"] = {"task": "scheduler.gc", "schedule": settings.gc_every_s,
+                                        "options": {"queue": QUEUE, "expires": settings.gc_every_s}}
+        app.task(name="scheduler.gc")(gc)
     return app
 
 
@@ -81,6 +87,38 @@ def reconcile() -> dict[str, Any]:
     rep = _client().reconcile()
     return {"published": rep.published, "expired_leases": rep.expired_leases, "stale_chunks": rep.stale_chunks,
             "finalized": len(rep.finalized), "released": rep.released}
+
+
+def gc() -> dict[str, Any]:
+    """Retention (``AIGC_GC_OLDER_THAN``): start removing old finished jobs in a thread of this process
+    and return at once, so a gc of a million items never delays a schedule tick; one run at a time."""
+    import threading
+
+    from aigc_core.retention import parse_age
+
+    client = _client()
+    age = client.settings.gc_older_than.strip()
+    if not age:
+        return {"gc": "off (AIGC_GC_OLDER_THAN is empty)"}
+    running = _state.get("gc_thread")
+    if running is not None and running.is_alive():
+        return {"gc": "still running"}
+    older_than = parse_age(age)
+    t = threading.Thread(target=_gc_run, args=(client, older_than), name="aigc-gc", daemon=True)
+    _state["gc_thread"] = t
+    t.start()
+    return {"gc": f"started: jobs finished more than {age} ago", "objects": client.settings.gc_objects}
+
+
+def _gc_run(client, older_than) -> None:
+    from aigc_core.retention import collect_garbage
+
+    try:
+        rep = collect_garbage(client.db, client.store, older_than, objects=client.settings.gc_objects,
+                              progress=log.info)
+        log.info("%s", rep.line())
+    except Exception:  # the next period tries again; a half-done run is safe (objects before rows)
+        log.exception("gc failed")
 
 
 def sync_file(client, path: str) -> dict[str, str]:
@@ -138,10 +176,11 @@ def serve(settings: Settings, *, loglevel: str = "INFO") -> None:
 
 def _loop(settings: Settings) -> None:
     log.info("no AIGC_BROKER_URL: ticking every %ss in this process", settings.scheduler_tick_s)
-    next_reconcile = 0.0
+    next_reconcile = next_gc = 0.0
     while True:
         started = time.monotonic()
-        for due, fn in ((True, tick), (started >= next_reconcile, reconcile)):
+        gc_due = bool(settings.gc_older_than.strip()) and started >= next_gc
+        for due, fn in ((True, tick), (started >= next_reconcile, reconcile), (gc_due, gc)):
             if not due:
                 continue
             try:
@@ -150,4 +189,6 @@ def _loop(settings: Settings) -> None:
                 log.exception("%s failed", fn.__name__)
         if started >= next_reconcile:
             next_reconcile = started + settings.reconcile_every_s
+        if gc_due:
+            next_gc = started + settings.gc_every_s
         time.sleep(max(0.0, settings.scheduler_tick_s - (time.monotonic() - started)))
