@@ -281,7 +281,7 @@ def _autocast(device: str):
 # ---- training -------------------------------------------------------------------------------------
 
 def finetune_causal_lm(
-    base_dir: Path, texts: Sequence[str], out_dir: Path, cfg: FinetuneConfig, *,
+    base_dir: Path | str, texts: Sequence[str], out_dir: Path, cfg: FinetuneConfig, *,
     resume_from: Path | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     on_checkpoint: Callable[[Path, dict[str, Any]], None] | None = None,

@@ -179,7 +179,7 @@ class DigitsGenerator:
         self.source = source
 
     @classmethod
-    def load(cls, path: Path, device: str = "cpu", dtype: str | None = None) -> DigitsGenerator:
+    def load(cls, path: Path | str, device: str = "cpu", dtype: str | None = None) -> DigitsGenerator:
         from aigc_models import digits
 
         name = str(path).replace("builtin://", "builtin:").replace("builtin:/", "builtin:")

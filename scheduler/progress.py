@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from aigc_core.jobs import JobView
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 
 class JobProgress:
     def __init__(self, view: JobView, enabled: bool):
         self.enabled = enabled and sys.stderr.isatty()
-        self._progress = None
-        self._task = None
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
         self._view = view
 
     def __enter__(self) -> JobProgress:
@@ -35,6 +39,7 @@ class JobProgress:
         if p := view.progress:
             total = p.get("total_steps") or "?"
             detail = f"step {p.get('step')}/{total}  loss {_f(p.get('loss'))}  eval {_f(p.get('eval_loss'))}"
+        assert self._task is not None  # added in __enter__ with the bar
         self._progress.update(self._task, completed=view.done, detail=detail)
 
     def __exit__(self, *exc) -> None:

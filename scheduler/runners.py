@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
 
 class Runner(Protocol):
-    # The reconciler's way to send a chunk (queue, job_id, chunk_no); None: chunks wait in the outbox.
-    publisher: Callable[[str, str, int], None] | None
+    @property
+    def publisher(self) -> Callable[[str, str, int], None] | None:
+        """The reconciler's way to send a chunk (queue, job_id, chunk_no); None: chunks wait in the outbox."""
 
     def dispatch(self, client: Client, job_id: str) -> None:
         """The job's pending chunks are ready (after submit or retry)."""

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from aigc_core import __version__
-from aigc_core.jobs import job_prefix, record_event
+from aigc_core.jobs import _rowcount, job_prefix, record_event
 from aigc_core.registry import ModelRef, dir_digest, materialize, register, safe_join
 from aigc_core.schema import Item, ItemStatus, Job, JobStatus, Model, utcnow
 from aigc_core.storage import download_uri
@@ -82,11 +82,11 @@ def _run_digits(rt: Runtime, job, token: str, item, res, work: Path, watch: _Wat
     """The project's GAN / VAE: a new model of the base's kind trained on scikit-learn's digits."""
     import hashlib
 
-    from aigc_models import load_backend
     from aigc_models.digits import digits_data, train_digits
+    from aigc_models.image import DigitsGenerator  # the "digits" backend
 
     hp = job.params["hyperparameters"]
-    base = load_backend("digits", materialize(job.model, rt.settings.cache_dir), device="cpu")
+    base = DigitsGenerator.load(materialize(job.model, rt.settings.cache_dir), device="cpu")
     kind = base.config["kind"]
     t0 = time.perf_counter()
 
@@ -126,9 +126,10 @@ class _Watch:
     def heartbeat(self) -> None:
         """Renew the lease; a run that lost it (another worker took over) stops at the next step."""
         with self.rt.db.session() as s:
-            kept = s.execute(update(Item).where(Item.claim_token == self.token, Item.status == ItemStatus.running)
-                             .values(lease_until=utcnow() + timedelta(seconds=self.rt.settings.lease_s))
-                             .execution_options(synchronize_session=False)).rowcount
+            kept = _rowcount(s.execute(
+                update(Item).where(Item.claim_token == self.token, Item.status == ItemStatus.running)
+                .values(lease_until=utcnow() + timedelta(seconds=self.rt.settings.lease_s))
+                .execution_options(synchronize_session=False)))
         self.lost = not kept
 
     def cancelled(self) -> bool:
@@ -190,7 +191,7 @@ def _register_once(rt: Runtime, job, out: Path, metrics: dict[str, Any], dataset
                         lineage=_lineage(job, metrics, digest, dataset_sha256))
 
 
-def _lineage(job, metrics: dict[str, Any], digest: str, dataset_sha256: str | None = None) -> dict[str, Any]:
+def _lineage(job, metrics: dict[str, Any], digest: str | None, dataset_sha256: str | None = None) -> dict[str, Any]:
     p = job.params
     return {
         "job_id": job.id, "base_model": job.model.tag, "base_digest": job.model.digest,

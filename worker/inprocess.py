@@ -9,6 +9,7 @@ from collections.abc import Callable
 from sqlalchemy import select, update
 
 from aigc_core.errors import TransientError
+from aigc_core.jobs import _rowcount
 from aigc_core.reconcile import reconcile
 from aigc_core.schema import Chunk, ChunkStatus, utcnow
 from worker.pipeline import ChunkResult, run_chunk
@@ -26,11 +27,11 @@ def take_chunk(rt: Runtime, job_id: str | None = None) -> tuple[str, int] | None
         row = s.execute(q.order_by(Chunk.created_at, Chunk.chunk_no).limit(1)).first()
         if row is None:
             return None
-        taken = s.execute(
+        taken = _rowcount(s.execute(
             update(Chunk).where(Chunk.job_id == row.job_id, Chunk.chunk_no == row.chunk_no,
                                 Chunk.status == ChunkStatus.pending)
             .values(status=ChunkStatus.published, published_at=utcnow(), publish_count=Chunk.publish_count + 1)
-        ).rowcount
+        ))
         return (row.job_id, row.chunk_no) if taken else None
 
 

@@ -172,12 +172,18 @@ def _wall(instant: datetime, offset: timedelta) -> datetime:
 def _offset_range(tz: ZoneInfo, a: datetime, b: datetime) -> tuple[timedelta, timedelta]:
     """The smallest and largest UTC offsets in force between a and b (sampled: no offset lasts under an hour)."""
     step = max(timedelta(hours=1), (b - a) / 2000)
-    offsets = {b.astimezone(tz).utcoffset()}
+    offsets = {_utcoffset(b, tz)}
     t = a
     while t < b:
-        offsets.add(t.astimezone(tz).utcoffset())
+        offsets.add(_utcoffset(t, tz))
         t += step
-    return min(offsets), max(offsets)  # type: ignore[type-var]
+    return min(offsets), max(offsets)
+
+
+def _utcoffset(t: datetime, tz: ZoneInfo) -> timedelta:
+    offset = t.astimezone(tz).utcoffset()
+    assert offset is not None  # an aware datetime in a ZoneInfo always has one
+    return offset
 
 
 def _transition(tz: ZoneInfo, before: datetime, after: datetime) -> datetime:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session
@@ -54,7 +54,7 @@ def items_by_state(s: Session) -> dict[str, int]:
                             func.coalesce(func.sum(Job.cancelled_items), 0))
                      .where(Job.finished_at.is_not(None))).one()
     for state, n in zip(("succeeded", "failed", "cancelled"), done, strict=False):
-        counts[state] += int(n)
+        counts[state] += int(cast(int, n))  # coalesce(..., 0) is never NULL; SQLAlchemy keeps sum's Optional
     return counts
 
 
@@ -123,7 +123,9 @@ def last_failures(s: Session, limit: int = 10) -> list[Failure]:
     rows = s.execute(select(Item.job_id, Item.index, Item.custom_id, Item.error, Item.worker, Item.finished_at,
                             Item.attempts).where(Item.status == ItemStatus.failed, Item.finished_at.is_not(None))
                      .order_by(Item.finished_at.desc(), Item.id.desc()).limit(limit))
-    return [Failure(r.job_id, r.index, r.custom_id, r.error or "", r.worker, r.finished_at, r.attempts) for r in rows]
+    # Unpacked, not r.index: the Row's typing reads .index as tuple.index (at run time the column wins).
+    return [Failure(job_id, index, custom_id, error or "", worker, finished_at, attempts)
+            for job_id, index, custom_id, error, worker, finished_at, attempts in rows]
 
 
 def jobs_in_flight(s: Session, limit: int = 20) -> list[JobView]:
