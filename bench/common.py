@@ -412,7 +412,8 @@ class RedisMonitor:
 
         import redis
 
-        self.db, self.counts, self._stop = db, {}, False
+        self.db, self._stop = db, False
+        self.counts: dict[str, int] = {}
         self._r = redis.Redis.from_url(url)
         self._ready = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)

@@ -12,6 +12,11 @@ thread. Rounds are interleaved (order rotated); E per round = bare seconds / run
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
 from bench.common import (
     NO_SIDECARS,
     BareText,
@@ -67,7 +72,7 @@ def main(argv=None) -> dict:
     out = []
     with Stack("efficiency", chunk_size=args.chunk, micro_batch_size=args.batch) as st:
         client = st.client()
-        models = {}
+        models: dict[str, tuple[str, Path, int]] = {}
         for label, nl, ne, nh, n, _ in sizes:
             path = build_text_model(st.tmp / "models" / label.split()[0], n_layer=nl, n_embd=ne, n_head=nh)
             name = "eff-" + label.split()[0]
@@ -87,14 +92,15 @@ def main(argv=None) -> dict:
                 run_job(client, f"{name}-{v}", prompts[: args.batch], params=params)
             bare.run(prompts[: args.batch], chunk_size=args.chunk, batch_size=args.batch, new_tokens=new_tokens)
 
-            def runner(v, name=name, prompts=prompts, params=params, n=n):
+            def runner(v: str, name: str = name, prompts: list[str] = prompts, params: dict[str, Any] = params,
+                       n: int = n) -> float:
                 r = run_job(client, f"{name}-{v}", prompts, params=params)
                 check_outputs(client, r["job_id"], n, sidecars=v == "on")  # after the clock
                 return r["seconds"]
 
-            fns = {v: (lambda v=v: runner(v)) for v in variants}
-            fns["bare"] = lambda bare=bare, prompts=prompts, new_tokens=new_tokens: bare.run(
-                prompts, chunk_size=args.chunk, batch_size=args.batch, new_tokens=new_tokens)
+            fns: dict[str, Callable[[], float]] = {v: partial(runner, v) for v in variants}
+            fns["bare"] = partial(bare.run, prompts, chunk_size=args.chunk, batch_size=args.batch,
+                                  new_tokens=new_tokens)
             runs = interleave_many(pairs_n, fns)
             n_batches = len(bare.batches(prompts, args.chunk, args.batch))
             res = {"model": label, "new_tokens": new_tokens, "layers": nl, "width": ne, "items": n,

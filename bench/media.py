@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 from bench.common import (
     NO_SIDECARS,
@@ -115,34 +118,33 @@ def main(argv=None) -> dict:
             st.worker(f"media-{v}", env=VARIANTS[v])
         bare_image, bare_audio = BareImage(ddim), BareAudio(vits)
         for kind, label, steps, n in cases:
+            bare: Callable[[], float]
             if kind == "image":
+                assert steps is not None  # every image case names its steps
                 items = [{"prompt": f"picture {i}"} for i in range(n)]
                 params, model = {"num_inference_steps": steps}, "ddim"
-
-                def bare(n=n, steps=steps):
-                    return bare_image.run(n, batch=batch, steps=steps, chunk=chunk)
+                bare = partial(bare_image.run, n, batch=batch, steps=steps, chunk=chunk)
             else:
                 texts = [h.removeprefix("Headline: ").strip() for h in headline_prompts(n)]
                 items = [{"text": t} for t in texts]
                 params, model = {}, "vits"
-
-                def bare(texts=texts):
-                    return bare_audio.run(texts)
+                bare = partial(bare_audio.run, texts)
 
             for v in variants:  # warm-up: each worker loads and pins the model
                 run_job(client, f"{model}-{v}", items[:chunk], params=params, kind=kind)
             bare()
 
-            def runner(v, model=model, items=items, params=params, kind=kind, n=n):
+            def runner(v: str, model: str = model, items: list[dict[str, str]] = items,
+                       params: dict[str, Any] = params, kind: str = kind, n: int = n) -> float:
                 r = run_job(client, f"{model}-{v}", items, params=params, kind=kind)
                 check_outputs(client, r["job_id"], n, sidecars=v == "on")
                 return r["seconds"]
 
-            fns = {v: (lambda v=v: runner(v)) for v in variants}
+            fns: dict[str, Callable[[], float]] = {v: partial(runner, v) for v in variants}
             fns["bare"] = bare
             runs = interleave_many(pairs_n, fns)
-            res = {"kind": kind, "case": label, "items": n, "seconds": runs,
-                   "bare_items_s": summary([n / b for b in runs["bare"]])}
+            res: dict[str, Any] = {"kind": kind, "case": label, "items": n, "seconds": runs,
+                                   "bare_items_s": summary([n / b for b in runs["bare"]])}
             res.update(efficiency_ratios(runs, variants, n))
             out.append(res)
     rows = []

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from functools import partial
+from typing import Any
 
 from bench.common import (
     Stack,
@@ -103,7 +105,7 @@ def main(argv=None) -> dict:
     pairs_n = args.pairs or (2 if args.quick else 3)
     cases = [(CASES[0][0], CASES[0][1], 128, 16)] if args.quick else CASES
     params = text_params(NEW_TOKENS)
-    results = []
+    results: list[dict[str, Any]] = []
     with Stack("naive") as st:
         from sqlalchemy import create_engine
 
@@ -124,13 +126,12 @@ def main(argv=None) -> dict:
             run_job(client, name, prompts[:32], params=params)  # warm-up, not timed
             run_naive(st, str(path), prompts[:2])
 
-            def runner(name=name, prompts=prompts, n_runner=n_runner):
+            def runner(name: str = name, prompts: list[str] = prompts, n_runner: int = n_runner) -> float:
                 r = run_job(client, name, prompts, params=params)
                 check_outputs(client, r["job_id"], n_runner)
                 return r["seconds"]
 
-            pairs = interleave(pairs_n, runner, lambda path=path, prompts=prompts, n=n_naive:
-                               run_naive(st, str(path), prompts[:n]))
+            pairs = interleave(pairs_n, runner, partial(run_naive, st, str(path), prompts[:n_naive]))
             parts = naive_breakdown(st, path, prompts[0])
             results.append({"model": label, "items_runner": n_runner, "items_naive": n_naive,
                             "pairs": [{"runner_s": a, "naive_s": b} for a, b in pairs],

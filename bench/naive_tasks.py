@@ -14,6 +14,7 @@ import hashlib
 import os
 import time
 from functools import lru_cache
+from typing import cast
 
 from celery import Celery
 from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, create_engine, insert
@@ -68,7 +69,8 @@ def generate_one(run_id: str, index: int, prompt: str, model_dir: str, new_token
         enc = tok(prompt, return_tensors="pt")
         out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    data = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).encode()
+    # One sequence decodes to one str (transformers types decode as str | list[str]).
+    data = cast(str, tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)).encode()
     bucket, _, prefix = os.environ["AIGC_STORAGE_URL"].removeprefix("s3://").partition("/")
     key = f"{prefix}/naive/{run_id}/{index:06d}.txt".lstrip("/")
     _s3().put_object(Bucket=bucket, Key=key, Body=data, ContentType="text/plain; charset=utf-8")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from unittest.mock import patch
 
 from bench.common import (
     NO_SIDECARS,
@@ -91,12 +92,11 @@ def where_time_goes(st, n: int, sidecars: bool, chunk: int = 32) -> dict:
         puts["n"] += 1
         return real_put(*a, **kw)
 
-    rt.store.put = counting_put
-    try:
-        prof = profile_chunks(rt, job.id, chunks)
-    finally:
-        counter.close()
-        rt.store.put = real_put
+    with patch.object(rt.store, "put", counting_put):
+        try:
+            prof = profile_chunks(rt, job.id, chunks)
+        finally:
+            counter.close()
     check_outputs(client, job.id, n, sidecars=sidecars)
     return {"items": n, "chunk": chunk, "sidecars": sidecars, "plain_wall_s": plain, "profiled_wall_s": prof["wall_s"],
             "categories_s": prof["categories"], "steps": prof["steps"], "top_self_time": top(prof["stats"], 20),
@@ -132,7 +132,7 @@ def main(argv=None) -> dict:
     ref = statistics.median(ms[(32, variants[0])])
     rows = []
     for c in CHUNKS:
-        row = [c, items[c]]
+        row: list[object] = [c, items[c]]
         for v in variants:
             s = summary(ms[(c, v)])
             row += [fmt_range(s, 2), f"{1e3 / s['median']:.0f}"]

@@ -95,8 +95,8 @@ def main(argv=None) -> dict:
             path = build_text_model(st.tmp / "models" / name, n_layer=nl, n_embd=ne, n_head=nh)
             client.register_model(name, "text", path.as_uri())
         rows = []
-        for label, kw in (("solo, 1 process", {}), ("prefork, 2 processes", {"pool": "prefork", "concurrency": 2})):
-            w = st.worker("text", **kw)
+        for label, pool, concurrency in (("solo, 1 process", "solo", 1), ("prefork, 2 processes", "prefork", 2)):
+            w = st.worker("text", pool=pool, concurrency=concurrency)
             ids = alternating_jobs(client, n_jobs, items)
             loads, workers = loads_by_worker(client, ids)
             st.stop(w)

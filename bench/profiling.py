@@ -38,8 +38,17 @@ def category(filename: str) -> str | None:
     return "other"
 
 
+Func = tuple[str, int, str]  # (file, line, function name)
+Entry = tuple[int, int, float, float, dict[Func, tuple[int, int, float, float]]]
+
+
+def raw_stats(stats: pstats.Stats) -> dict[Func, Entry]:
+    """pstats' table: func -> (cc, nc, tt, ct, callers{caller: (cc, nc, tt, ct)})."""
+    return stats.stats  # type: ignore[attr-defined]  # typeshed omits Stats.stats (set by load_stats)
+
+
 def by_category(stats: pstats.Stats) -> dict[str, float]:
-    raw = stats.stats  # func -> (cc, nc, tt, ct, callers{caller: (cc, nc, tt, ct)})
+    raw = raw_stats(stats)
     memo: dict[Any, dict[str, float]] = {}
 
     def share(func, seen: frozenset) -> dict[str, float]:
@@ -72,7 +81,7 @@ def by_category(stats: pstats.Stats) -> dict[str, float]:
 def steps(stats: pstats.Stats) -> dict[str, dict[str, float]]:
     """Cumulative seconds and calls of the pipeline's own steps (they nest: store_and_commit holds the uploads)."""
     res: dict[str, dict[str, float]] = {}
-    for (fn, _, name), (_, nc, _, ct, _) in stats.stats.items():
+    for (fn, _, name), (_, nc, _, ct, _) in raw_stats(stats).items():
         if name in STEPS and ("worker/pipeline.py" in fn or "aigc_core/jobs.py" in fn):
             r = res.setdefault(name, {"seconds": 0.0, "calls": 0})
             r["seconds"] += ct
@@ -97,5 +106,5 @@ def profile_chunks(rt, job_id: str, chunk_nos: list[int]) -> dict[str, Any]:
 
 def top(stats: pstats.Stats, n: int = 15) -> list[tuple[str, int, float, float]]:
     """The n functions with most self time: (function, calls, self s, cumulative s)."""
-    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:n]
+    rows = sorted(raw_stats(stats).items(), key=lambda kv: kv[1][2], reverse=True)[:n]
     return [(f"{fn.rsplit('/', 1)[-1]}:{ln}({name})", nc, tt, ct) for (fn, ln, name), (_, nc, tt, ct, _) in rows]

@@ -25,8 +25,10 @@ def main(argv=None) -> dict:
     n = args.puts or (150 if args.quick else 300)
     body = os.urandom(600)
     with Stack("s3put") as st:
+        assert st.s3 is not None  # started by Stack.__enter__
         store = S3Store(BUCKET, "s3put", endpoint_url=st.s3.endpoint)
-        if store.fast is None:
+        fast_path = store.fast
+        if fast_path is None:
             raise RuntimeError("the fast path is off (a proxy in the environment, or AIGC_S3_FAST_PUT=false)")
         cpu: dict[str, list[float]] = {"botocore": [], "fast": []}
 
@@ -41,7 +43,7 @@ def main(argv=None) -> dict:
             store.client.put_object(Bucket=BUCKET, Key=key, Body=body, ContentType="text/plain")
 
         def fast(key: str) -> None:
-            if store.fast.put(key, body, "text/plain") != "ok":
+            if fast_path.put(key, body, "text/plain") != "ok":
                 raise RuntimeError("the fast path did not store the object")
 
         for put in (boto, fast):  # warm-up: connections, imports

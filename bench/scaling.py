@@ -79,7 +79,10 @@ def per_item_load(st, client, n: int = 256) -> dict:
 def redis_capacity(url: str) -> dict:
     """Messages/s Redis takes here: LPUSH and RPOP with 10 clients, no pipelining (redis-benchmark)."""
     exe = shutil.which("redis-benchmark")
-    host, port = re.match(r"redis://([^:/]+):?(\d*)", url).groups()
+    m = re.match(r"redis://([^:/]+):?(\d*)", url)
+    if m is None:  # AIGC_BENCH_REDIS_URL may name another scheme (rediss://, unix://)
+        raise ValueError(f"redis-benchmark needs a redis://host:port URL, not {url!r}")
+    host, port = m.groups()
     if exe:
         out = subprocess.run([exe, "-h", host, "-p", port or "6379", "--dbnum", str(REDIS_DB), "-n", "20000",
                               "-c", "10", "-t", "lpush,rpop", "--csv", "-q"], capture_output=True, text=True,

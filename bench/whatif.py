@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from bench.common import (
     BareText,
@@ -45,7 +46,7 @@ def patched(rt, variant: str):
         rt.store.put = lambda key, *a, **kw: (None if key.endswith(".provenance.json") else real_put(key, *a, **kw))
     bg = ThreadPoolExecutor(1) if "overlap" in variant else None
     if bg is not None:
-        pending = []
+        pending: list[Future[Any]] = []
 
         def store_later(*a, **kw):
             for f in pending:  # at most one micro-batch in flight
@@ -109,7 +110,7 @@ def main(argv=None) -> dict:
                 return secs
 
             runner("as is")  # warm-up: the model loads and pins
-            times = {v: [] for v in VARIANTS}
+            times: dict[str, list[float]] = {v: [] for v in VARIANTS}
             times["bare"] = []
             for r in range(rounds):
                 order = ["bare", *VARIANTS] if r % 2 == 0 else [*reversed(VARIANTS), "bare"]
