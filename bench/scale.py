@@ -4,6 +4,7 @@ PostgreSQL database of its own (``aigc_scale``, dropped at the end); nothing run
 
     python -m bench.scale            # 100k, 1M and 5M items (about 15 minutes here)
     python -m bench.scale --quick    # 100k and 1M
+    python -m bench.scale --finalize-job 1000000   # one 1M-item job finalized into S3 (SeaweedFS)
 
 At each size: the SQL behind ``aigc status`` (scheduler/ops gather_overview, no broker), one metrics
 scrape's queries (AigcCollector.collect, no broker), one reconciler pass (nothing to publish: the
@@ -276,11 +277,54 @@ def table_sizes(db) -> dict[str, float]:
     return {name: size / 2**20 for name, size in rows}
 
 
+def finalize_big(n_items: int) -> int:
+    """One n-item job finalized into a real S3 server (SeaweedFS): seconds, peak RSS growth, parts."""
+    from aigc_core.db import Database
+    from aigc_core.jobs import finalize_if_done
+    from aigc_core.storage import S3Store
+    from tests.support.s3server import start_s3_server
+
+    tmp = Path(tempfile.mkdtemp(prefix="aigc-bench-scale-"))
+    s3 = start_s3_server(tmp / "s3")
+    url = create_scale_db()
+    try:
+        s3.create_bucket("scale")
+        os.environ.update(s3.env)
+        db = Database(url)
+        add_finished_jobs(db, "big", 1, items_per_job=n_items)
+        analyze(db)
+        with db.engine.begin() as c:
+            job_id = c.execute(text("UPDATE jobs SET finished_at = NULL, status = 'running', succeeded_items = NULL, "
+                                    "failed_items = NULL, cancelled_items = NULL RETURNING id")).scalar_one()
+        store = S3Store("scale", endpoint_url=s3.endpoint)
+        mem = RssPeak()
+        t0 = time.perf_counter()
+        finalize_if_done(db, store, job_id)
+        seconds = time.perf_counter() - t0
+        growth = mem.growth_mb()
+        head = s3.client().head_object(Bucket="scale", Key=f"jobs/{job_id}/manifest.jsonl")
+        db.engine.dispose()
+    finally:
+        drop_scale_db()
+        s3.stop()
+    parts = head["ETag"].strip('"').rpartition("-")[2] if "-" in head["ETag"] else "1"
+    size = f"{head['ContentLength'] / 2**20:.0f} MiB"
+    table(f"Finalize of one {n_items:,}-item job into S3 (SeaweedFS)",
+          ["seconds", "peak RSS growth", "manifest", "parts"], [[f"{seconds:.1f}", f"{growth:.1f} MB", size, parts]])
+    write_json("scale_finalize", {"items": n_items, "seconds": seconds, "rss_growth_mb": growth,
+                                  "manifest_bytes": head["ContentLength"], "parts": parts})
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.scale")
     p.add_argument("--quick", action="store_true", help="stop at 1M items")
     p.add_argument("--sizes", help="item totals, comma-separated (default 100000,1000000,5000000)")
+    p.add_argument("--finalize-job", type=int, metavar="N",
+                   help="instead: finalize one N-item job into SeaweedFS (time, memory, multipart parts)")
     args = p.parse_args(argv)
+    if args.finalize_job:
+        return finalize_big(args.finalize_job)
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [100_000, 1_000_000, 5_000_000]
     if args.quick:
         sizes = [n for n in sizes if n <= 1_000_000]
