@@ -192,12 +192,26 @@ def collect_garbage(db: Database, store: ObjectStore | None, older_than: timedel
     return rep
 
 
+OBJECTS_PER_DELETE = 1000  # one DeleteObjects request; a 1M-item job's 2M keys are never listed whole
+
+
 def _objects(store: ObjectStore, job_ids: Sequence[str], dry_run: bool) -> int:
-    """Every object under each job's prefix (listed, so orphans of late deliveries go too)."""
+    """Every object under each job's prefix (listed, so orphans of late deliveries go too), deleted a
+    page at a time as the listing goes."""
     n = 0
     for job_id in job_ids:
-        keys = list(store.list(f"{job_prefix(job_id)}/"))
-        n += len(keys)
-        if keys and not dry_run:
-            store.delete(keys)
+        page: list[str] = []
+        for key in store.list(f"{job_prefix(job_id)}/"):
+            page.append(key)
+            if len(page) == OBJECTS_PER_DELETE:
+                n += _drop(store, page, dry_run)
+        n += _drop(store, page, dry_run)
+    return n
+
+
+def _drop(store: ObjectStore, page: list[str], dry_run: bool) -> int:
+    n = len(page)
+    if page and not dry_run:
+        store.delete(list(page))
+    page.clear()
     return n

@@ -82,3 +82,15 @@ def test_a_job_whose_api_batch_has_not_written_its_output_stays(db, store):
     rep = collect_garbage(db, store, timedelta(days=1))
     assert rep.jobs == 1 and rep.kept == {"an API batch has not written its output": 1}
     assert rows_of(db, pending)["items"] == 3 and rows_of(db, written)["jobs"] == 0
+
+
+def test_objects_are_deleted_a_page_at_a_time(db, store, monkeypatch):
+    import aigc_core.retention as retention
+
+    monkeypatch.setattr(retention, "OBJECTS_PER_DELETE", 4)
+    pages: list[int] = []
+    real = store.delete
+    monkeypatch.setattr(store, "delete", lambda keys: (pages.append(len(keys)), real(keys)))
+    job = make_job(db, store, items=5, orphan=True)  # 10 outputs and sidecars, an orphan, 2 manifests: 13
+    assert collect_garbage(db, store, timedelta(days=1), objects=True).objects == 13
+    assert pages == [4, 4, 4, 1] and list(store.list(f"{job_prefix(job)}/")) == []
