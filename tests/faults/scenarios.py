@@ -14,12 +14,16 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, text
 
 from tests.faults.harness import FaultEnv, Report, Run, _redis
 from tests.support.models import corpus_texts
 from tests.support.workers import WorkerProc
+
+if TYPE_CHECKING:
+    from tests.faults.servers import TcpProxy
 
 JOB_ITEMS = 48
 
@@ -93,7 +97,7 @@ def kill_whole_worker(env: FaultEnv, full: bool) -> Report:
 
 def warm_shutdown(env: FaultEnv, full: bool) -> Report:
     """3. SIGTERM mid-job: the worker finishes its chunk and exits cleanly; the rest waits for the next."""
-    seen = {}
+    seen: dict[str, Any] = {}  # rc: the exit status; left: item counts by state
 
     def fault(run: Run, w: WorkerProc, job_id: str) -> float:
         os.killpg(w.proc.pid, signal.SIGTERM)
@@ -183,7 +187,7 @@ def s3_outage(env: FaultEnv, full: bool) -> Report:
 
 def database_connections_killed(env: FaultEnv, full: bool) -> Report:
     """8. pg_terminate_backend on every connection of the job's database, three times, mid-job."""
-    killed = []
+    killed: list[object] = []  # a row per terminated connection
 
     def fault(run: Run, w: WorkerProc, job_id: str) -> float:
         for _ in range(3):
@@ -358,8 +362,8 @@ def _settled(w: WorkerProc) -> bool:
     return log.count("] received") <= ended
 
 
-def _zombie(env: FaultEnv, name: str, seed: int, stall: Callable[[WorkerProc, object], None],
-            resume: Callable[[WorkerProc, object], None]) -> tuple[Report, object, dict]:
+def _zombie(env: FaultEnv, name: str, seed: int, stall: Callable[[WorkerProc, TcpProxy], None],
+            resume: Callable[[WorkerProc, TcpProxy], None]) -> tuple[Report, TcpProxy, dict]:
     """Workers A and B; A stalls while it holds items (``stall``), its leases run out, B takes the items
     over and commits them, then A resumes (``resume``) and its late writes land. Every committed
     object and sidecar must still be the one its row names, and A's writes must be gone."""

