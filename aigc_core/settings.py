@@ -103,6 +103,12 @@ class Settings(BaseSettings):
     gc_older_than: str = Field("", pattern=r"^\s*(0*[1-9]\d*\s*[smhdwSMHDW])?\s*$")
     gc_objects: bool = False
     gc_every_s: float = Field(3600.0, gt=0)
+    # OpenAI-compatible Batch API (``aigc serve``; scheduler/openai_batch.py): an upload larger than
+    # api_max_file_bytes is refused with 413 before it is stored; a batch file (uploaded, or given to
+    # ``aigc submit --openai-batch``) may hold up to api_max_batch_requests requests (and no more than
+    # limits.max_items_per_job).
+    api_max_file_bytes: int = Field(50 * 1024 * 1024, ge=1)
+    api_max_batch_requests: int = Field(50_000, ge=1)
     limits: Limits = Field(default_factory=Limits)
 
     @property

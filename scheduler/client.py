@@ -284,6 +284,35 @@ class Client:
         with self.db.session() as s:
             return resolve(s, name)
 
+    # ---- OpenAI Batch files, without a server (the format of `aigc serve`: scheduler/openai_batch.py) -
+
+    def submit_openai_batch(self, requests: str | Path | bytes | Iterable[dict[str, Any] | str], *,
+                            endpoint: str | None = None, idempotency_key: str | None = None,
+                            metadata: dict[str, Any] | None = None) -> JobView:
+        """A job from an OpenAI Batch input file (a path, its bytes, or its lines), checked as `aigc serve`
+        checks an upload. ``endpoint`` defaults to the first line's ``url``. A refused file raises
+        SpecError naming the first problem's line, and writes nothing."""
+        from scheduler import openai_batch as ob
+
+        data = ob.read_input(requests, self.settings.limits.max_items_file_bytes)
+        errors, view = ob.submit_requests(self, data, endpoint or ob.first_url(data),
+                                          idempotency_key=idempotency_key, metadata=metadata)
+        if view is None:
+            raise SpecError(ob.describe_errors(errors, str(requests) if isinstance(requests, (str, Path))
+                                               else "input"))
+        return view
+
+    def openai_batch_output(self, job_id: str, dest: str | Path,
+                            errors_dest: str | Path | None = None) -> tuple[int, int]:
+        """Write a final job's OpenAI output file to ``dest`` (one line per succeeded request, as `aigc
+        serve` writes it) and its error file (failed and cancelled requests; by default
+        ``<dest>.errors.jsonl``, written only when there are some); returns the lines of each."""
+        from scheduler import openai_batch as ob
+
+        dest = Path(dest)
+        return ob.write_files(self, self.status(job_id), dest,
+                              Path(errors_dest) if errors_dest else ob.errors_path(dest))
+
 
 def _item(i: dict[str, Any] | str) -> dict[str, Any]:
     return {"prompt": i} if isinstance(i, str) else i

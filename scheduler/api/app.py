@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aigc_core.settings import Settings
@@ -17,22 +15,14 @@ from scheduler.api.keys import key_owner
 from scheduler.client import Client
 
 
-class ApiSettings(BaseSettings):
-    """The API's own knobs (prefix ``AIGC_API_``)."""
-
-    model_config = SettingsConfigDict(env_prefix="AIGC_API_", extra="ignore")
-
-    # An upload larger than this is refused with 413 before it is stored.
-    max_file_bytes: int = Field(50 * 1024 * 1024, ge=1)
-    # Requests a batch's input file may hold (also capped by AIGC_LIMIT_MAX_ITEMS_PER_JOB).
-    max_batch_requests: int = Field(50_000, ge=1)
-
-
 @dataclass
 class Api:
     client: Client
-    settings: ApiSettings
     auth: bool
+
+    @property
+    def max_file_bytes(self) -> int:
+        return self.client.settings.api_max_file_bytes
 
 
 @dataclass(frozen=True)
@@ -125,17 +115,16 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(settings: Settings | None = None, *, auth: bool = True, api_settings: ApiSettings | None = None,
-               client: Client | None = None) -> FastAPI:
-    """The /v1 app over the database and store that ``settings`` name (AIGC_* when None)."""
+def create_app(settings: Settings | None = None, *, auth: bool = True, client: Client | None = None) -> FastAPI:
+    """The /v1 app over the database and store that ``settings`` name (AIGC_* when None); the upload
+    cap and the requests a batch may hold are ``AIGC_API_MAX_FILE_BYTES`` / ``AIGC_API_MAX_BATCH_REQUESTS``."""
     from scheduler.api import batches, files
 
     client = client or Client(settings or Settings())
-    api_settings = api_settings or ApiSettings()
     app = FastAPI(title="aigc-runner OpenAI-compatible API", docs_url=None, redoc_url=None)
-    app.state.api = Api(client, api_settings, auth)
+    app.state.api = Api(client, auth)
     install_handlers(app)
-    app.add_middleware(UploadCap, max_bytes=api_settings.max_file_bytes)
+    app.add_middleware(UploadCap, max_bytes=client.settings.api_max_file_bytes)
     app.include_router(files.router)
     app.include_router(batches.router)
 

@@ -3,8 +3,6 @@ its output and error files are written from the committed artifacts once the job
 
 from __future__ import annotations
 
-import json
-import re
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -14,18 +12,24 @@ from fastapi import APIRouter, Body, Query
 from sqlalchemy import select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
-from aigc_core.errors import SpecError
-from aigc_core.jobs import JobView, Result, iter_results
-from aigc_core.schema import ApiBatch, ApiFile, ItemStatus, JobStatus, utcnow
+from aigc_core.jobs import JobView
+from aigc_core.schema import ApiBatch, ApiFile, JobStatus, utcnow
 from scheduler.api.app import Api, ApiDep, Caller, CallerDep
 from scheduler.api.errors import ApiError, not_found
 from scheduler.api.files import get_file
-from scheduler.api.requests import CHAT, ENDPOINTS, chat_supported, parse_requests
+from scheduler.openai_batch import (
+    CHAT,
+    ENDPOINTS,
+    OutputNames,
+    chat_supported,
+    error_lines,
+    output_lines,
+    submit_requests,
+)
 
 router = APIRouter(prefix="/v1/batches")
 
 WINDOW = "24h"
-_ITEM_REF = re.compile(r"^items\[(\d+)\]")
 
 
 def _ts(d: datetime | None) -> int | None:
@@ -71,21 +75,9 @@ def create(api: ApiDep, who: CallerDep, input_file_id: Annotated[str, Body()], e
 
 def _submit(api: Api, batch: ApiBatch, data: bytes) -> tuple[list[dict[str, Any]], str | None]:
     """The errors (with line numbers) that leave the batch failed, or the id of the job it became."""
-    models = {m["name"] for m in api.client.models() if m["kind"] == "text"}
-    limit = min(api.settings.max_batch_requests, api.client.settings.limits.max_items_per_job)
-    parsed = parse_requests(data, batch.endpoint, models, limit)
-    if parsed.errors:
-        return parsed.errors, None
-    assert parsed.model is not None
-    try:
-        view = api.client.submit("text", parsed.model, parsed.items, seed=parsed.seed, idempotency_key=batch.id,
-                                 metadata={"openai_batch": batch.id, "endpoint": batch.endpoint,
-                                           **(batch.meta or {})})
-    except SpecError as e:
-        m = _ITEM_REF.match(str(e))
-        line = parsed.lines[int(m.group(1))] if m and int(m.group(1)) < len(parsed.lines) else None
-        return [{"code": "invalid_request", "message": str(e), "param": None, "line": line}], None
-    return [], view.id
+    errors, view = submit_requests(api.client, data, batch.endpoint, idempotency_key=batch.id,
+                                   metadata={"openai_batch": batch.id, **(batch.meta or {})})
+    return errors, view.id if view else None
 
 
 # ---- read -----------------------------------------------------------------------------------------
@@ -176,15 +168,12 @@ def _finalize(api: Api, b: ApiBatch, view: JobView) -> None:
     batch final. Built from the committed artifacts only: a restart loses nothing."""
     assert b.job_id is not None
     started = utcnow()
-    body = _chat_body if b.endpoint == CHAT else _completion_body
     created = _ts(view.finished_at) or _ts(started) or 0
-    ok = (_line(b, r, body(r, view, created, api)) for r in iter_results(api.client.db, b.job_id)
-          if r.status == ItemStatus.succeeded and r.key)
-    bad = (_error_line(b, r) for r in iter_results(api.client.db, b.job_id, with_provenance=False)
-           if r.status != ItemStatus.succeeded or not r.key)
     stem = b.id.removeprefix("batch_")
-    out_id = _write_file(api, b, f"file-{stem}-output", "batch_output.jsonl", ok)
-    err_id = _write_file(api, b, f"file-{stem}-errors", "batch_errors.jsonl", bad)
+    names = OutputNames(stem, b.job_id)
+    out_id = _write_file(api, b, f"file-{stem}-output", "batch_output.jsonl",
+                         output_lines(api.client, view, b.endpoint, names, created))
+    err_id = _write_file(api, b, f"file-{stem}-errors", "batch_errors.jsonl", error_lines(api.client, view, names))
     cancelled = view.status == JobStatus.cancelled
     now = utcnow()
     with api.client.db.session() as s:
@@ -211,42 +200,3 @@ def _write_file(api: Api, b: ApiBatch, file_id: str, name: str, lines: Iterator[
     except IntegrityError:
         pass  # another request wrote the same file from the same artifacts
     return file_id
-
-
-def _line(b: ApiBatch, r: Result, body: dict[str, Any]) -> bytes:
-    line = {"id": f"batch_req_{b.id.removeprefix('batch_')}_{r.index}", "custom_id": r.custom_id,
-            "response": {"status_code": 200, "request_id": f"req_{b.job_id}_{r.index}", "body": body},
-            "error": None}
-    return (json.dumps(line, ensure_ascii=False) + "\n").encode()
-
-
-def _error_line(b: ApiBatch, r: Result) -> bytes:
-    code = "batch_cancelled" if r.status == ItemStatus.cancelled else "generation_failed"
-    message = r.error or ("cancelled before it ran" if r.status == ItemStatus.cancelled else r.status.value)
-    line = {"id": f"batch_req_{b.id.removeprefix('batch_')}_{r.index}", "custom_id": r.custom_id,
-            "response": None, "error": {"code": code, "message": message}}
-    return (json.dumps(line, ensure_ascii=False) + "\n").encode()
-
-
-def _usage(r: Result) -> tuple[dict[str, int], str]:
-    out = r.provenance.get("output") or {}
-    prompt, new = int(out.get("prompt_tokens", 0)), int(out.get("new_tokens", 0))
-    return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}, \
-        str(out.get("finish_reason") or "stop")
-
-
-def _completion_body(r: Result, view: JobView, created: int, api: Api) -> dict[str, Any]:
-    usage, finish = _usage(r)
-    text = api.client.store.get(r.key or "").decode("utf-8", errors="replace")
-    return {"id": f"cmpl-{view.id}-{r.index}", "object": "text_completion", "created": created,
-            "model": view.model.partition("@")[0],
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], "usage": usage}
-
-
-def _chat_body(r: Result, view: JobView, created: int, api: Api) -> dict[str, Any]:
-    usage, finish = _usage(r)
-    text = api.client.store.get(r.key or "").decode("utf-8", errors="replace")
-    return {"id": f"chatcmpl-{view.id}-{r.index}", "object": "chat.completion", "created": created,
-            "model": view.model.partition("@")[0],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                         "finish_reason": finish, "logprobs": None}], "usage": usage}

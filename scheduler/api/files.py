@@ -53,7 +53,7 @@ async def upload(api: ApiDep, who: CallerDep, file: Annotated[UploadFile, File()
     if purpose != "batch":
         raise ApiError(400, f"purpose {purpose!r} is not supported here; use 'batch'.", param="purpose",
                        code="invalid_value")
-    cap = api.settings.max_file_bytes
+    cap = api.max_file_bytes
     parts, size = [], 0
     while chunk := await file.read(READ_CHUNK):
         size += len(chunk)

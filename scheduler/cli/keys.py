@@ -1,13 +1,15 @@
-"""``aigc keys`` (the API's bearer keys) and ``aigc serve`` (the OpenAI-compatible API on uvicorn)."""
+"""``aigc keys`` (the API's bearer keys), ``aigc serve`` (the OpenAI-compatible API on uvicorn) and
+``aigc submit --openai-batch`` (the same file format without a server)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from aigc_core.errors import AigcError
+from aigc_core.errors import AigcError, SpecError
 from scheduler.cli.ops import err, stdout_console
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of `aigc serve` (only their sha256 is stored).")
@@ -77,3 +79,30 @@ def serve(
 def register(app: typer.Typer) -> None:
     app.add_typer(keys_app, name="keys")
     app.command()(serve)
+
+
+def submit_openai_batch(path: Path | None, output: Path | None, wait: bool, key: str | None, *,
+                        combined: bool) -> None:
+    """``aigc submit --openai-batch FILE [--wait] [--output OUT]``: the same checks and output file as
+    `aigc serve`, without a server (scheduler/openai_batch.py); --output waits for the job."""
+    from scheduler.cli.root import _client, _finished
+    from scheduler.openai_batch import errors_path
+
+    if path is None:
+        raise SpecError("--output goes with --openai-batch FILE")
+    if combined:
+        raise SpecError("--openai-batch takes the model and parameters from the file: give no job file, "
+                        "--items, --kind, --model, --param or --seed with it")
+    client = _client()
+    job = client.submit_openai_batch(path, idempotency_key=key)
+    out.print(job.id)
+    if not (wait or output):
+        if client.publish is None:
+            err.print("no broker configured (AIGC_BROKER_URL): run `aigc wait JOB` or `aigc worker` to execute it")
+        return
+    view = client.wait(job.id, progress=True)
+    if output:
+        ok, bad = client.openai_batch_output(view.id, output)
+        err.print(f"output: {ok} lines in {output}" + (f"; errors: {bad} lines in {errors_path(output)}"
+                                                       if bad else ""), highlight=False)
+    _finished(view)

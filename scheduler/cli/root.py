@@ -182,8 +182,18 @@ def submit(
     seed: Annotated[int | None, typer.Option()] = None,
     key: Annotated[str | None, typer.Option("--idempotency-key", help="same key + payload = same job")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait for the job and show progress")] = False,
+    openai_batch: Annotated[Path | None, typer.Option("--openai-batch", help="an OpenAI Batch input file "
+                                                      "(requests.jsonl), as `aigc serve` takes it")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="with --openai-batch: wait, then write the "
+                                                "OpenAI output file here (errors: NAME.errors.jsonl)")] = None,
 ) -> None:
     """Submit a job; prints its id."""
+    if openai_batch or output:
+        from scheduler.cli.keys import submit_openai_batch
+
+        others = (job_file, items, kind, model, param, seed)
+        submit_openai_batch(openai_batch, output, wait, key, combined=any(x is not None for x in others))
+        return
     data: dict[str, Any] = load_job_file(job_file) if job_file else {}
     if items:
         data["items"] = load_items_jsonl(items)
