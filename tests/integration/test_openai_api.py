@@ -235,3 +235,39 @@ def test_upload_over_the_cap_is_refused_with_413_in_openais_shape(api_server):
     err = e.value.response.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["code"] == "file_too_large"
     assert client.files.list().data == [] or all(x.filename != "big.jsonl" for x in client.files.list().data)
+
+
+SLOW = {"AIGC_BACKENDS": "slow=tests.support.slow_backend:SlowGenerator", "AIGC_MICRO_BATCH_SIZE": "2",
+        "AIGC_TEST_SLOW_S": "0.5"}
+
+
+def test_cancel_mid_run_keeps_finished_outputs_and_lists_the_rest_as_cancelled(api_server, deploy_client,
+                                                                               workers, tmp_path):
+    """A worker runs a batch of 16 (chunks of 8, micro-batches of 2 that take a second each); the cancel
+    comes once the first requests are done: ``cancelling`` while a micro-batch runs, then
+    ``cancelled``, with the finished requests in the output file and the others in the error file."""
+    base, key = api_server
+    model_dir = tmp_path / "slow-model"
+    model_dir.mkdir()
+    deploy_client.register_model("slow", "text", model_dir.as_uri(), backend="slow")
+    workers(env=SLOW)
+    client = sdk(base, key)
+    f = client.files.create(file=("r.jsonl", requests_file(16, model="slow")), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    deadline = time.monotonic() + 60
+    while (b := client.batches.retrieve(batch.id)).request_counts and b.request_counts.completed < 1:
+        assert time.monotonic() < deadline and b.status == "in_progress", b
+        time.sleep(0.05)
+    cancelled = client.batches.cancel(batch.id)
+    assert cancelled.status == "cancelling" and cancelled.cancelling_at and cancelled.cancelled_at is None
+    done = wait_final(client, batch.id, timeout=60)
+    assert done.status == "cancelled" and done.cancelled_at and done.output_file_id and done.error_file_id
+    assert done.request_counts is not None
+    out = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    errors = [json.loads(x) for x in client.files.content(done.error_file_id).text.splitlines()]
+    finished = {x["custom_id"] for x in out}
+    assert 1 <= len(out) == done.request_counts.completed < 16
+    assert all(x["error"] is None and x["response"]["status_code"] == 200 for x in out)
+    assert finished | {e["custom_id"] for e in errors} == {f"req-{i}" for i in range(16)}
+    assert not finished & {e["custom_id"] for e in errors}
+    assert {(e["response"], e["error"]["code"]) for e in errors} == {(None, "batch_cancelled")}

@@ -34,11 +34,11 @@ from aigc_core.settings import Limits, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-PROJECT_SERVICES = {"migrate", "worker-cpu", "worker-gpu", "scheduler", "flower"}
-AFTER_MIGRATE = {"worker-cpu", "worker-gpu", "scheduler"}
+PROJECT_SERVICES = {"migrate", "worker-cpu", "worker-gpu", "scheduler", "flower", "api"}
+AFTER_MIGRATE = {"worker-cpu", "worker-gpu", "scheduler", "api"}
 # What a project service needs set, where it is not the database, the broker, the store and the cache.
 NEEDS = {"flower": ("AIGC_BROKER_URL",)}
-HEALTHCHECKED = {"worker-cpu", "worker-gpu", "scheduler", "flower", "prometheus"}
+HEALTHCHECKED = {"worker-cpu", "worker-gpu", "scheduler", "flower", "prometheus", "api"}
 README_SECTIONS = ("Running against Redis, PostgreSQL and S3", "Monitoring", "Security")
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 CUDA_TORCH_INDEX = re.compile(r"https://download\.pytorch\.org/whl/cu\d+")
@@ -457,6 +457,30 @@ def flower_port(svc: dict[str, Any]) -> int:
     return int(ctx.params["port"]) if not isinstance(ctx, str) else 5555
 
 
+def api_port(svc: dict[str, Any]) -> int:
+    """The port `aigc serve` listens on in the api service (its --port, else serve's default)."""
+    ctx = aigc_context(words(svc.get("command")))
+    return int(ctx.params["port"]) if not isinstance(ctx, str) else 8000
+
+
+def check_api(compose: dict[str, Any]) -> list[str]:
+    """`aigc serve` with its keys: never --no-auth (every caller would see every file and batch), and
+    listening on all of the container's addresses so the published port reaches it."""
+    api = compose.get("services", {}).get("api")
+    if api is None:
+        return ["api: no such service"]
+    args = words(api.get("command"))
+    problems = []
+    if args[:1] != ["serve"]:
+        problems.append("api: command does not run `aigc serve`")
+    if "--no-auth" in args:
+        problems.append("api: runs `aigc serve --no-auth` (every caller would see every file and batch)")
+    ctx = aigc_context(args)
+    if not isinstance(ctx, str) and ctx.params.get("host") in ("127.0.0.1", "localhost"):
+        problems.append("api: serves on the container's loopback only: the published port cannot reach it")
+    return problems
+
+
 def is_aigc_worker(svc: dict[str, Any]) -> bool:
     return is_project_service(svc) and words(svc.get("entrypoint")) in ([], ["aigc"]) \
         and words(svc.get("command"))[:1] == ["worker"]
@@ -518,6 +542,9 @@ def check_healthchecks(compose: dict[str, Any]) -> list[str]:
         elif name == "flower":
             if (flower_port(svc), "/healthcheck") not in probed:
                 problems.append(f"{name}: healthcheck does not request :{flower_port(svc)}/healthcheck")
+        elif name == "api":
+            if (api_port(svc), "/healthz") not in probed:
+                problems.append(f"{name}: healthcheck does not request :{api_port(svc)}/healthz (needs no key)")
         elif name == "prometheus" and not {path for _, path in probed} & {"/-/healthy", "/-/ready"}:
             problems.append(f"{name}: healthcheck does not request /-/healthy or /-/ready")
     return problems
@@ -668,7 +695,7 @@ def compose_problems(compose: dict[str, Any], root: Path = ROOT, env: dict[str, 
     secrets = {k: v for k, v in env.items() if SECRET_NAME.search(k)}
     return [*errors, *check_secret_references(compose), *check_commands(resolved, root),
             *check_environment(resolved), *check_build(resolved, root), *check_depends_on(resolved),
-            *check_redis(resolved), *check_flower(resolved), *check_gpu_worker(resolved),
+            *check_redis(resolved), *check_flower(resolved), *check_gpu_worker(resolved), *check_api(resolved),
             *check_secrets_stay_off_command_lines(resolved, secrets), *check_healthchecks(resolved),
             *check_prometheus(resolved, root), *check_torch_build(resolved, root)]
 
@@ -1081,6 +1108,12 @@ MUTATIONS = [
     (_set("services.flower.healthcheck.test", ["CMD", "curl", "-f", "http://127.0.0.1:5555/healthcheck"]),
      "healthcheck runs 'curl', which the image does not have"),
     (_set("services.flower.command", ["flower", "--port", "5556"]), "does not request :5556/healthcheck"),
+    (_drop("services.api.healthcheck"), "api: no healthcheck"),
+    (_set("services.api.command", ["serve", "--host", "0.0.0.0", "--port", "8001"]), "does not request :8001/healthz"),
+    (_set("services.api.command", ["serve", "--host", "0.0.0.0", "--no-auth"]), "api: runs `aigc serve --no-auth`"),
+    (_set("services.api.command", ["serve", "--port", "8000"]), "api: serves on the container's loopback only"),
+    (_set("services.api.environment.AIGC_API_MAX_FILE_BYTES", "0"), "AIGC_API_MAX_FILE_BYTES='0' is not valid"),
+    (_set("services.api.depends_on", {"redis": {"condition": "service_healthy"}}), "api: must depend on migrate"),
     # defect 3: Prometheus
     (_drop("services.prometheus"), "prometheus: no such service"),
     (_set("services.prometheus.image", "prom/prometheus:latest"), "not pinned to a release tag"),
