@@ -262,7 +262,7 @@ def sweep_orphans(db: Database, store: ObjectStore, job_id: str) -> int:
             return 0
         keep = set()
         for (key,) in s.execute(select(Artifact.key).where(Artifact.job_id == job_id)):
-            keep |= {key, sidecar_of(key)}
+            keep |= {key, sidecar_of(key), key + ".c2pa"}  # .c2pa: a text output's detached manifest
     try:
         orphans = [k for k in store.list(f"{job_prefix(job_id)}/items/") if k not in keep]
         if orphans:

@@ -78,6 +78,23 @@ class Settings(BaseSettings):
     # Each output's provenance as a `NNNNNN.provenance.json` object beside it. Off: provenance stays
     # in the database row (and inside PNG/WAV files), and each text item costs one PUT, not two.
     provenance_sidecars: bool = True
+    # C2PA content credentials (aigc_core/credentials.py, worker/credentials.py): each PNG and WAV is
+    # signed in the worker before it is stored; a text output gets a detached manifest, "<key>.c2pa".
+    # "auto": "optional" when a certificate and key are configured, else "off". "optional": an output
+    # that cannot be signed is stored unsigned, with a warning; "required": its item fails with the
+    # reason, nothing unsigned is stored. `aigc credentials init` makes a test CA and signer.
+    c2pa_signing: Literal["auto", "off", "optional", "required"] = "auto"
+    # The chain (PEM, signing certificate first, then its CAs) and the private key (unencrypted PEM), each
+    # as a path or as the PEM itself in the environment (the PEM wins). The key is never logged or shown.
+    c2pa_cert_file: str | None = None
+    c2pa_cert_pem: str | None = None
+    c2pa_key_file: str | None = None
+    c2pa_key_pem: SecretStr | None = None
+    # Roots `aigc verify` trusts (a PEM bundle, path or inline); without them a good signature reads Valid.
+    c2pa_trust_anchors_file: str | None = None
+    c2pa_trust_anchors_pem: str | None = None
+    # A thumbnail in each manifest: a 256x256 PNG then costs ~15x the signing time and +30 KB.
+    c2pa_thumbnail: bool = False
     # Logs: one JSON object a line (with job_id / chunk / item) instead of text; the level for
     # long-running commands (worker, scheduler, metrics); short commands log warnings only unless set.
     log_json: bool = False

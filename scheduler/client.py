@@ -313,6 +313,14 @@ class Client:
         return ob.write_files(self, self.status(job_id), dest,
                               Path(errors_dest) if errors_dest else ob.errors_path(dest))
 
+    def verify(self, path_or_key: str | Path) -> dict[str, Any]:
+        """The C2PA manifest of a local file, or of a stored output (its Artifact key), and its validation
+        state: Trusted, Valid (good signature, signer not among the trust anchors in settings), Invalid or
+        Unsigned. A text output is checked with its detached manifest ("<key>.c2pa")."""
+        from aigc_core.credentials import verify_source
+
+        return verify_source(path_or_key, self.settings, self.store)
+
 
 def _item(i: dict[str, Any] | str) -> dict[str, Any]:
     return {"prompt": i} if isinstance(i, str) else i

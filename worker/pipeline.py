@@ -18,6 +18,7 @@ from sqlalchemy import ColumnElement, CursorResult, and_, case, insert, or_, sel
 from sqlalchemy.orm import InstrumentedAttribute
 
 from aigc_core import __version__
+from aigc_core.credentials import DETACHED_SUFFIX
 from aigc_core.errors import ModelLoadError, NotFound, StorageError, TransientError
 from aigc_core.jobs import (
     DISCARDED_EVENT,
@@ -37,6 +38,7 @@ from aigc_core.schema import Artifact, Item, ItemStatus, Job, JobStatus, utcnow
 from aigc_models import GenRequest, Output
 from aigc_models.media import embed_metadata
 from worker import metrics
+from worker.credentials import SigningFailed, sign_output
 from worker.provenance import library_versions
 from worker.runtime import Runtime
 
@@ -382,6 +384,8 @@ def _store_and_commit(rt: Runtime, job: JobInfo, token: str, batch: list[Claimed
     ok = [(c, o, secs) for c, (o, err, secs) in zip(batch, outputs, strict=True) if o is not None]
     failures = {c.id: err for c, (o, err, _) in zip(batch, outputs, strict=True) if o is None and err is not None}
     artifacts = _store_all(rt, job, token, model, ok, deadline)
+    failures.update({a["item_id"]: a["error"] for a in artifacts if "error" in a})  # C2PA signing required
+    artifacts = [a for a in artifacts if "error" not in a]
     with rt.db.session() as s:
         done = set()
         if artifacts:
@@ -421,7 +425,7 @@ def _store_all(rt: Runtime, job: JobInfo, token: str, model, ok: list[tuple[Clai
     if failed is not None:
         # The items go back uncommitted: the objects stored for them are nobody's output.
         _discard(rt, job.id, [r["key"] for f in futures
-                              if not f.cancelled() and f.exception() is None and (r := f.result()) is not None])
+                              if not f.cancelled() and f.exception() is None and (r := f.result()) and "key" in r])
         raise failed
     return [r for f in futures if (r := f.result()) is not None]
 
@@ -487,6 +491,11 @@ def _store_one(rt: Runtime, job: JobInfo, token: str, model, c: Claimed, out: Ou
     key = item_key(job.id, c.index, out.ext, token)
     prov = provenance(rt, job, model, c, out, gen_seconds)
     data = embed_metadata(out.data, out.media_type, prov)  # PNG text chunk, WAV INFO chunk
+    try:  # C2PA content credentials: inside a PNG/WAV, a detached manifest for text (worker/credentials.py)
+        signed = sign_output(rt.settings, data, out.media_type, prov)
+    except SigningFailed as e:  # signing is required: the item fails with the reason, nothing is stored
+        return {"item_id": c.id, "error": str(e)}
+    data = signed.data
     sha = hashlib.sha256(data).hexdigest()
     prov["output"] = {"sha256": sha, "size": len(data), "media_type": out.media_type,
                       **{k: v for k, v in out.info.items() if k not in LIFTED_INFO}}
@@ -494,6 +503,8 @@ def _store_one(rt: Runtime, job: JobInfo, token: str, model, c: Claimed, out: Ou
     if held is None:
         return None
     info = rt.store.put(key, data, out.media_type)
+    if signed.detached is not None:
+        rt.store.put(key + DETACHED_SUFFIX, signed.detached, "application/c2pa")
     prov["timings"]["store_s"] = round(time.perf_counter() - t0, 4)
     if rt.settings.provenance_sidecars:
         if _hold(rt, token, c.id, held) is None:

@@ -398,6 +398,9 @@ app.command()(cli_ops.flower)
 from scheduler.cli import keys as cli_keys  # noqa: E402  (aigc keys, aigc serve: issue 13)
 
 cli_keys.register(app)
+from scheduler.cli import credentials as cli_credentials  # noqa: E402  (aigc credentials, aigc verify: issue 16)
+
+cli_credentials.register(app)
 
 
 if __name__ == "__main__":
