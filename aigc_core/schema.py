@@ -51,6 +51,8 @@ class Base(DeclarativeBase):
 
 
 class JobStatus(str, Enum):
+    # being written a batch at a time (a streamed submit): nothing runs it until it is whole
+    submitting = "submitting"
     waiting = "waiting"  # for the jobs it depends on (after=, or items from another job's outputs)
     queued = "queued"
     running = "running"

@@ -16,7 +16,9 @@ class Limits(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="AIGC_LIMIT_", extra="ignore")
 
-    max_items_per_job: int = 100_000
+    # Jobs over 10,000 items (or given as a generator or a JSONL file) are written a batch at a time
+    # with bounded memory (scheduler/bulk.py), so the limit is about the database, not the client.
+    max_items_per_job: int = 5_000_000
     # Input files are refused by size before they are read: an items JSONL file (streamed, one
     # line at a time), and a YAML file (job, schedules, models), which is parsed whole.
     max_items_file_bytes: int = 256 * 1024 * 1024

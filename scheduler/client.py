@@ -52,6 +52,7 @@ from aigc_core.spec import (
     parse_spec,
 )
 from aigc_core.storage import ObjectStore, open_store
+from scheduler.bulk import batch_size, submit_streaming
 from scheduler.runners import Runner, default_runner
 
 
@@ -93,23 +94,40 @@ class Client:
                seed: int | None = None, idempotency_key: str | None = None,
                metadata: dict[str, Any] | None = None, chunk_size: int | None = None,
                after: str | list[str] | None = None, system: str | None = None) -> JobView:
-        """Validate, then write the job, its items and its outbox in one transaction, then publish.
-        An item is a prompt, ``{"prompt": ...}``, ``{"messages": [...]}`` (a chat item; ``system`` goes in
-        front of each) or ``{"from": {"job", "custom_id"}}``."""
-        limits = self.settings.limits
-        if not isinstance(kind, (JobSpec, dict)):
-            check_items_container(items)
-        if isinstance(kind, dict) and isinstance(kind.get("items"), (list, tuple)):
-            check_item_count(len(kind["items"]), limits)  # before a million items are validated
-        spec = kind if isinstance(kind, JobSpec) else parse_spec(kind if isinstance(kind, dict) else {
-            "kind": kind, "model": model, "items": _take_items(items or [], limits.max_items_per_job),
-            "params": params or {}, "seed": seed, "idempotency_key": idempotency_key,
-            "metadata": metadata or {}, "chunk_size": chunk_size, "after": after or [], "system": system,
-        })
-        job_id = self._insert(spec)
+        """Validate, then write the job, its items and its outbox, then publish. Up to ``STREAM_BATCH``
+        items (a list) go in one transaction; more, or any other iterable, are streamed in batches with
+        bounded memory while the job is ``submitting`` (scheduler/bulk.py). An item is a prompt,
+        ``{"prompt": ...}``, ``{"messages": [...]}`` (a chat item; ``system`` goes in front of each)
+        or ``{"from": {"job", "custom_id"}}``."""
+        if isinstance(kind, JobSpec):
+            job_id = self._insert(kind)
+        elif isinstance(kind, dict):
+            job_id = self._write({k: v for k, v in kind.items() if k != "items"}, kind.get("items"))
+        else:
+            job_id = self._write({"kind": kind, "model": model, "params": params or {}, "seed": seed,
+                                  "idempotency_key": idempotency_key, "metadata": metadata or {},
+                                  "chunk_size": chunk_size, "after": after or [], "system": system}, items or [])
         release_ready(self.db, self.store, job_id)  # its dependencies may be final already
         self.runner.dispatch(self, job_id)
         return self.status(job_id)
+
+    def _write(self, header: dict[str, Any], items: Any) -> str:
+        """Up to one batch of items in one transaction (``_insert``); more, from a long list, a generator
+        or a file, a batch at a time while the job is ``submitting`` (scheduler/bulk.py)."""
+        if items is None:  # the spec's own error: "items: Field required"
+            return self._insert(parse_spec(header))
+        check_items_container(items)
+        if isinstance(items, Sized):
+            check_item_count(len(items), self.settings.limits)  # before a million items are validated
+        # The header's errors come before any item is read.
+        one_batch = batch_size(parse_spec({**header, "items": []}).chunk_size or self.settings.chunk_size)
+        if not isinstance(items, list | tuple):  # a generator or a file: look at one batch's worth
+            it = iter(items)
+            head = list(itertools.islice(it, one_batch + 1))
+            items = head if len(head) <= one_batch else itertools.chain(head, it)
+        if isinstance(items, list | tuple) and len(items) <= one_batch:
+            return self._insert(parse_spec({**header, "items": [_item(i) for i in items]}))
+        return submit_streaming(self, header, items)
 
     def finetune(self, base_model: str, dataset: str | Path, output_model: str,
                  hyperparameters: dict[str, Any] | None = None, *, idempotency_key: str | None = None,
@@ -326,17 +344,6 @@ def _item(i: dict[str, Any] | str) -> dict[str, Any]:
     return {"prompt": i} if isinstance(i, str) else i
 
 
-def _take_items(items: Iterable[dict[str, Any] | str], limit: int) -> list[dict[str, Any]]:
-    """The items as a list, refused as soon as there is one more than the limit: a generator of
-    millions is never materialised."""
-    if isinstance(items, Sized) and len(items) > limit:
-        raise SpecError(f"items: {len(items)} items is over the limit of {limit} per job")
-    taken = [_item(i) for i in itertools.islice(items, limit + 1)]
-    if len(taken) > limit:
-        raise SpecError(f"items: more than {limit} items is over the limit of {limit} per job")
-    return taken
-
-
 def dependencies(s, spec: JobSpec) -> list[dict[str, str]]:
     """Jobs this one waits for: ``after`` (must succeed) and the sources of ``from`` items (must end)."""
     deps = {j: "succeeded" for j in spec.after}
@@ -373,14 +380,26 @@ def _model_for(s, spec: JobSpec) -> ModelRef | None:
     return ref
 
 
-def _write_job(s, spec: JobSpec, ref: ModelRef | None, digest: str, chunk_size: int,
-               deps: list[dict[str, str]]) -> str:
+def _item_rows(spec: JobSpec, ref: ModelRef | None, job_id: str, seed: int, chunk_size: int,
+               offset: int = 0) -> list[dict[str, Any]]:
+    """The Item rows of ``spec.items``, the first being item ``offset`` of its job (streamed batches)."""
     chats = [chat_messages(spec, it) for it in spec.items]
     first_chat = next((i for i, m in enumerate(chats) if m is not None), None)
     if first_chat is not None and ref is not None and has_chat_template(ref) is False:
         raise SpecError(f"items[{first_chat}].messages: model {ref.tag} has no chat template (none in its "
                         "tokenizer_config.json or chat_template.jinja); give prompts, or register the model "
                         "with defaults.chat_template")
+    return [
+        {"job_id": job_id, "index": offset + i, "chunk_no": (offset + i) // chunk_size,
+         "custom_id": it.custom_id if it.custom_id is not None else str(offset + i), "prompt": it.input_text,
+         "source": it.source.model_dump() if it.source else None, "messages": chats[i], "params": it.params,
+         "seed": seed + offset + i, "status": ItemStatus.pending, "attempts": 0}
+        for i, it in enumerate(spec.items)
+    ]
+
+
+def _write_job(s, spec: JobSpec, ref: ModelRef | None, digest: str, chunk_size: int,
+               deps: list[dict[str, str]]) -> str:
     seed = spec.seed if spec.seed is not None else secrets.randbelow(2**31)
     job = Job(kind=spec.kind, model_name=ref.name if ref else spec.model.partition("@")[0],
               model_version=ref.version if ref else None, queue=ref.queue if ref else spec.kind,
@@ -389,13 +408,7 @@ def _write_job(s, spec: JobSpec, ref: ModelRef | None, digest: str, chunk_size: 
               item_count=len(spec.items), chunk_size=chunk_size, depends_on=deps)
     s.add(job)
     s.flush()
-    rows = [
-        {"job_id": job.id, "index": i, "chunk_no": i // chunk_size,
-         "custom_id": it.custom_id if it.custom_id is not None else str(i), "prompt": it.input_text,
-         "source": it.source.model_dump() if it.source else None, "messages": chats[i], "params": it.params,
-         "seed": seed + i, "status": ItemStatus.pending, "attempts": 0}
-        for i, it in enumerate(spec.items)
-    ]
+    rows = _item_rows(spec, ref, job.id, seed, chunk_size)
     for k in range(0, len(rows), 5000):
         s.execute(insert(Item), rows[k : k + 5000])
     n_chunks = (len(rows) + chunk_size - 1) // chunk_size

@@ -22,7 +22,7 @@ from aigc_core.schema import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatu
 
 # Queues every deployment has (scheduler: the beat ticks); models may name more.
 DEFAULT_QUEUES = ("text", "image", "audio", "train", "scheduler")
-OPEN_JOB_STATES = (JobStatus.waiting, JobStatus.queued, JobStatus.running)
+OPEN_JOB_STATES = (JobStatus.submitting, JobStatus.waiting, JobStatus.queued, JobStatus.running)
 RATE_WINDOW_S = 60.0
 # kombu's Redis transport keeps a queue as a list named after it, and messages sent with a
 # priority in sibling lists "<queue>\x06\x16<step>" (priority_steps 0, 3, 6, 9; 0 is the plain name).

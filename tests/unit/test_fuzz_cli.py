@@ -276,7 +276,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, rou
 def test_a_million_item_file_is_refused_at_the_item_limit_with_bounded_memory(tmp_path):
     path = _million_lines(tmp_path / "million.jsonl")
     r = subprocess.run([sys.executable, "-c", MEASURE, str(path)], capture_output=True, text=True, timeout=120,
-                       cwd=Path(__file__).resolve().parents[2])
+                       cwd=Path(__file__).resolve().parents[2],
+                       env={**os.environ, "AIGC_LIMIT_MAX_ITEMS_PER_JOB": "100000"})
     assert r.returncode == 0, r.stderr
     verdict, measures = r.stdout.strip().splitlines()
     growth_mb, _seconds = measures.split()
@@ -287,8 +288,10 @@ def test_a_million_item_file_is_refused_at_the_item_limit_with_bounded_memory(tm
 
 def test_client_submit_refuses_a_generator_of_a_million_items_without_materialising_it(sqlite_settings):
     from scheduler import Client
+    from scheduler.bulk import STREAM_BATCH
 
-    c = Client(sqlite_settings)
+    c = Client(sqlite_settings.model_copy(update={"limits": sqlite_settings.limits.model_copy(
+        update={"max_items_per_job": 100_000})}))
     pulled = 0
 
     def items():
@@ -298,8 +301,8 @@ def test_client_submit_refuses_a_generator_of_a_million_items_without_materialis
             yield f"headline {i}"
 
     with pytest.raises(SpecError, match="over the limit of 100000 per job"):
-        c.submit("text", model="espeak-en", items=items())
-    assert pulled <= 100_001
+        c.submit("audio", model="espeak-en", items=items())
+    assert pulled <= 100_000 + STREAM_BATCH  # read a batch at a time, refused at the batch that crosses it
     with pytest.raises(SpecError, match="100001 items is over the limit of 100000 per job"):
         c.submit({"kind": "audio", "model": "espeak-en", "items": [{"prompt": "x"}] * 100_001})
     assert c.jobs() == []
