@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     # Roots `aigc verify` trusts (a PEM bundle, path or inline); without them a good signature reads Valid.
     c2pa_trust_anchors_file: str | None = None
     c2pa_trust_anchors_pem: str | None = None
-    # A thumbnail in each manifest: a 256x256 PNG then costs ~15x the signing time and +30 KB.
+    # A thumbnail in each PNG manifest: 20-50x the signing time, tens to hundreds of KB (bench/c2pa_sign.py).
     c2pa_thumbnail: bool = False
     # Logs: one JSON object a line (with job_id / chunk / item) instead of text; the level for
     # long-running commands (worker, scheduler, metrics); short commands log warnings only unless set.
