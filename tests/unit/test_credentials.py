@@ -204,3 +204,13 @@ def test_cli_makes_test_credentials_and_verifies_a_file(tmp_path, material, ca):
     unsigned = subprocess.run([*aigc, "verify", str(tmp_path / "b.png")], env=env, capture_output=True, text=True,
                               timeout=60)
     assert unsigned.returncode == 1 and "Unsigned" in unsigned.stdout
+
+
+def test_verify_on_the_command_line_never_loads_torch(tmp_path, material):
+    (tmp_path / "a.png").write_bytes(sign_bytes(material, _png(), "image/png", PROV).data)
+    code = ("import sys\nfrom scheduler.cli.root import app\ntry:\n    app(['verify', sys.argv[1]])\n"
+            "except SystemExit as e:\n    assert e.code == 0, e.code\nassert 'torch' not in sys.modules\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIGC_")}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.png")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
