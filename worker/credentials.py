@@ -52,7 +52,11 @@ def sign_output(settings: Settings, data: bytes, media_type: str, prov: dict[str
     gains a ``c2pa`` entry (it reaches the Artifact row and the sidecar, not the embedded copy)."""
     mode = signing_mode(settings)
     kind = media_type.split(";")[0].strip().lower()
-    if mode == "off" or not (kind in EMBEDDED_TYPES or kind.startswith("text/")):
+    if mode == "off":
+        return Signed(data)
+    if not (kind in EMBEDDED_TYPES or kind.startswith("text/")):
+        if mode == "required":
+            raise SigningFailed(f"C2PA signing is required and {kind} outputs cannot be signed")
         return Signed(data)
     try:
         material = _material(settings)

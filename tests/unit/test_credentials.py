@@ -112,6 +112,10 @@ def test_optional_signing_without_a_key_stores_unsigned_and_never_logs_the_key(c
     assert key_pem not in repr(required) and key_pem.splitlines()[1] not in repr(load_material(required))
     with pytest.raises(SigningFailed, match="private key"):
         sign_output(Settings(c2pa_signing="required", c2pa_cert_file=str(ca["chain"])), _png(), "image/png", {})
+    with pytest.raises(SigningFailed, match="audio/mpeg outputs cannot be signed"):
+        sign_output(required, b"ID3", "audio/mpeg", {})
+    optional = required.model_copy(update={"c2pa_signing": "optional"})
+    assert sign_output(optional, b"ID3", "audio/mpeg", {}).data == b"ID3"
 
 
 # ---- through the pipeline ------------------------------------------------------------------------
