@@ -143,6 +143,8 @@ def create_app(settings: Settings | None = None, *, auth: bool = True, client: C
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    from scheduler.api import dashboard  # the web dashboard at / (scheduler/api/dashboard/)
+    dashboard.install(app)
     return app
 
 
