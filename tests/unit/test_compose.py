@@ -604,9 +604,9 @@ def check_prometheus(compose: dict[str, Any], root: Path) -> list[str]:
                 wanted += [(name, p, "/metrics", "a worker process") for p in ports]
     if "flower" in services:
         wanted.append(("flower", flower_port(services["flower"]), "/metrics", "Flower's task counters"))
-    for host, port, path, what in wanted:
-        if (host, port, path) not in targets:
-            problems.append(f"prometheus: does not scrape {host}:{port}{path} ({what})")
+    for host, scraped_port, path, what in wanted:
+        if (host, scraped_port, path) not in targets:
+            problems.append(f"prometheus: does not scrape {host}:{scraped_port}{path} ({what})")
     return problems
 
 
@@ -655,7 +655,9 @@ def check_torch_build(compose: dict[str, Any], root: Path) -> list[str]:
     if torch_run is None or (project_run is not None and torch_run[0] > project_run):
         return ["Dockerfile: torch is not installed on its own before `pip install .` "
                 "(pip would take PyPI's torch, the CUDA build)"]
-    command = re.search(r"pip install\b[^&;|]*", torch_run[1]).group(0)
+    found = re.search(r"pip install\b[^&;|]*", torch_run[1])
+    assert found is not None  # torch_run was picked by a pattern that starts the same way
+    command = found.group(0)
     problems = []
     if "--extra-index-url" in command or not re.search(r"--index-url[ =]", command):
         problems.append("Dockerfile: torch is not installed from PyTorch's index alone (--index-url; "
@@ -667,8 +669,9 @@ def check_torch_build(compose: dict[str, Any], root: Path) -> list[str]:
             continue
         args = defaults | build_args(svc)
         expanded = _expand(command, args)
-        index = (re.search(r"--index-url[ =]\"?([^\s\"]+)", expanded) or [None, ""])[1]
-        version = (re.search(r"torch==\"?([^\s\"]+)", expanded) or [None, ""])[1]
+        index_m = re.search(r"--index-url[ =]\"?([^\s\"]+)", expanded)
+        version_m = re.search(r"torch==\"?([^\s\"]+)", expanded)
+        index, version = index_m.group(1) if index_m else "", version_m.group(1) if version_m else ""
         variant = index.rstrip("/").rpartition("/")[2]
         if reserves_gpu(svc):
             if not CUDA_TORCH_INDEX.fullmatch(index):

@@ -165,3 +165,28 @@ def test_aigc_submit_openai_batch_waits_and_writes_the_output_file(sqlite_settin
     refused = subprocess.run([AIGC, "submit", "--openai-batch", str(bad)], env=env, cwd=tmp_path,
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "line 2" in refused.stderr and "duplicate_custom_id" in refused.stderr
+
+
+def test_a_speech_batch_through_the_api_names_its_wavs(mclient, sqlite_settings):
+    from fastapi.testclient import TestClient
+
+    from scheduler.api import create_app
+
+    lines = [req(f"s{i}", SPEECH, model="espeak-en", input=f"Number {i}.", voice="en-us") for i in range(2)]
+    with TestClient(create_app(sqlite_settings, auth=False)) as http:
+        bad = http.post("/v1/files", files={"file": ("b.jsonl", jsonl(req("x", SPEECH, model="tiny", input="x")))},
+                        data={"purpose": "batch"}).json()
+        refused = http.post("/v1/batches", json={"input_file_id": bad["id"], "endpoint": SPEECH}).json()
+        assert refused["status"] == "failed" and refused["errors"]["data"][0]["code"] == "model_not_found"
+        f = http.post("/v1/files", files={"file": ("r.jsonl", jsonl(*lines))}, data={"purpose": "batch"}).json()
+        b = http.post("/v1/batches", json={"input_file_id": f["id"], "endpoint": SPEECH}).json()
+        assert b["status"] == "in_progress" and b["request_counts"]["total"] == 2, b
+        mclient.wait(mclient.jobs(1)[0].id, timeout=120)
+        done = http.get(f"/v1/batches/{b['id']}").json()
+        assert done["status"] == "completed" and done["model"] == "espeak-en"
+        out = [json.loads(x) for x in http.get(f"/v1/files/{done['output_file_id']}/content").text.splitlines()]
+    recorded = {r.custom_id: r for r in mclient.results(mclient.jobs(1)[0].id)}
+    assert sorted(x["custom_id"] for x in out) == ["s0", "s1"]
+    for x in out:
+        body, r = x["response"]["body"], recorded[x["custom_id"]]
+        assert (body["url"], body["sha256"], body["media_type"]) == (r.uri, r.sha256, "audio/wav")
