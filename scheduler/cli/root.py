@@ -318,6 +318,25 @@ def reconcile(loop: Annotated[float | None, typer.Option(help="repeat every N se
         time.sleep(loop)
 
 
+@app.command()
+def gc(
+    older_than: Annotated[str, typer.Option("--older-than", help="remove jobs that finished longer ago than this: "
+                                                                 "30d, 12h, 90m, 2w")],
+    objects: Annotated[bool, typer.Option("--objects", help="also their stored objects: outputs, sidecars, "
+                                                            "manifest, errors, orphans under their prefix")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would go; change nothing")] = False,
+) -> None:
+    """Remove finished jobs older than --older-than with their rows (and objects with --objects). Never
+    an open job, a job a model's lineage names, or one an unfinished job depends on (README, Retention)."""
+    from aigc_core.retention import collect_garbage, parse_age
+
+    age = parse_age(older_than)
+    client = _client()
+    rep = collect_garbage(client.db, client.store if objects else None, age, objects=objects, dry_run=dry_run,
+                          progress=lambda line: err.print(line, highlight=False))
+    out.print(rep.line(), highlight=False)
+
+
 # ---- worker and set-up ------------------------------------------------------------------------
 
 @app.command()
