@@ -8,13 +8,13 @@ from datetime import datetime
 from itertools import pairwise
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from aigc_core.errors import NotFound, SpecError
-from aigc_core.jobs import JobView, job_view
+from aigc_core.jobs import JobView, job_prefix, job_view
 from aigc_core.registry import parse_name
-from aigc_core.schema import Artifact, Item, ItemStatus, Job, JobStatus, Model
+from aigc_core.schema import Artifact, Item, ItemStatus, Job, JobEvent, JobStatus, Model
 from aigc_core.storage import ObjectStore
 
 JOB_KINDS = ("text", "image", "audio", "finetune")
@@ -57,7 +57,21 @@ def list_jobs(s: Session, f: JobFilter, *, before: str = "", limit: int = JOBS_P
     more = len(rows) > limit
     rows = rows[:limit]
     cursor = f"{rows[-1].created_at.isoformat()}_{rows[-1].id}" if more and rows else ""
-    return [job_view(s, r.id) for r in rows], cursor
+    return [view_of(s, r.id) for r in rows], cursor
+
+
+def view_of(s: Session, job_id: str, store: ObjectStore | None = None) -> JobView:
+    """``job_view``, except that a finished job's counts are the ones stored when it finished: a page
+    listing fifty 100,000-item jobs does not count five million items again."""
+    job = s.get(Job, job_id)
+    if job is None or job.finished_at is None or job.succeeded_items is None or job.kind == "finetune":
+        return job_view(s, job_id, store)
+    counts = {st.value: 0 for st in ItemStatus}
+    counts.update(succeeded=job.succeeded_items, failed=job.failed_items or 0, cancelled=job.cancelled_items or 0)
+    version = job.model_version if job.model_version is not None else "?"
+    manifest = store.uri(f"{job_prefix(job_id)}/manifest.jsonl") if store else None
+    return JobView(job.id, job.kind, f"{job.model_name}@{version}", job.status, counts, job.item_count,
+                   job.created_at, job.started_at, job.finished_at, dict(job.meta or {}), manifest)
 
 
 @dataclass(frozen=True)
@@ -119,6 +133,16 @@ def failures(s: Session, job_id: str, limit: int = 50) -> list[tuple[int, str, s
                      .where(Item.job_id == job_id, Item.status == ItemStatus.failed)
                      .order_by(Item.index).limit(limit)).all()
     return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+def recent_events(s: Session, job_id: str, limit: int = 100) -> tuple[list[dict[str, Any]], int]:
+    """The newest ``limit`` events, oldest first, and how many there are in all (a fine-tuning run logs
+    one per step, so ``Client.events``, which reads them all, is not for a page)."""
+    rows = list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc())
+                          .limit(limit)))
+    total = len(rows) if len(rows) < limit else int(s.scalar(select(func.count()).where(JobEvent.job_id == job_id)
+                                                               .select_from(JobEvent)) or 0)
+    return [{"at": e.at.isoformat(), "type": e.type, **(e.data or {})} for e in reversed(rows)], total
 
 
 def item_detail(s: Session, job_id: str, index: int) -> dict[str, Any]:

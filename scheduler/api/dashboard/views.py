@@ -130,18 +130,18 @@ def job_page(request: Request, who: ViewerDep, job_id: str, after: int | None = 
     size = settings_of(request).page_size
     try:
         with client.db.session() as s:
-            view = job_view(s, _job_id(job_id), client.store)
+            view = data.view_of(s, _job_id(job_id), client.store)
             rows, earlier, later = data.gallery_page(s, view.id, after=after, before=before, limit=size)
             failed = data.failures(s, view.id)
+            events, events_total = data.recent_events(s, view.id)
     except NotFound as e:
         return not_found(request, who, str(e))
-    events = client.events(view.id)
     cards = data.cards(rows, client.store)
     pages = {"prev": f"?before={cards[0].index}" if earlier and cards else "",
              "next": f"?after={cards[-1].index}" if later and cards else ""}
     return render(request, who, "job.html", {
-        "job": view, "cards": cards, "pages": pages, "failures": failed, "events": events[-100:],
-        "events_total": len(events), "title": f"Job {view.id[:8]}", "schedule": view.metadata.get("schedule")})
+        "job": view, "cards": cards, "pages": pages, "failures": failed, "events": events,
+        "events_total": events_total, "title": f"Job {view.id[:8]}", "schedule": view.metadata.get("schedule")})
 
 
 @router.post("/jobs/{job_id}/cancel")
