@@ -1,8 +1,10 @@
 """Retention: ``aigc gc`` removes finished jobs older than an age, in short batched transactions.
 
-A job goes with its items, artifacts, chunks and events; with ``objects`` its whole prefix in the
-object store goes too (outputs, sidecars, manifest, errors, checkpoints, and any orphan a zombie
-delivery wrote after the job finished: the prefix is listed, not derived from the rows). Deletes run
+A job goes with its items, artifacts, chunks and events (so does an abandoned streaming submit: a
+``submitting`` job without an idempotency key, created before the cutoff, which nothing can
+resume); with ``objects`` its whole prefix in the object store goes too (outputs, sidecars,
+manifest, errors, checkpoints, and any orphan a zombie delivery wrote after the job finished: the
+prefix is listed, not derived from the rows). Deletes run
 a few thousand rows per statement, each in its own transaction, so locks are short and a running
 job's commits never wait long behind gc (PostgreSQL takes row locks only on the rows it deletes).
 
@@ -23,13 +25,24 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, func, select, tuple_
+from sqlalchemy import ColumnElement, CursorResult, and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from aigc_core.db import Database
 from aigc_core.errors import SpecError
 from aigc_core.jobs import job_prefix
-from aigc_core.schema import FINAL_JOB_STATES, ApiBatch, Artifact, Chunk, Item, Job, JobEvent, Model, utcnow
+from aigc_core.schema import (
+    FINAL_JOB_STATES,
+    ApiBatch,
+    Artifact,
+    Chunk,
+    Item,
+    Job,
+    JobEvent,
+    JobStatus,
+    Model,
+    utcnow,
+)
 from aigc_core.storage import ObjectStore
 
 log = logging.getLogger("aigc.retention")
@@ -93,16 +106,19 @@ def _rowcount(result: Any) -> int:
     return int(cast(CursorResult[Any], result).rowcount)
 
 
-def _candidate_pages(db: Database, cutoff: datetime, page: int) -> Iterable[list[tuple[datetime, str]]]:
-    """Finished jobs older than ``cutoff``, oldest first, keyset-paged on (finished_at, id)."""
-    after: tuple[datetime, str] | None = None
+def removable(cutoff: datetime) -> ColumnElement[bool]:
+    """Jobs gc may take: finished before ``cutoff``, or an abandoned streaming submit (``submitting``,
+    no idempotency key to resume it by, created before ``cutoff``: scheduler/bulk.py)."""
+    return or_(and_(Job.finished_at.is_not(None), Job.finished_at < cutoff, Job.status.in_(FINAL_JOB_STATES)),
+               and_(Job.status == JobStatus.submitting, Job.idempotency_key.is_(None), Job.created_at < cutoff))
+
+
+def _candidate_pages(db: Database, cutoff: datetime, page: int) -> Iterable[list[str]]:
+    """Removable jobs, keyset-paged on the primary key."""
+    after = ""
     while True:
-        q = (select(Job.finished_at, Job.id)
-             .where(Job.finished_at.is_not(None), Job.finished_at < cutoff, Job.status.in_(FINAL_JOB_STATES)))
-        if after is not None:
-            q = q.where(tuple_(Job.finished_at, Job.id) > tuple_(*after))
         with db.session() as s:
-            rows = [(cast(datetime, r[0]), r[1]) for r in s.execute(q.order_by(Job.finished_at, Job.id).limit(page))]
+            rows = list(s.scalars(select(Job.id).where(removable(cutoff), Job.id > after).order_by(Job.id).limit(page)))
         if rows:
             yield rows
         if len(rows) < page:
@@ -156,15 +172,14 @@ def collect_garbage(db: Database, store: ObjectStore | None, older_than: timedel
     for page in _candidate_pages(db, rep.cutoff, jobs_per_batch):
         with db.session() as s:
             keep = protected_jobs(s)  # read again per batch: a job submitted meanwhile may depend on one
-            ids = [j for _, j in page if j not in keep]
-            for _, j in page:
+            ids = [j for j in page if j not in keep]
+            for j in page:
                 if j in keep:
                     rep.kept[keep[j]] = rep.kept.get(keep[j], 0) + 1
             if not ids:
                 continue
             # Re-read in this transaction: a job reopened meanwhile (retry_failed) is not finished any more.
-            ids = list(s.scalars(select(Job.id).where(Job.id.in_(ids), Job.finished_at.is_not(None),
-                                                      Job.finished_at < rep.cutoff)))
+            ids = list(s.scalars(select(Job.id).where(Job.id.in_(ids), removable(rep.cutoff))))
             if dry_run:
                 rep.items += _count(s, Item, ids)
                 rep.artifacts += _count(s, Artifact, ids)

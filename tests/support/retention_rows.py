@@ -23,7 +23,7 @@ from aigc_core.schema import (
 
 def make_job(db, store, *, items: int = 3, age: timedelta | None = timedelta(days=40),
              status: JobStatus = JobStatus.succeeded, depends_on: list[dict[str, Any]] | None = None,
-             orphan: bool = False) -> str:
+             orphan: bool = False, created_ago: timedelta | None = None, key: str | None = None) -> str:
     """A job of ``items`` items with their outputs and sidecars in ``store``, its manifest, chunks and
     events; finished ``age`` ago (None: still running). ``orphan``: a late delivery's output too."""
     now = utcnow()
@@ -32,7 +32,8 @@ def make_job(db, store, *, items: int = 3, age: timedelta | None = timedelta(day
     with db.session() as s:
         s.add(Job(id=job_id, kind="text", model_name="tiny", model_version=1, queue="text", status=status,
                   params={}, seed=1, meta={}, payload_digest="d" * 64, item_count=items, chunk_size=2,
-                  depends_on=depends_on or [], created_at=now - (age or timedelta()) - timedelta(minutes=5),
+                  depends_on=depends_on or [], idempotency_key=key,
+                  created_at=now - (created_ago or age or timedelta()) - timedelta(minutes=5),
                   finished_at=now - age if final else None,
                   succeeded_items=items if final else None, failed_items=0 if final else None,
                   cancelled_items=0 if final else None))

@@ -94,3 +94,18 @@ def test_objects_are_deleted_a_page_at_a_time(db, store, monkeypatch):
     job = make_job(db, store, items=5, orphan=True)  # 10 outputs and sidecars, an orphan, 2 manifests: 13
     assert collect_garbage(db, store, timedelta(days=1), objects=True).objects == 13
     assert pages == [4, 4, 4, 1] and list(store.list(f"{job_prefix(job)}/")) == []
+
+
+def test_an_abandoned_streaming_submit_without_a_key_goes_and_one_with_a_key_stays(db, store):
+    from aigc_core.schema import JobStatus
+
+    def submitting(**kw):
+        return make_job(db, store, age=None, status=JobStatus.submitting, **kw)
+
+    abandoned, resumable = submitting(created_ago=timedelta(days=40)), submitting(created_ago=timedelta(days=40),
+                                                                                   key="nightly-2026-10-01")
+    fresh = submitting(created_ago=timedelta(hours=1))
+    running = make_job(db, store, age=None, created_ago=timedelta(days=40))
+    rep = collect_garbage(db, store, timedelta(days=30), objects=True)
+    assert rep.jobs == 1 and rows_of(db, abandoned)["jobs"] == 0
+    assert all(rows_of(db, j)["items"] == 3 for j in (resumable, fresh, running))
