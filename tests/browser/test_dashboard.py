@@ -229,6 +229,9 @@ def test_progress_bar_moves_while_a_job_runs_without_a_reload(page: Watched, sit
     assert done == sorted(done) and 0 < done[0] < n and done[-1] == n, seen
     assert pg.inner_text(f"[data-status='{job.id}']") == "succeeded"
     assert pg.locator(".finished-note").is_visible()
+    # The gallery filled in as items finished, in the same document.
+    wait_until(pg, f"document.querySelectorAll('.gallery .text details').length === {n}", 30)
+    assert count(pg, ".gallery .empty-card") == 0 and pg.evaluate("window.__sameDocument") is True
     print(f"progress values seen: {seen} in {time.monotonic() - started:.1f}s")
 
 

@@ -43,6 +43,10 @@
           document.querySelectorAll("[data-status='" + box.dataset.job + "']").forEach(function (el) {
             el.textContent = p.status; el.className = "status st-" + p.status;
           });
+          if (box.dataset.done !== String(p.done)) {
+            box.dataset.done = String(p.done);
+            refreshGallery();
+          }
           if (p.final) {
             var note = document.querySelector(".finished-note");
             if (note) { note.hidden = false; }
@@ -76,6 +80,28 @@
       });
     });
   });
+
+  // On a job page, cards whose item finished since the page was drawn are swapped for their new version
+  // (the same page fetched again; only changed cards are replaced, so playing audio is left alone).
+  var refreshing = false;
+  function refreshGallery() {
+    var gallery = document.querySelector(".gallery[data-live]");
+    if (!gallery || refreshing) { return; }
+    refreshing = true;
+    fetch(window.location.href, { credentials: "same-origin" })
+      .then(function (r) { return r.ok ? r.text() : null; })
+      .then(function (html) {
+        if (!html) { return; }
+        var fresh = new DOMParser().parseFromString(html, "text/html").querySelector(".gallery");
+        if (!fresh) { return; }
+        fresh.querySelectorAll(".card[data-index]").forEach(function (card) {
+          var old = gallery.querySelector(".card[data-index='" + card.dataset.index + "']");
+          if (old && old.outerHTML !== card.outerHTML) { old.replaceWith(document.importNode(card, true)); }
+        });
+      })
+      .catch(function () { /* the next change tries again */ })
+      .then(function () { refreshing = false; });
+  }
 
   function fallback(text) {
     var t = document.createElement("textarea");
