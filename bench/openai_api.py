@@ -3,7 +3,7 @@ with the openai SDK to a real ``aigc serve`` (``files.create`` + ``batches.creat
 the file is checked, the job and its items written and its chunks published) against ``Client.submit``
 of the same items, on PostgreSQL, Redis and S3, interleaved in one run. Target: API <= 2x.
 
-    python -m bench.openai_api [--quick] [--items 50000] [--rounds 3]
+    python -m bench.openai_api [--quick] [--items 50000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     p.add_argument("--items", type=int, default=50_000)
     p.add_argument("--rounds", type=int, default=None, help="pairs (API, client), alternating which goes first")
     args = p.parse_args(argv)
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 5)
     n = args.items
     from openai import OpenAI
 

@@ -190,3 +190,11 @@ def test_a_speech_batch_through_the_api_names_its_wavs(mclient, sqlite_settings)
     for x in out:
         body, r = x["response"]["body"], recorded[x["custom_id"]]
         assert (body["url"], body["sha256"], body["media_type"]) == (r.uri, r.sha256, "audio/wav")
+
+
+def test_the_batch_format_and_the_submit_command_load_neither_fastapi_nor_torch():
+    code = ("import sys; import scheduler.cli.root, scheduler.cli.keys, scheduler.openai_batch; "
+            "from scheduler import Client; "
+            "bad = [m for m in ('fastapi', 'starlette', 'uvicorn', 'torch') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
