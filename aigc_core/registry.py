@@ -18,9 +18,19 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from aigc_core.errors import ModelLoadError, NotFound, SpecError
+from aigc_core.errors import ModelLoadError, NotFound, SpecError, StorageError
+from aigc_core.model_checks import Checkpoint, check_checkpoint, local_checkpoint, read_facts, s3_checkpoint, s3_digest
 from aigc_core.schema import Model
-from aigc_core.spec import KINDS, format_validation_error, load_yaml
+from aigc_core.spec import (
+    KINDS,
+    JobSpec,
+    ModelFacts,
+    check_model_fit,
+    effective_params,
+    format_validation_error,
+    load_yaml,
+    params_schema,
+)
 
 DEFAULT_BACKEND = {"text": "hf-causal-lm", "image": "diffusers", "audio": "hf-tts"}
 
@@ -104,19 +114,123 @@ def register(
     raise SpecError(f"could not register a new version of {name!r}: too many registrations at once")
 
 
+def register_checked(session: Session, name: str, kind: str, uri: str, *, endpoint_url: str | None = None,
+                     **kw: Any) -> ModelRef:
+    """``aigc models register`` and ``Client.register_model``: ``register`` after refusing, in one line and
+    with nothing written, a model the workers could not run: a URI scheme ``materialize`` cannot fetch,
+    a missing directory or S3 prefix, a config.json (model_index.json) whose architecture the backend
+    does not run, weights that are not safetensors, or defaults outside the backend's parameters. An
+    s3:// model gets its digest now (unless ``digest`` is given), as a file:// one does; the checkpoint's
+    model_type and context length are recorded in its defaults."""
+    if kind not in KINDS:
+        raise SpecError(f"model {name!r}: kind must be one of {', '.join(KINDS)}")
+    check_model_name(name)
+    defaults = kw.pop("defaults", None)
+    check_defaults(name, defaults)
+    facts, digest = inspect_model(name, kind, uri, backend=kw.get("backend"), digest=kw.pop("digest", None),
+                                  endpoint_url=endpoint_url)
+    defaults = {**facts, **(defaults or {})}
+    backend = kw.get("backend") or DEFAULT_BACKEND[kind]
+    schema = params_schema(kind, backend, defaults.get("model_type"))
+    try:
+        effective_params(kind, generation_defaults(defaults), where="defaults", schema=schema)
+    except SpecError as e:
+        raise SpecError(f"model {name!r}: {e}") from None
+    return register(session, name, kind, uri, digest=digest, defaults=defaults, **kw)
+
+
+def inspect_model(name: str, kind: str, uri: str, *, backend: str | None, digest: str | None,
+                  endpoint_url: str | None) -> tuple[dict[str, Any], str | None]:
+    """The checkpoint's facts (model_type, context length) and its digest, or a SpecError saying why
+    the model cannot be registered."""
+    from aigc_models.base import BACKENDS  # torch-free: the table of backend names
+    from aigc_models.params import BY_ARCHITECTURE
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in FETCHABLE:
+        hint = ": download it and register its directory (file://) or an S3 copy" if parsed.scheme == "hf" else ""
+        shown = f"{parsed.scheme}://" if parsed.scheme else "a path without a scheme"
+        raise SpecError(f"model {name!r}: {uri!r}: models are fetched from file://, s3:// or builtin:// URIs, "
+                        f"not {shown}{hint}")
+    backend = backend or DEFAULT_BACKEND[kind]
+    known = backend in BACKENDS  # a plugin backend (AIGC_BACKENDS) reads its directory its own way
+    if parsed.scheme == "builtin":
+        if known and backend not in BUILTIN_BACKENDS:
+            raise SpecError(f"model {name!r}: the {backend} backend has no built-in models (builtin:// is for "
+                            f"{', '.join(BUILTIN_BACKENDS)})")
+        return {}, digest
+    store = None
+    if parsed.scheme == "file":
+        path = local_path(uri)
+        if not path.is_dir():
+            raise SpecError(f"model {name!r}: model directory {path} does not exist")
+        ck = local_checkpoint(path)
+    else:
+        from aigc_core.storage import S3Store
+
+        if not parsed.netloc:
+            raise SpecError(f"model {name!r}: {uri!r}: name the bucket, s3://bucket/prefix/")
+        store = S3Store(parsed.netloc, parsed.path.strip("/"), endpoint_url=endpoint_url)
+        try:
+            ck = s3_checkpoint(store, uri)
+        except StorageError as e:
+            raise SpecError(f"model {name!r}: cannot list {uri}: {e.__cause__ or e}") from None
+        if not ck.names:
+            raise SpecError(f"model {name!r}: nothing under {uri}: no such prefix")
+    if known:
+        check_checkpoint(backend, ck, {b: tuple(archs) for b, archs in BY_ARCHITECTURE.items()})
+    if store is not None and digest is None:
+        digest = s3_digest(store, ck.names)
+    return read_facts(kind, ck), digest
+
+
+def model_facts(ref: ModelRef) -> ModelFacts:
+    """What submit checks a job against: the facts recorded at registration (for a file:// model
+    registered before they were, read from its config.json now) and its tokenizer.json if local."""
+    facts = {k: ref.defaults[k] for k in CHECKPOINT_FACTS if k in ref.defaults}
+    tokenizer = None
+    if ref.uri.startswith("file://") and (path := local_path(ref.uri)).is_dir():
+        if len(facts) < len(CHECKPOINT_FACTS):
+            facts = {**read_facts(ref.kind, _config_only(path)), **facts}
+        tokenizer = path / "tokenizer.json"
+    return ModelFacts(ref.tag, ref.kind, ref.backend, facts.get("model_type"), facts.get("context_length"),
+                      tokenizer, generation_defaults(ref.defaults))
+
+
+def check_job_fits(spec: JobSpec, ref: ModelRef) -> None:
+    """The job's parameters in its model's contract and its text items within the model's context."""
+    check_model_fit(spec, model_facts(ref))
+
+
+def _config_only(path: Path) -> Checkpoint:
+    """A local checkpoint read for its config.json alone (no listing of a large directory)."""
+    return Checkpoint(str(path), (), lambda n: (path / n).read_bytes() if (path / n).is_file() else None)
+
+
 # Model defaults that set up the worker rather than the generation: the dtype the weights load in,
 # the micro-batch size (items per generate call) for this model, over AIGC_MICRO_BATCH_SIZE, and a
 # chat template (Jinja) for a checkpoint that has none of its own, or to use instead of its own.
 WORKER_DEFAULTS = ("dtype", "micro_batch_size", "chat_template")
+# What registration read from the checkpoint's config.json and records with the entry, so the submit
+# side knows it without the weights (an s3:// model's too): its model_type and its context length.
+CHECKPOINT_FACTS = ("model_type", "context_length")
 MAX_MICRO_BATCH = 4096
 
 
 def generation_defaults(defaults: dict[str, Any] | None) -> dict[str, Any]:
     """A model's defaults that are generation parameters (merged under the job's and the item's)."""
-    return {k: v for k, v in (defaults or {}).items() if k not in WORKER_DEFAULTS}
+    return {k: v for k, v in (defaults or {}).items() if k not in WORKER_DEFAULTS + CHECKPOINT_FACTS}
+
+
+def user_defaults(defaults: dict[str, Any] | None) -> dict[str, Any]:
+    """A model's defaults as its registration gave them, without the facts read from its checkpoint."""
+    return {k: v for k, v in (defaults or {}).items() if k not in CHECKPOINT_FACTS}
 
 
 def check_defaults(name: str, defaults: dict[str, Any] | None) -> None:
+    ctx = (defaults or {}).get("context_length")
+    if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1):
+        raise SpecError(f"model {name!r}: defaults.context_length must be a whole number of tokens, not {ctx!r}")
     template = (defaults or {}).get("chat_template")
     if template is not None and (not isinstance(template, str) or not template.strip()):
         raise SpecError(f"model {name!r}: defaults.chat_template must be a Jinja template (text)")
@@ -204,10 +318,10 @@ def sync_models_file(session: Session, path: str | Path, *, only_missing: bool =
         digest = entry.get("digest")
         same_place = current is not None and (current.uri, current.revision) == (uri, entry.get("revision"))
         kind = entry["kind"]
-        setup = (current.kind, current.backend, current.queue, dict(current.defaults or {})) if current else None
+        setup = (current.kind, current.backend, current.queue, user_defaults(current.defaults)) if current else None
         same_setup = setup is not None and setup == (
             kind, entry.get("backend") or DEFAULT_BACKEND.get(kind, kind), entry.get("queue") or kind,
-            dict(entry.get("defaults") or {}))
+            user_defaults(entry.get("defaults")))
         if current is not None and same_place and same_setup and digest in (None, current.digest):
             # Unchanged entry: no re-hashing of the weights at every client start. A directory
             # rewritten in place needs a new revision (or `aigc models register`); a change of
@@ -284,6 +398,12 @@ def _file_sha256(p: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# The URI schemes ``materialize`` fetches (registration refuses any other): a local directory, an S3
+# prefix, and the built-in models their backends make themselves.
+FETCHABLE = ("file", "s3", "builtin")
+BUILTIN_BACKENDS = ("espeak", "digits")
 
 
 def materialize(ref: ModelRef, cache_dir: Path, *, endpoint_url: str | None = None) -> Path | str:

@@ -9,8 +9,9 @@ import os
 import re
 import stat
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -22,77 +23,44 @@ Kind = Literal["text", "image", "audio"]
 KINDS: tuple[str, ...] = ("text", "image", "audio")
 
 
-class TextParams(BaseModel):
-    """Parameters of the text backend; unknown names are refused. None (the default) is "not set":
-    the worker then takes the checkpoint's generation_config.json value, else the project default
-    (``aigc_models.text.TEXT_DEFAULTS``), so provenance can say where each value came from."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_new_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=10.0)  # 0 means greedy
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)  # 0: no top-k cut
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    do_sample: bool | None = None
-    # Off only for benchmarks that need fixed token counts.
-    stop_at_eos: bool | None = None
-    # Put the prompt in front of the output (a headline prompt then gives the whole article).
-    echo: bool | None = None
-    # Like OpenAI's: up to 4 strings; the output is cut before the first one generated.
-    stop: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(None, max_length=4)
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
+# Each backend's parameters are declared once, in aigc_models/params.py (torch-free; see its docstring for
+# why there): imported lazily, so importing the spec costs nothing more. TextParams, ImageParams,
+# AudioParams and PARAMS_BY_KIND stay importable from here.
+_LAZY_PARAMS = {"TextParams": "TextParams", "ImageParams": "ImageParams", "AudioParams": "AudioParams",
+                "PARAMS_BY_KIND": "BY_KIND"}
 
 
-class ImageParams(BaseModel):
-    """Image parameters; None leaves the backend's (or the checkpoint's) default."""
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_PARAMS:
+        from aigc_models import params
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
-    height: int | None = Field(None, ge=8, le=4096, multiple_of=8)
-    width: int | None = Field(None, ge=8, le=4096, multiple_of=8)
-    negative_prompt: str | None = Field(None, max_length=2000)
-    eta: float | None = Field(None, ge=0.0, le=1.0)
-    # the project's digits models (GAN / VAE)
-    digit: int | None = Field(None, ge=0, le=9)
-    size: int | None = Field(None, ge=8, le=1024)
-    resample: Literal["nearest", "bilinear"] | None = None
-    invert: bool | None = None
-    temperature: float | None = Field(None, ge=0.0, le=3.0)
+        return getattr(params, _LAZY_PARAMS[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class AudioParams(BaseModel):
-    """Audio parameters, by architecture; None leaves the checkpoint's (or the backend's) default.
-    Each backend reads its own and ignores the others'."""
+def params_schema(kind: str, backend: str | None = None, model_type: str | None = None) -> type[BaseModel]:
+    """The parameter contract a job is validated against: the model's architecture's (hf-tts), its
+    backend's, else (a backend named in AIGC_BACKENDS, or no model yet) every parameter of its kind."""
+    from aigc_models.params import params_for
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # espeak-ng
-    voice: str | None = Field(None, pattern=r"^[A-Za-z0-9_+\-]{1,40}$")
-    rate: int | None = Field(None, ge=80, le=450)  # words per minute
-    pitch: int | None = Field(None, ge=0, le=100)
-    # VITS / MMS-TTS
-    speaking_rate: float | None = Field(None, ge=0.1, le=10.0)
-    noise_scale: float | None = Field(None, ge=0.0, le=2.0)
-    noise_scale_duration: float | None = Field(None, ge=0.0, le=2.0)
-    # VITS: a multi-speaker model's speaker; SpeechT5: the row of the speaker embeddings file (default 0)
-    speaker_id: int | None = Field(None, ge=0)
-    # MusicGen: length in seconds (default 8) or in decoder steps (duration wins when both are set);
-    # classifier-free guidance (default 3); sampling temperature (0: greedy) and top_k (default 250)
-    duration: float | None = Field(None, gt=0.0, le=600.0)
-    max_new_tokens: int | None = Field(None, ge=1, le=30_000)
-    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
-    temperature: float | None = Field(None, ge=0.0, le=10.0)
-    top_k: int | None = Field(None, ge=0, le=100_000)
+    if kind not in KINDS:
+        raise SpecError(f"kind {kind!r} has no generation backend yet")
+    return params_for(backend or "", kind, model_type)
 
 
-PARAMS_BY_KIND: dict[str, type[BaseModel]] = {"text": TextParams, "image": ImageParams, "audio": AudioParams}
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the submit side knows of a model without loading it: its backend, the checkpoint's
+    model_type and context length (recorded at registration, or read from a local config.json), and a
+    local tokenizer.json to count prompt tokens with (None: not at hand, e.g. an s3:// model)."""
+
+    tag: str
+    kind: str
+    backend: str
+    model_type: str | None = None
+    context_length: int | None = None
+    tokenizer_file: Path | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
 
 
 class SourceRef(BaseModel):
@@ -445,14 +413,14 @@ def format_validation_error(e: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
-def effective_params(kind: str, *layers: dict[str, Any], where: str = "params") -> BaseModel:
-    """Merge parameter layers (model defaults, job, item) and validate the result."""
+def effective_params(kind: str, *layers: dict[str, Any], where: str = "params",
+                     schema: type[BaseModel] | None = None) -> BaseModel:
+    """Merge parameter layers (model defaults, job, item) and validate the result against ``schema``
+    (default: every parameter of the kind)."""
     merged: dict[str, Any] = {}
     for layer in layers:
         merged.update(layer or {})
-    schema = PARAMS_BY_KIND.get(kind)
-    if schema is None:
-        raise SpecError(f"kind {kind!r} has no generation backend yet")
+    schema = schema or params_schema(kind)
     try:
         return schema.model_validate(merged)
     except ValidationError as e:
@@ -520,13 +488,75 @@ def chat_messages(spec: JobSpec, item: ItemSpec) -> list[dict[str, str]] | None:
 
 def _check_param_limits(kind: str, p: BaseModel, limits: Limits, where: str) -> None:
     # Unset max_new_tokens takes the project default (128), which is under any sane limit.
-    if isinstance(p, TextParams) and p.max_new_tokens is not None and p.max_new_tokens > limits.max_new_tokens:
-        raise SpecError(f"{where}.max_new_tokens: {p.max_new_tokens} is over the limit of {limits.max_new_tokens}")
-    if isinstance(p, ImageParams):
-        if p.num_inference_steps is not None and p.num_inference_steps > limits.max_inference_steps:
-            raise SpecError(f"{where}.num_inference_steps: {p.num_inference_steps} is over the limit of "
-                            f"{limits.max_inference_steps}")
-        pixels = (p.height or 0) * (p.width or 0)
-        if pixels > limits.max_image_pixels:
-            raise SpecError(f"{where}: {p.width}x{p.height} is {pixels} pixels, over the limit of "
-                            f"{limits.max_image_pixels}")
+    tokens = getattr(p, "max_new_tokens", None)
+    if kind == "text" and tokens is not None and tokens > limits.max_new_tokens:
+        raise SpecError(f"{where}.max_new_tokens: {tokens} is over the limit of {limits.max_new_tokens}")
+    duration = getattr(p, "duration", None)
+    if kind == "audio" and duration is not None and duration > limits.max_audio_seconds:
+        raise SpecError(f"{where}.duration: {duration:g} s is over the limit of {limits.max_audio_seconds:g} s "
+                        "(AIGC_LIMIT_MAX_AUDIO_SECONDS)")
+    steps = getattr(p, "num_inference_steps", None)
+    if kind == "image" and steps is not None and steps > limits.max_inference_steps:
+        raise SpecError(f"{where}.num_inference_steps: {steps} is over the limit of {limits.max_inference_steps}")
+    height, width = getattr(p, "height", None), getattr(p, "width", None)
+    pixels = (height or 0) * (width or 0)
+    if kind == "image" and pixels > limits.max_image_pixels:
+        raise SpecError(f"{where}: {width}x{height} is {pixels} pixels, over the limit of {limits.max_image_pixels}")
+
+
+def check_model_fit(spec: JobSpec, facts: ModelFacts) -> None:
+    """The job against its model, before any write: every parameter (registry defaults, job, item)
+    in the model's own contract (its backend's, or its architecture's), and each text item's prompt
+    tokens plus ``max_new_tokens`` within the model's context. Prompt tokens are counted with the
+    ``tokenizers`` library (no torch) when the model's tokenizer.json is local; a chat item counts its
+    messages' text (its template adds a few tokens more: the worker checks the exact count); an item
+    ``from`` another job, or a model whose tokenizer is not at hand, checks ``max_new_tokens`` alone."""
+    schema = params_schema(spec.kind, facts.backend, facts.model_type)
+    what = f"model {facts.tag} ({facts.backend}{'/' + facts.model_type if facts.model_type else ''})"
+    try:
+        job_params = effective_params(spec.kind, facts.defaults, spec.params, schema=schema)
+        per_item = [job_params if not item.params else
+                    effective_params(spec.kind, facts.defaults, spec.params, item.params,
+                                     where=f"items[{i}].params", schema=schema)
+                    for i, item in enumerate(spec.items)]
+    except SpecError as e:
+        raise SpecError(f"{e} (for {what})") from None
+    if spec.kind != "text" or not facts.context_length:
+        return
+    ctx = facts.context_length
+    project: dict[str, Any] = getattr(schema, "project_defaults", dict)()
+    fallback = int(project.get("max_new_tokens") or 0)  # unset: the project default runs
+    counts = _prompt_tokens(spec, facts.tokenizer_file)
+    for i, p in enumerate(per_item):
+        tokens = getattr(p, "max_new_tokens", None) or fallback
+        prompt = counts[i] if counts is not None else 0
+        if prompt + tokens > ctx:
+            where = f"items[{i}]" if spec.items[i].params or counts is not None else "params"
+            said = f"{prompt} prompt tokens plus max_new_tokens {tokens}" if prompt else f"max_new_tokens {tokens}"
+            raise SpecError(f"{where}: {said} is over the context of {ctx} tokens of model {facts.tag}")
+
+
+def _prompt_tokens(spec: JobSpec, tokenizer_file: Path | None) -> list[int] | None:
+    """Each item's prompt tokens (0 for a ``from`` item), or None when no local tokenizer.json."""
+    if tokenizer_file is None or not tokenizer_file.is_file():
+        return None
+    st = tokenizer_file.stat()
+    tok = _tokenizer(str(tokenizer_file), st.st_mtime_ns, st.st_size)
+    if tok is None:
+        return None
+    texts = [item.input_text if item.messages is None else "\n".join(m.content for m in item.messages)
+             for item in spec.items]
+    encoded = tok.encode_batch(texts, add_special_tokens=True)
+    return [len(e.ids) if item.source is None else 0 for e, item in zip(encoded, spec.items, strict=True)]
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(path: str, mtime_ns: int, size: int) -> Any:
+    """A tokenizer.json read once per file version (a streamed submit checks each batch); None when the
+    ``tokenizers`` library cannot read it (the worker counts then)."""
+    try:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(path)
+    except Exception:
+        return None

@@ -1,7 +1,9 @@
 """Audio backends: transformers audio checkpoints (VITS / MMS-TTS here; MusicGen and SpeechT5 in their own
 files), picked by the checkpoint's model_type, and weightless espeak-ng.
 
-All write 16-bit PCM WAV in ``postprocess`` only and record sample rate, duration and sample count.
+All write 16-bit PCM WAV in ``postprocess`` only and record sample rate, duration and sample count. Their
+parameters (defaults and ranges) are declared once in aigc_models/params.py; the ``Backend`` base class
+groups requests by them and records the values that ran.
 """
 
 from __future__ import annotations
@@ -14,20 +16,18 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import soundfile as sf
 
-from aigc_models.base import BackendError, Generator, GenRequest, Output, group_by_params, in_order
+from aigc_models.base import Backend, BackendError, Generator, GenRequest, Output
+from aigc_models.params import EspeakParams, VitsParams
 
-TTS_DEFAULTS: dict[str, Any] = {"speaking_rate": None, "noise_scale": None, "noise_scale_duration": None,
-                                "speaker_id": None}
-ESPEAK_DEFAULTS: dict[str, Any] = {"voice": None, "rate": 175, "pitch": 50}
-ESPEAK_LIMITS = {"rate": (80, 450), "pitch": (0, 100)}  # words per minute; espeak-ng's own bounds
-# The `hf-tts` backend: a checkpoint's config.json model_type -> the class that runs it (MMS-TTS is VITS).
+# The `hf-tts` backend: a checkpoint's config.json model_type -> the class that runs it (MMS-TTS is VITS);
+# each one's parameters are aigc_models.params.BY_ARCHITECTURE["hf-tts"][model_type].
 ARCHITECTURES: dict[str, str] = {
     "vits": "aigc_models.audio:VitsGenerator",
     "musicgen": "aigc_models.musicgen:MusicgenGenerator",
@@ -99,7 +99,7 @@ class HFAudio:
         return generator
 
 
-class VitsGenerator:
+class VitsGenerator(Backend):
     """A transformers VITS checkpoint (e.g. facebook/mms-tts-*) and its tokenizer.
 
     VITS draws its noise (durations and prior) with the global torch RNG over the whole batch, so a
@@ -108,6 +108,8 @@ class VitsGenerator:
     alone, and the process's RNG is left as it was. A VITS forward is cheap (a tiny model makes
     seconds of audio in tens of milliseconds), so little is lost.
     """
+
+    Params = VitsParams
 
     def __init__(self, model, tokenizer, device: str, source: Path):
         self.model = model
@@ -150,21 +152,10 @@ class VitsGenerator:
             "speakers": int(getattr(self.model.config, "num_speakers", 1) or 1),
         }
 
-    def generate(self, requests: Sequence[GenRequest]) -> list[Output]:
-        return in_order(requests, self._run, self.preprocess(requests))
-
-    def preprocess(self, requests: Sequence[GenRequest]) -> list[tuple[dict[str, Any], list[int]]]:
-        groups = group_by_params(requests, TTS_DEFAULTS)
+    def check_group(self, params: dict[str, Any]) -> None:
         speakers = int(getattr(self.model.config, "num_speakers", 1) or 1)
-        for params, _ in groups:
-            if params["speaker_id"] is not None and not 0 <= int(params["speaker_id"]) < speakers:
-                raise BackendError(f"speaker_id must be in 0..{speakers - 1}")
-            if params["speaking_rate"] is not None and not 0.1 <= float(params["speaking_rate"]) <= 10:
-                raise BackendError("speaking_rate must be between 0.1 and 10")
-            for k in ("noise_scale", "noise_scale_duration"):
-                if params[k] is not None and not 0 <= float(params[k]) <= 2:
-                    raise BackendError(f"{k} must be between 0 and 2")
-        return groups
+        if params["speaker_id"] is not None and not 0 <= int(params["speaker_id"]) < speakers:
+            raise BackendError(f"speaker_id must be in 0..{speakers - 1}")
 
     def _run(self, params: dict[str, Any], reqs: list[GenRequest]) -> list[Output]:
         t0 = time.perf_counter()
@@ -287,11 +278,13 @@ def _espeak() -> _Espeak:
     return _engine
 
 
-class EspeakGenerator:
+class EspeakGenerator(Backend):
     """Weightless English (and other) speech from espeak-ng; params voice, rate (wpm) and pitch.
 
     ``load`` ignores a directory path; ``builtin://espeak-en`` (or ``espeak-<voice>``) names the default voice.
     """
+
+    Params = EspeakParams
 
     def __init__(self, engine: _Espeak, default_voice: str, source: Path | str):
         self.engine = engine
@@ -323,18 +316,11 @@ class EspeakGenerator:
         return {"class": "espeak-ng", "parameters": 0, "device": "cpu", "sample_rate": self.engine.sample_rate,
                 "default_voice": self.default_voice}
 
-    def generate(self, requests: Sequence[GenRequest]) -> list[Output]:
-        return in_order(requests, self._run, self.preprocess(requests))
+    def checkpoint_params(self) -> dict[str, Any]:
+        return {"voice": self.default_voice}  # the model's own: the voice builtin://espeak-<voice> names
 
-    def preprocess(self, requests: Sequence[GenRequest]) -> list[tuple[dict[str, Any], list[int]]]:
-        groups = group_by_params(requests, ESPEAK_DEFAULTS)
-        for params, _ in groups:
-            params["voice"] = params["voice"] or self.default_voice
-            self._check_voice(params["voice"])
-            for k, (lo, hi) in ESPEAK_LIMITS.items():
-                if not lo <= int(params[k]) <= hi:
-                    raise BackendError(f"{k} must be between {lo} and {hi}")
-        return groups
+    def check_group(self, params: dict[str, Any]) -> None:
+        self._check_voice(params["voice"])
 
     def _run(self, params: dict[str, Any], reqs: list[GenRequest]) -> list[Output]:
         t0 = time.perf_counter()

@@ -1,8 +1,9 @@
 """Image backends: any diffusers pipeline directory, and the project's own 8x8 digit generators.
 
-Both group requests by their params, seed one ``torch.Generator`` per item and write PNG in
-``postprocess`` only. Limits on steps and sizes are the job spec's to enforce; the backends check
-only what would otherwise fail deep inside the model.
+Both are ``Backend``s: their parameters (defaults and ranges) are declared once in
+aigc_models/params.py, the base class groups requests by them and records the values that ran. Each
+seeds one ``torch.Generator`` per item and writes PNG in ``postprocess`` only. Limits on steps and
+sizes are the job spec's to enforce; the backends check only what the loaded model alone can tell.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import inspect
 import io
 import re
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from aigc_models.base import BackendError, GenRequest, Output, group_by_params, in_order
+from aigc_models.base import Backend, BackendError, GenRequest, Output
 from aigc_models.device import default_dtype
+from aigc_models.params import DiffusersParams, DigitsParams
 
-DIFFUSERS_DEFAULTS: dict[str, Any] = {
-    "num_inference_steps": 25, "guidance_scale": 7.5, "height": None, "width": None,
-    "negative_prompt": None, "eta": 0.0,
-}
-DIGITS_DEFAULTS: dict[str, Any] = {"digit": None, "size": None, "resample": "nearest", "invert": False,
-                                   "temperature": 1.0}
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -44,7 +39,7 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-class DiffusersImageGenerator:
+class DiffusersImageGenerator(Backend):
     """Loads any diffusers pipeline directory; text-conditioned pipelines take the prompt, others ignore it.
 
     Each item's starting noise comes from its own generator, so an item alone and in a batch start
@@ -52,6 +47,8 @@ class DiffusersImageGenerator:
     another order: on CPU the floats differed by under 1e-6 and the PNGs were identical in every
     test; on GPU (cuDNN picks kernels per shape; bf16) expect the odd pixel to differ by one level.
     """
+
+    Params = DiffusersParams
 
     def __init__(self, pipe, device: str, source: Path):
         self.pipe = pipe
@@ -101,23 +98,11 @@ class DiffusersImageGenerator:
             "conditional": self.conditional,
         }
 
-    def generate(self, requests: Sequence[GenRequest]) -> list[Output]:
-        """Requests that share params run as one pipeline call; results come back in request order."""
-        return in_order(requests, self._run, self.preprocess(requests))
-
-    def preprocess(self, requests: Sequence[GenRequest]) -> list[tuple[dict[str, Any], list[int]]]:
-        groups = group_by_params(requests, DIFFUSERS_DEFAULTS)
-        for params, _ in groups:
-            if int(params["num_inference_steps"]) < 1:
-                raise BackendError("num_inference_steps must be at least 1")
-            if not self.conditional and (native := self.native_size()) is not None:
-                asked = (int(params["height"] or native[0]), int(params["width"] or native[1]))
-                if asked != native:
-                    raise BackendError(f"{type(self.pipe).__name__} makes only {native[0]}x{native[1]} images")
-            for side in ("height", "width"):
-                if params[side] is not None and int(params[side]) % 8:
-                    raise BackendError(f"{side} must be a multiple of 8")
-        return groups
+    def check_group(self, params: dict[str, Any]) -> None:
+        if not self.conditional and (native := self.native_size()) is not None:
+            asked = (int(params["height"] or native[0]), int(params["width"] or native[1]))
+            if asked != native:
+                raise BackendError(f"{type(self.pipe).__name__} makes only {native[0]}x{native[1]} images")
 
     def _run(self, params: dict[str, Any], reqs: list[GenRequest]) -> list[Output]:
         t0 = time.perf_counter()
@@ -165,12 +150,15 @@ class DiffusersImageGenerator:
         return outs
 
 
-class DigitsGenerator:
+class DigitsGenerator(Backend):
     """The project's conditional GAN or VAE for 8x8 digits; the digit comes from params, prompt or seed.
 
     ``load`` takes a directory saved by ``aigc_models.digits.save``, or ``builtin://demo-digits``
     (``-gan``/``-vae``), which trains the demo model in memory for a fixed number of steps.
     """
+
+    Params = DigitsParams
+    per_item = ("digit",)
 
     def __init__(self, model, config: dict[str, Any], device: str, source: Path | str):
         self.model = model
@@ -203,20 +191,6 @@ class DigitsGenerator:
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."), "device": self.device,
             "digit_accuracy": self.config.get("training", {}).get("digit_accuracy"),
         }
-
-    def generate(self, requests: Sequence[GenRequest]) -> list[Output]:
-        return in_order(requests, self._run, self.preprocess(requests))
-
-    def preprocess(self, requests: Sequence[GenRequest]) -> list[tuple[dict[str, Any], list[int]]]:
-        groups = group_by_params(requests, DIGITS_DEFAULTS, per_item=("digit",))
-        for params, _ in groups:
-            if params["resample"] not in ("nearest", "bilinear"):
-                raise BackendError("resample must be 'nearest' or 'bilinear'")
-            if params["size"] is not None and not 8 <= int(params["size"]) <= 1024:
-                raise BackendError("size must be between 8 and 1024 pixels")
-            if not 0 <= float(params["temperature"]) <= 3:
-                raise BackendError("temperature must be between 0 and 3")
-        return groups
 
     @staticmethod
     def choose_digit(r: GenRequest) -> tuple[int, str]:

@@ -6,22 +6,20 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from aigc_models.audio import load_transformers, model_size, seeded, wav_output
-from aigc_models.base import BackendError, GenRequest, Output, group_by_params, in_order
+from aigc_models.base import Backend, BackendError, GenRequest, Output
+from aigc_models.params import MusicgenParams
 
-# None: the checkpoint's generation_config.json value, else the project default below.
-MUSICGEN_DEFAULTS: dict[str, Any] = {"duration": None, "max_new_tokens": None, "guidance_scale": None,
-                                     "temperature": None, "top_k": None}
-PROJECT_DEFAULTS: dict[str, Any] = {"duration": 8.0, "guidance_scale": 3.0, "temperature": 1.0, "top_k": 250}
+# What the checkpoint's generation_config.json may set for us where the request does not.
+CHECKPOINT_KEYS = ("guidance_scale", "temperature", "top_k", "max_new_tokens")
 
 
-class MusicgenGenerator:
+class MusicgenGenerator(Backend):
     """A MusicgenForConditionalGeneration checkpoint and its tokenizer; the prompt describes the music.
 
     Items run one at a time, each under its own seed. ``generate`` samples every step with one
@@ -30,6 +28,8 @@ class MusicgenGenerator:
     which items shared its batch and where it sat. Alone under ``seeded`` it is the same bytes in any
     batch. The cost is throughput on a GPU, where a batch of items would run in about the time of one.
     """
+
+    Params = MusicgenParams
 
     def __init__(self, model, tokenizer, device: str, source: Path):
         self.model = model
@@ -75,40 +75,23 @@ class MusicgenGenerator:
             "channels": int(self.model.config.audio_encoder.audio_channels),
         }
 
-    def generate(self, requests: Sequence[GenRequest]) -> list[Output]:
-        return in_order(requests, self._run, self.preprocess(requests))
-
-    def preprocess(self, requests: Sequence[GenRequest]) -> list[tuple[dict[str, Any], list[int]]]:
-        """Group by parameters and fill each group's unset ones: the checkpoint's, else the project's."""
-        groups = group_by_params(requests, MUSICGEN_DEFAULTS)
-        for params, _ in groups:
-            self._resolve(params)
-        return groups
-
-    def _resolve(self, params: dict[str, Any]) -> None:
+    def checkpoint_params(self) -> dict[str, Any]:
+        """The checkpoint's generation_config values (a max_new_tokens of 0 or none is no value)."""
         checkpoint = self.model.generation_config
-        for k in ("guidance_scale", "temperature", "top_k"):
-            if params[k] is None:
-                own = getattr(checkpoint, k, None)
-                params[k] = own if own is not None else PROJECT_DEFAULTS[k]
-        if params["duration"] is not None:  # duration wins over max_new_tokens
-            if not float(params["duration"]) > 0:
-                raise BackendError("duration must be above 0 seconds")
-            params["max_new_tokens"] = None
-        elif params["max_new_tokens"] is None:
-            own = getattr(checkpoint, "max_new_tokens", None)
-            if own:
-                params["max_new_tokens"] = int(own)
-            else:
-                params["duration"] = PROJECT_DEFAULTS["duration"]
-        if params["max_new_tokens"] is None:
+        own = {k: getattr(checkpoint, k, None) for k in CHECKPOINT_KEYS}
+        own["max_new_tokens"] = int(own["max_new_tokens"]) if own["max_new_tokens"] else None
+        return own
+
+    def adjust(self, params: dict[str, Any], sources: dict[str, str]) -> None:
+        """A duration the request sets wins over max_new_tokens; the project's default duration applies
+        only when neither the request nor the checkpoint gives max_new_tokens."""
+        if sources["duration"] != "default" or params["max_new_tokens"] is None:
             # The decoder delays codebook k by k steps: n frames take n + codebooks - 1 steps.
             frames = math.ceil(float(params["duration"]) * self.frame_rate)
             params["max_new_tokens"] = frames + int(self.model.decoder.num_codebooks) - 1
-        if int(params["max_new_tokens"]) < 1:
-            raise BackendError("max_new_tokens must be at least 1")
-        if float(params["guidance_scale"]) < 0 or float(params["temperature"]) < 0 or int(params["top_k"]) < 0:
-            raise BackendError("guidance_scale, temperature and top_k must not be negative")
+            sources["max_new_tokens"] = "duration"
+        else:
+            params["duration"], sources["duration"] = None, "max_new_tokens"
 
     def _run(self, params: dict[str, Any], reqs: list[GenRequest]) -> list[Output]:
         t0 = time.perf_counter()

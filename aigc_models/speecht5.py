@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from aigc_models.audio import load_transformers, model_size, seeded, wav_output
-from aigc_models.base import BackendError, GenRequest, Output, group_by_params, in_order
+from aigc_models.base import Backend, BackendError, GenRequest, Output
+from aigc_models.params import SpeechT5Params
 
-SPEECHT5_DEFAULTS: dict[str, Any] = {"speaker_id": None}
 # Speaker x-vectors in the model directory: one (dim,) vector or (speakers, dim) rows; the first found.
 SPEAKER_FILES = ("speaker_embeddings.safetensors", "speaker_embeddings.npy")
 
@@ -48,13 +47,15 @@ def read_speakers(path: Path, dim: int) -> np.ndarray:
                        f"({dim} floats, or one row of {dim} per speaker) in {path}")
 
 
-class SpeechT5Generator:
+class SpeechT5Generator(Backend):
     """A SpeechT5ForTextToSpeech checkpoint, its tokenizer, its HiFi-GAN vocoder and speaker x-vectors.
 
     Params: ``speaker_id``, the row of the speaker embeddings file (default 0). SpeechT5's decoder
     prenet applies dropout even at inference (as Tacotron 2 does), drawn from the global RNG, one mask
     for a whole batch; so each item runs alone under its own seed, reproducible alone and in any batch.
     """
+
+    Params = SpeechT5Params
 
     def __init__(self, model, vocoder, tokenizer, speakers: np.ndarray, device: str, source: Path):
         self.model = model
@@ -103,17 +104,10 @@ class SpeechT5Generator:
             "device": self.device, "sample_rate": self.sample_rate, "speakers": len(self.speakers),
         }
 
-    def generate(self, requests: Sequence[GenRequest]) -> list[Output]:
-        return in_order(requests, self._run, self.preprocess(requests))
-
-    def preprocess(self, requests: Sequence[GenRequest]) -> list[tuple[dict[str, Any], list[int]]]:
-        groups = group_by_params(requests, SPEECHT5_DEFAULTS)
-        for params, _ in groups:
-            params["speaker_id"] = 0 if params["speaker_id"] is None else int(params["speaker_id"])
-            if not 0 <= params["speaker_id"] < len(self.speakers):
-                raise BackendError(f"speaker_id must be in 0..{len(self.speakers) - 1} (rows of the speaker "
-                                   "embeddings file)")
-        return groups
+    def check_group(self, params: dict[str, Any]) -> None:
+        if not 0 <= int(params["speaker_id"]) < len(self.speakers):
+            raise BackendError(f"speaker_id must be in 0..{len(self.speakers) - 1} (rows of the speaker "
+                               "embeddings file)")
 
     def _run(self, params: dict[str, Any], reqs: list[GenRequest]) -> list[Output]:
         t0 = time.perf_counter()

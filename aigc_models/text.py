@@ -1,7 +1,8 @@
 """Text backend on transformers: any causal LM directory, batched, one random generator per item.
 
 Effective parameters, first found wins: the request's (item > job > registry defaults, merged by the
-worker), the checkpoint's ``generation_config.json`` (sampling defaults), then ``TEXT_DEFAULTS``.
+worker), the checkpoint's ``generation_config.json`` (sampling defaults), then the project defaults
+declared on ``aigc_models.params.TextParams`` (the contract the submit side validates against too).
 Every EOS id the checkpoint lists ends an item; ids the tokenizer has no token for are never drawn.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,17 +26,13 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from aigc_models.base import BackendError, GenRequest, Output
+from aigc_models.base import Backend, BackendError, GenRequest, Output
 from aigc_models.device import default_dtype
+from aigc_models.params import TextParams
 
 transformers.logging.set_verbosity_error()  # a batch worker's log is for its own events
 transformers.logging.disable_progress_bar()
 
-# The project defaults: what runs when neither the request nor the checkpoint says.
-TEXT_DEFAULTS: dict[str, Any] = {
-    "max_new_tokens": 128, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-    "repetition_penalty": 1.0, "do_sample": True, "stop_at_eos": True, "echo": False, "stop": None,
-}
 # What a checkpoint's generation_config.json may set for us (its max_length is a context, not a default).
 CHECKPOINT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "do_sample")
 
@@ -113,8 +109,10 @@ def _ids(value: Any) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
-class CausalLMGenerator:
+class CausalLMGenerator(Backend):
     """Loads ``AutoModelForCausalLM`` + tokenizer from a directory and generates in batches."""
+
+    Params = TextParams
 
     def __init__(self, model, tokenizer, device: str, source: Path, checkpoint: dict[str, Any] | None = None):
         self.model = model
@@ -169,38 +167,11 @@ class CausalLMGenerator:
             "device": self.device,
         }
 
-    def effective(self, r: GenRequest) -> tuple[dict[str, Any], dict[str, str]]:
-        """The parameters this request runs with, and where each came from."""
-        params: dict[str, Any] = {}
-        sources: dict[str, str] = {}
-        for k, default in TEXT_DEFAULTS.items():
-            if r.params.get(k) is not None:
-                params[k], sources[k] = r.params[k], r.sources.get(k, "job")
-            elif k in self.checkpoint:
-                params[k], sources[k] = self.checkpoint[k], "checkpoint"
-            else:
-                params[k], sources[k] = default, "default"
-        if isinstance(params["stop"], str):  # one string, as the submit side accepts it
-            params["stop"] = [params["stop"]]
-        return params, sources
+    def checkpoint_params(self) -> dict[str, Any]:
+        return self.checkpoint
 
-    def generate(self, requests: Sequence[GenRequest]) -> list[Output]:
-        """Requests that share params run as one batch; results come back in request order."""
-        results: dict[int, Output] = {}
-        for params, group in self.preprocess(requests):
-            outs = self._run(params, [requests[i] for i in group])
-            for pos, out in zip(group, outs, strict=True):
-                results[pos] = out
-        return [results[i] for i in range(len(requests))]
-
-    def preprocess(self, requests: Sequence[GenRequest]) -> list[tuple[dict[str, Any], list[int]]]:
-        """Groups of request positions with the same effective params (and chat or not)."""
-        groups: dict[str, tuple[dict[str, Any], list[int]]] = {}
-        for pos, r in enumerate(requests):
-            params = self.effective(r)[0]
-            key = repr((r.messages is not None, sorted(params.items())))
-            groups.setdefault(key, (params, []))[1].append(pos)
-        return list(groups.values())
+    def group_key(self, r: GenRequest) -> Any:
+        return r.messages is not None  # a group is all chat items or all prompts
 
     def render(self, r: GenRequest) -> tuple[str, str | None]:
         """The prompt text, and for a chat item the template it was rendered with."""
@@ -260,7 +231,7 @@ class CausalLMGenerator:
                     new_tokens: torch.Tensor, params: dict[str, Any], seconds: float) -> list[Output]:
         eos = set(self.eos_ids)
         outs = []
-        for i, r in enumerate(reqs):
+        for i in range(len(reqs)):
             ids = new_tokens[i].tolist()
             finish = "length"
             ended = next((k for k, t in enumerate(ids) if t in eos), None)
@@ -274,15 +245,12 @@ class CausalLMGenerator:
             prompt, template = rendered[i]
             if params["echo"]:
                 text = prompt + text
-            _, sources = self.effective(r)
             info: dict[str, Any] = {
                 "prompt_tokens": int(enc["attention_mask"][i].sum()),
                 "new_tokens": len(ids),
                 "finish_reason": finish,
                 "batch_size": len(reqs),
                 "batch_seconds": round(seconds, 4),
-                "params": params,
-                "param_sources": sources,
                 "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(),
             }
             if template is not None:

@@ -33,10 +33,11 @@ from aigc_core.reconcile import ReconcileReport, reconcile
 from aigc_core.registry import (
     BUILTIN_MODELS,
     ModelRef,
+    check_job_fits,
     generation_defaults,
     has_chat_template,
     list_models,
-    register,
+    register_checked,
     resolve,
     safe_join,
     sync_models_file,
@@ -295,8 +296,11 @@ class Client:
             return [_model_dict(m) for m in list_models(s)]
 
     def register_model(self, name: str, kind: str, uri: str, **kw: Any) -> ModelRef:
+        """A new version of ``name``; a model the workers could not fetch or load is refused first, with
+        nothing written (``registry.register_checked``). ``digest`` gives an s3:// model's digest instead
+        of hashing its objects now; it is checked when a worker fetches them."""
         with self.db.session() as s:
-            return register(s, name, kind, uri, **kw)
+            return register_checked(s, name, kind, uri, endpoint_url=self.settings.s3_endpoint_url, **kw)
 
     def model(self, name: str) -> ModelRef:
         with self.db.session() as s:
@@ -366,7 +370,8 @@ def dependencies(s, spec: JobSpec) -> list[dict[str, str]]:
 
 
 def _model_for(s, spec: JobSpec) -> ModelRef | None:
-    """The model, or None when an ``after`` fine-tune will register it; resolved again at release."""
+    """The model, or None when an ``after`` fine-tune will register it; resolved again at release. The
+    job is checked against the model's own contract here: its backend's parameters and its context."""
     try:
         ref = resolve(s, spec.model)
     except SpecError:
@@ -377,6 +382,7 @@ def _model_for(s, spec: JobSpec) -> ModelRef | None:
         raise
     if ref.kind != spec.kind:
         raise SpecError(f"model {ref.tag} makes {ref.kind}, not {spec.kind}")
+    check_job_fits(spec, ref)
     return ref
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from aigc_core.errors import NotFound
+from aigc_core.errors import NotFound, SpecError
 from scheduler.cli.ops import stdout_console
 
 models_app = typer.Typer(no_args_is_help=True, help="The model registry.")
@@ -40,8 +41,20 @@ def models_show(name: str) -> None:
 
 
 @models_app.command("register")
-def models_register(name: str, uri: str, kind: str = "text",
-                    backend: Annotated[str | None, typer.Option()] = None) -> None:
-    """Register a new version of NAME at URI (file://DIR or s3://bucket/prefix)."""
-    ref = _client().register_model(name, kind, uri, backend=backend)
-    out.print(f"registered {ref.tag}")
+def models_register(
+    name: str,
+    uri: Annotated[str, typer.Argument(help="file:///dir, s3://bucket/prefix/ or builtin://name")],
+    kind: Annotated[str, typer.Option(help="text, image or audio")] = "text",
+    backend: Annotated[str | None, typer.Option(help="default: hf-causal-lm, diffusers or hf-tts by kind")] = None,
+    digest: Annotated[str | None, typer.Option(help="sha256:... of the files, instead of hashing an s3:// "
+                                                    "model's objects now; checked when a worker fetches it")] = None,
+) -> None:
+    """Register a new version of NAME at URI. Refused, with nothing written: a scheme the workers cannot
+    fetch, a missing directory or prefix, an architecture the backend does not run, weights that are not
+    safetensors."""
+    if digest is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        raise SpecError(f"--digest {digest!r}: expected sha256: and 64 hex digits")
+    ref = _client().register_model(name, kind, uri, backend=backend, digest=digest)
+    ctx = ref.defaults.get("context_length")
+    out.print(f"registered {ref.tag} ({ref.backend}{', context ' + str(ctx) + ' tokens' if ctx else ''}, "
+              f"digest {(ref.digest or 'none')[:19]})")

@@ -176,7 +176,7 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
 def submit(
     job_file: Annotated[Path | None, typer.Argument(help="job.yaml with kind, model, items or items_file")] = None,
     items: Annotated[Path | None, typer.Option("--items", help="items.jsonl, one {custom_id, prompt} a line")] = None,
-    kind: Annotated[str | None, typer.Option(help="text, image or audio (with --items)")] = None,
+    kind: Annotated[str | None, typer.Option(help="text, image or audio (default: what the model makes)")] = None,
     model: Annotated[str | None, typer.Option(help="model name or name@version")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="NAME=VALUE, repeatable")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
@@ -208,14 +208,26 @@ def submit(
         data["params"] = {**data.get("params", {}), **_parse_params(param)}
     if "items" not in data:
         raise SpecError("no items: give a job file with items/items_file, or --items FILE.jsonl")
-    data.setdefault("kind", "text")
     client = _client()
+    if "kind" not in data:
+        data["kind"] = _kind_of(client, data.get("model"))
     job = client.submit(data)
     out.print(job.id)
     if wait:
         _finished(client.wait(job.id, progress=True))
     elif client.publish is None:
         err.print("no broker configured (AIGC_BROKER_URL): run `aigc wait JOB` or `aigc worker` to execute it")
+
+
+def _kind_of(client, model: Any) -> str:
+    """A job's kind when none is given: what its model makes (text when the registry does not know it
+    yet, e.g. a model an ``after`` fine-tune will register)."""
+    if not isinstance(model, str) or not model:
+        return "text"
+    try:
+        return client.model(model).kind
+    except SpecError:
+        return "text"
 
 
 @app.command()

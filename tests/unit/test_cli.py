@@ -282,9 +282,14 @@ def test_broker_failures_are_described_in_one_line_with_the_password_masked():
 
 
 def test_submit_wait_exits_3_when_the_job_fails_as_wait_does(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
     cli = Cli(tmp_path)
-    empty = tmp_path / "not-a-model"
+    empty = tmp_path / "not-a-model"  # passes registration's checks, fails to load: no tokenizer
     empty.mkdir()
+    (empty / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    save_file({"x": np.zeros(1, np.float32)}, str(empty / "model.safetensors"))
     assert cli("models", "register", "broken", empty.as_uri()).returncode == 0
     items = _write(tmp_path / "i.jsonl", ['{"prompt": "x"}'])
     r = cli("submit", "--items", items, "--model", "broken", "--wait")

@@ -26,6 +26,14 @@ class FakeS3Store:
         self.objects[key] = path.read_bytes()
 
 
+@pytest.fixture
+def fake_s3_registration(monkeypatch):
+    """Registration reads an s3:// model's files from S3 itself (tests/integration test those checks):
+    with the fake store above, it takes the digest _register gives and reads nothing."""
+    monkeypatch.setattr("aigc_core.registry.inspect_model",
+                        lambda name, kind, uri, *, backend, digest, endpoint_url: ({}, digest))
+
+
 @pytest.mark.parametrize("shared", [{"broker_url": "redis://127.0.0.1:1/0"},
                                     {"database_url": "postgresql://app:pw@127.0.0.1:1/aigc"}])
 def test_the_demo_refuses_a_shared_deployment_whose_store_is_a_local_folder(tmp_path, shared):
@@ -39,7 +47,8 @@ def test_the_demo_refuses_a_shared_deployment_whose_store_is_a_local_folder(tmp_
     assert not (tmp_path / "a.db").exists()  # refused before anything was written
 
 
-def test_in_a_shared_deployment_the_demo_models_are_uploaded_and_registered_by_s3_uri(client, tiny_text_model):
+def test_in_a_shared_deployment_the_demo_models_are_uploaded_and_registered_by_s3_uri(client, tiny_text_model,
+                                                                                    fake_s3_registration):
     from worker.demo import _register
 
     client.store = FakeS3Store()
@@ -54,7 +63,8 @@ def test_in_a_shared_deployment_the_demo_models_are_uploaded_and_registered_by_s
     assert _register(client, "demo-news-base", tiny_text_model, {"recipe": 1}, upload=True).tag == ref.tag
 
 
-def test_a_file_uri_registered_before_is_not_reused_in_a_shared_deployment(client, tiny_text_model):
+def test_a_file_uri_registered_before_is_not_reused_in_a_shared_deployment(client, tiny_text_model,
+                                                                          fake_s3_registration):
     from worker.demo import _register
 
     local = _register(client, "demo-news", tiny_text_model, {})

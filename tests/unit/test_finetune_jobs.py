@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from sqlalchemy import select
@@ -50,8 +51,13 @@ def test_a_finetune_job_trains_registers_a_version_with_lineage_and_a_chained_jo
 
 
 def test_a_chained_job_fails_clearly_when_its_finetune_fails(client, dataset, tmp_path):
-    # A base model registered at a directory that does not exist: the training run cannot load it.
-    broken = client.register_model("gone", "text", (tmp_path / "no-such-model").as_uri(), digest="sha256:feed")
+    # A base model whose directory is gone since it was registered: the training run cannot load it.
+    gone = tmp_path / "no-such-model"
+    gone.mkdir()
+    (gone / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    (gone / "model.safetensors").write_bytes(b"")
+    broken = client.register_model("gone", "text", gone.as_uri(), digest="sha256:feed")
+    shutil.rmtree(gone)
     ft = client.finetune("gone", dataset, "never", FAST)
     gen = client.submit("text", model="never", items=["x"], after=ft.id)
     view = client.wait(gen.id, timeout=120)

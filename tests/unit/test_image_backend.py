@@ -224,7 +224,7 @@ def test_the_seed_varies_a_digit(digits_gen):
 
 
 @pytest.mark.parametrize(("params", "message"), [
-    ({"digit": 12}, "0-9"), ({"size": 4}, "size"), ({"resample": "lanczos"}, "resample"),
+    ({"digit": 12}, "digit must be between 0 and 9"), ({"size": 4}, "size"), ({"resample": "lanczos"}, "resample"),
     ({"temperature": -1}, "temperature"),
 ])
 def test_bad_digit_params_are_errors(digits_gen, params, message):

@@ -83,11 +83,13 @@ def test_diffusers_and_vits_checkpoints_run_as_image_and_audio_jobs(mclient, tmp
     assert all(r.duration_s > 0 and r.status == ItemStatus.succeeded for r in mclient.results(wav.id))
 
 
-def test_modality_limits_are_checked_at_submit(mclient, sqlite_settings):
+def test_modality_limits_are_checked_at_submit(mclient, sqlite_settings, tmp_path):
+    # Sizes and steps are a diffusers pipeline's parameters (the digits backend takes neither).
+    mclient.register_model("tiny-ddim", "image", build_tiny_ddim(tmp_path / "ddim").as_uri())
     with pytest.raises(SpecError, match="pixels, over the limit"):
-        mclient.submit("image", model="demo-digits", items=[{}], params={"height": 2048, "width": 2048})
+        mclient.submit("image", model="tiny-ddim", items=[{}], params={"height": 2048, "width": 2048})
     with pytest.raises(SpecError, match="num_inference_steps"):
-        mclient.submit("image", model="demo-digits", items=[{}], params={"num_inference_steps": 5000})
+        mclient.submit("image", model="tiny-ddim", items=[{}], params={"num_inference_steps": 5000})
     with pytest.raises(SpecError, match="characters is over the limit"):
         mclient.submit("audio", model="espeak-en", items=[{"text": "word " * 2000}])
     with pytest.raises(SpecError, match="needs a prompt"):

@@ -1,0 +1,154 @@
+"""What registration reads from a checkpoint before anything is written, without torch or transformers:
+its files (a local directory or an S3 prefix), its config.json / model_index.json, whether its weights
+are safetensors, and the digest of an S3 prefix (the same digest ``dir_digest`` gives its download, so
+the fetch check in ``registry._download_checked`` compares like with like)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from aigc_core.errors import NotFound, SpecError
+
+# Weights in these formats are pickles: loading one runs code. Backends load safetensors only.
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Backends whose checkpoint is a transformers model directory: config.json and weights at the top.
+TRANSFORMERS_BACKENDS = ("hf-causal-lm", "hf-tts")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint's files by relative POSIX name, and a way to read a small one (None: absent)."""
+
+    where: str
+    names: tuple[str, ...]
+    read: Callable[[str], bytes | None]
+
+    def json(self, name: str) -> dict[str, Any] | None:
+        """A JSON file of the checkpoint as a mapping; None when absent; a SpecError when unreadable."""
+        raw = self.read(name)
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SpecError(f"{self.where}/{name} is not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise SpecError(f"{self.where}/{name} is not a JSON object")
+        return data
+
+
+def local_checkpoint(path: Path) -> Checkpoint:
+    def read(name: str) -> bytes | None:
+        f = path / name
+        return f.read_bytes() if f.is_file() else None
+
+    names = tuple(sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()))
+    return Checkpoint(str(path), names, read)
+
+
+def s3_checkpoint(store: Any, uri: str) -> Checkpoint:
+    """``store`` is an ``S3Store`` rooted at the model's prefix."""
+    def read(name: str) -> bytes | None:
+        try:
+            return bytes(store.get(name))
+        except NotFound:
+            return None
+
+    names = tuple(k for k in store.list("") if k and not k.endswith("/"))
+    return Checkpoint(uri.rstrip("/"), names, read)
+
+
+def read_facts(kind: str, ck: Checkpoint) -> dict[str, Any]:
+    """The checkpoint's model_type, and for a text model its context length (n_positions,
+    max_position_embeddings or n_ctx of config.json), where config.json says."""
+    config = ck.json("config.json") or {}
+    facts: dict[str, Any] = {}
+    if isinstance(config.get("model_type"), str):
+        facts["model_type"] = config["model_type"]
+    if kind == "text":
+        for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+            value = config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                facts["context_length"] = value
+                break
+    return facts
+
+
+def check_checkpoint(backend: str, ck: Checkpoint, architectures: dict[str, tuple[str, ...]]) -> None:
+    """Refuse, in one line, a checkpoint ``backend`` cannot load: no config, an architecture it does not
+    run, or weights that are not safetensors. ``architectures``: model_types a backend picks a class by."""
+    if backend in TRANSFORMERS_BACKENDS:
+        config = ck.json("config.json")
+        if config is None:
+            raise SpecError(f"{ck.where}: no config.json: not a transformers model directory")
+        _check_architecture(backend, config, ck.where, architectures.get(backend))
+        _check_weights(ck, "")
+    elif backend == "diffusers":
+        index = ck.json("model_index.json")
+        if index is None:
+            raise SpecError(f"{ck.where}: no model_index.json: not a diffusers pipeline directory")
+        cls = index.get("_class_name")
+        if not isinstance(cls, str) or not cls.endswith("Pipeline"):
+            raise SpecError(f"{ck.where}/model_index.json: _class_name {cls!r} is not a diffusers pipeline")
+        folders = sorted({n.split("/")[0] for n in ck.names if "/" in n})
+        for folder in folders:
+            _check_weights(ck, folder + "/", required=False)
+        if not any(n.endswith(".safetensors") for n in ck.names):
+            raise SpecError(f"{ck.where}: no weights in safetensors (*.safetensors) in any component folder")
+    elif backend == "digits":
+        if ck.json("config.json") is None:
+            raise SpecError(f"{ck.where}: no config.json: not a digits model directory (aigc_models.digits.save)")
+        _check_weights(ck, "")
+
+
+def _check_architecture(backend: str, config: dict[str, Any], where: str, supported: tuple[str, ...] | None) -> None:
+    model_type = config.get("model_type")
+    if supported is not None:
+        if model_type not in supported:
+            raise SpecError(f"{where}/config.json: model_type {model_type!r} is not supported by the {backend} "
+                            f"backend (supported: {', '.join(supported)})")
+        return
+    # A causal LM: transformers' AutoModelForCausalLM loads the classes named ...ForCausalLM or
+    # ...LMHeadModel (read from config.json: the mapping itself lives in a module that imports torch).
+    names = config.get("architectures") or []
+    if not isinstance(names, list) or not names:
+        if not isinstance(model_type, str):
+            raise SpecError(f"{where}/config.json: neither architectures nor model_type: not a transformers config")
+        return
+    if not any(isinstance(n, str) and n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
+        raise SpecError(f"{where}/config.json: architecture {', '.join(map(str, names))} is not a causal language "
+                        f"model (the {backend} backend loads ...ForCausalLM / ...LMHeadModel classes)")
+
+
+def _check_weights(ck: Checkpoint, folder: str, *, required: bool = True) -> None:
+    here = [n for n in ck.names if n.startswith(folder) and "/" not in n[len(folder):]]
+    if any(n.endswith(".safetensors") for n in here):
+        return
+    pickled = [n for n in here if n.endswith(PICKLED)]
+    if pickled:
+        raise SpecError(f"{ck.where}: weights are not in safetensors ({', '.join(pickled[:3])}): pickled weights "
+                        "are never loaded; convert them (save_pretrained(..., safe_serialization=True))")
+    if required:
+        raise SpecError(f"{ck.where}/{folder}: no weights (*.safetensors)".replace("/:", ":"))
+
+
+def s3_digest(store: Any, names: tuple[str, ...]) -> str:
+    """sha256 over each object's key (relative to the prefix) and content, in the order and form of
+    ``registry.dir_digest`` over the same files downloaded: a model's digest does not depend on where it
+    lies. Contents, not ETags: a multipart upload's ETag is no hash of the bytes, and the fetch check
+    hashes the bytes. Objects are streamed, never held whole."""
+    h = hashlib.sha256()
+    for name in sorted(names, key=PurePosixPath):
+        key = f"{store.prefix}/{name}" if store.prefix else name
+        body = store.client.get_object(Bucket=store.bucket, Key=key)["Body"]
+        f = hashlib.sha256()
+        for block in body.iter_chunks(1 << 20):
+            f.update(block)
+        h.update(name.encode() + b"\0")
+        h.update(f.hexdigest().encode() + b"\n")
+    return "sha256:" + h.hexdigest()
