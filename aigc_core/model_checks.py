@@ -88,6 +88,10 @@ def check_checkpoint(backend: str, ck: Checkpoint, architectures: dict[str, tupl
             raise SpecError(f"{ck.where}: no config.json: not a transformers model directory")
         _check_architecture(backend, config, ck.where, architectures.get(backend))
         _check_weights(ck, "")
+        if config.get("model_type") == "speecht5":  # its waveform comes from a HiFi-GAN of its own
+            if "vocoder/config.json" not in ck.names:
+                raise SpecError(f"{ck.where}: SpeechT5 needs its HiFi-GAN vocoder (SpeechT5HifiGan) saved in vocoder/")
+            _check_weights(ck, "vocoder/")
     elif backend == "diffusers":
         index = ck.json("model_index.json")
         if index is None:

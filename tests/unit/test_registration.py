@@ -66,6 +66,13 @@ def test_an_architecture_the_backend_does_not_run_is_refused(client, tmp_path, k
     _refused(client, match, "foo", kind, path.as_uri(), backend=backend)
 
 
+def test_a_speecht5_checkpoint_without_its_vocoder_is_refused(client, tmp_path):
+    path = _checkpoint(tmp_path / "t5", {"model_type": "speecht5"})
+    _refused(client, r"needs its HiFi-GAN vocoder .* in vocoder/", "foo", "audio", path.as_uri())
+    _checkpoint(path / "vocoder", {"model_type": "hifigan"}, weights="pytorch_model.bin")
+    _refused(client, r"weights are not in safetensors \(vocoder/pytorch_model\.bin\)", "foo", "audio", path.as_uri())
+
+
 def test_a_diffusers_index_that_names_no_pipeline_is_refused(client, tmp_path):
     path = _checkpoint(tmp_path / "m", None, weights="")
     (path / "model_index.json").write_text('{"_class_name": "UNet2DModel"}')
