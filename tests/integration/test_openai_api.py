@@ -271,3 +271,32 @@ def test_cancel_mid_run_keeps_finished_outputs_and_lists_the_rest_as_cancelled(a
     assert finished | {e["custom_id"] for e in errors} == {f"req-{i}" for i in range(16)}
     assert not finished & {e["custom_id"] for e in errors}
     assert {(e["response"], e["error"]["code"]) for e in errors} == {(None, "batch_cancelled")}
+
+
+def test_speech_batch_through_the_sdk_returns_the_wavs_bytes_or_their_names(api_server, deploy_client, workers):
+    """/v1/audio/speech on the built-in espeak-en model, run by a Celery worker on the audio queue: with
+    response_format b64_json the line carries the WAV itself; its sha256 is the stored object's."""
+    import base64
+    import hashlib
+
+    base, key = api_server
+    workers(queues="audio")
+    client = sdk(base, key)
+    lines = [{"custom_id": f"say-{i}", "method": "POST", "url": "/v1/audio/speech",
+              "body": {"model": "espeak-en", "input": f"Bulletin number {i}.", "voice": "en-us",
+                       "response_format": "b64_json"}} for i in range(2)]
+    f = client.files.create(file=("speech.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode()),
+                            purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/audio/speech",  # type: ignore[arg-type]
+                                  completion_window="24h")
+    assert batch.status == "in_progress", batch.errors
+    done = wait_final(client, batch.id)
+    assert done.status == "completed" and done.output_file_id, done
+    out = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    stored = {r.custom_id: r for r in deploy_client.results(deploy_client.jobs(1)[0].id)}
+    assert sorted(x["custom_id"] for x in out) == ["say-0", "say-1"]
+    for x in out:
+        body = x["response"]["body"]
+        wav = base64.b64decode(body["b64_json"])
+        assert wav[:4] == b"RIFF" and hashlib.sha256(wav).hexdigest() == body["sha256"]
+        assert body["sha256"] == stored[x["custom_id"]].sha256 and body["media_type"] == "audio/wav"
