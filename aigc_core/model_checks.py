@@ -86,7 +86,7 @@ def check_checkpoint(backend: str, ck: Checkpoint, architectures: dict[str, tupl
         config = ck.json("config.json")
         if config is None:
             raise SpecError(f"{ck.where}: no config.json: not a transformers model directory")
-        _check_architecture(backend, config, ck.where, architectures.get(backend))
+        _check_architecture(backend, config, ck.where, architectures)
         _check_weights(ck, "")
         if config.get("model_type") == "speecht5":  # its waveform comes from a HiFi-GAN of its own
             if "vocoder/config.json" not in ck.names:
@@ -110,8 +110,10 @@ def check_checkpoint(backend: str, ck: Checkpoint, architectures: dict[str, tupl
         _check_weights(ck, "")
 
 
-def _check_architecture(backend: str, config: dict[str, Any], where: str, supported: tuple[str, ...] | None) -> None:
+def _check_architecture(backend: str, config: dict[str, Any], where: str,
+                        architectures: dict[str, tuple[str, ...]]) -> None:
     model_type = config.get("model_type")
+    supported = architectures.get(backend)
     if supported is not None:
         if model_type not in supported:
             raise SpecError(f"{where}/config.json: model_type {model_type!r} is not supported by the {backend} "
@@ -125,8 +127,10 @@ def _check_architecture(backend: str, config: dict[str, Any], where: str, suppor
             raise SpecError(f"{where}/config.json: neither architectures nor model_type: not a transformers config")
         return
     if not any(isinstance(n, str) and n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
+        audio = any(model_type in archs for archs in architectures.values())
+        hint = f"; a {model_type} checkpoint is an audio model: --kind audio" if audio else ""
         raise SpecError(f"{where}/config.json: architecture {', '.join(map(str, names))} is not a causal language "
-                        f"model (the {backend} backend loads ...ForCausalLM / ...LMHeadModel classes)")
+                        f"model (the {backend} backend loads ...ForCausalLM / ...LMHeadModel classes){hint}")
 
 
 def _check_weights(ck: Checkpoint, folder: str, *, required: bool = True) -> None:

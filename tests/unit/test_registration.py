@@ -56,6 +56,8 @@ def test_builtin_is_only_for_the_backends_that_make_their_own(client):
 @pytest.mark.parametrize(("kind", "backend", "config", "match"), [
     ("text", None, {"model_type": "bert", "architectures": ["BertForMaskedLM"]}, "not a causal language model"),
     ("text", None, None, "no config.json"),
+    ("text", None, {"model_type": "vits", "architectures": ["VitsModel"]}, "a vits checkpoint is an audio model: "
+                                                                           "--kind audio"),
     ("audio", None, {"model_type": "bark"}, r"'bark' is not supported by the hf-tts backend \(supported: vits, "
                                              "musicgen, speecht5\\)"),
     ("audio", None, {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "'gpt2' is not supported"),
