@@ -3,13 +3,8 @@
 
 from __future__ import annotations
 
-import math
-import random
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 import transformers

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+
 @dataclass(frozen=True)
 class TrainConfig:
     learning_rate: float = 3e-3
