@@ -437,6 +437,9 @@ def check_limits(spec: JobSpec, limits: Limits, model_defaults: dict[str, Any]) 
     if meta_bytes > limits.max_metadata_bytes:
         raise SpecError(f"metadata: {meta_bytes} bytes is over the limit of {limits.max_metadata_bytes}")
     job_params = effective_params(spec.kind, model_defaults, spec.params)  # errors name "params"
+    # The job's params are checked once; an item's only when it has its own (a million items with
+    # none would otherwise re-check the same values a million times: a streamed submit's hot loop).
+    _check_param_limits(spec.kind, job_params, limits, "params")
     seen: dict[str, int] = {}
     for i, item in enumerate(spec.items):
         cid = item.custom_id if item.custom_id is not None else str(i)
@@ -459,10 +462,9 @@ def check_limits(spec: JobSpec, limits: Limits, model_defaults: dict[str, Any]) 
         if spec.kind == "audio" and len(item.input_text) > limits.max_tts_chars:
             raise SpecError(f"items[{i}].text: {len(item.input_text)} characters is over the limit of "
                             f"{limits.max_tts_chars} for speech")
-        p = job_params
         if item.params:
             p = effective_params(spec.kind, model_defaults, spec.params, item.params, where=f"items[{i}].params")
-        _check_param_limits(spec.kind, p, limits, f"items[{i}].params" if item.params else "params")
+            _check_param_limits(spec.kind, p, limits, f"items[{i}].params")
 
 
 def _check_chat(spec: JobSpec, i: int, item: ItemSpec) -> None:
