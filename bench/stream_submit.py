@@ -3,7 +3,8 @@
 Each size runs in a fresh process (so its peak RSS is its own) against a PostgreSQL database of its
 own (``aigc_bench_submit``, dropped at the end), with a null model registered: ``Client.submit`` of a
 generator of N items, then the publish of its chunks into the outbox (no broker: the outbox rows
-stay pending). It prints seconds, items per second and the process's peak RSS growth per size, and
+stay pending; with ``--broker`` they are published to Redis, as a deployment's submit does). It
+prints seconds, items per second and the process's peak RSS growth per size, and
 the ratios between the largest and the smallest size: time should grow with N and memory should
 not. Targets (issue 19): a 1M-item job submits in <= 45 s with <= 300 MB client peak.
 """
@@ -33,14 +34,17 @@ def _admin(sql: str) -> None:
     eng.dispose()
 
 
-def one(n: int) -> dict[str, float]:
+BROKER = os.environ.get("AIGC_BENCH_REDIS_URL", "redis://127.0.0.1:6379") + "/1"  # the benchmarks' Redis db
+
+
+def one(n: int, broker: bool = False) -> dict[str, float]:
     """Runs in its own process: submit n items from a generator, return time and peak RSS growth."""
     from scheduler import Client
 
     url = PG.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{DB}"
     tmp = Path(tempfile.mkdtemp(prefix="aigc-bench-submit-"))
     (tmp / "null").mkdir()
-    client = Client(database_url=url, storage_url=tmp.as_uri(), broker_url=None,
+    client = Client(database_url=url, storage_url=tmp.as_uri(), broker_url=BROKER if broker else None,
                     backends="null=bench.null:NullGenerator")
     from aigc_core.db import Database
 
@@ -53,6 +57,10 @@ def one(n: int) -> dict[str, float]:
     secs = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert view.item_count == n, view
+    if broker:
+        import redis
+
+        redis.Redis.from_url(BROKER).flushdb()  # the published messages: no worker will take them
     return {"items": n, "seconds": secs, "items_per_s": n / secs, "rss_growth_mb": (peak - before) / 1024,
             "peak_rss_mb": peak / 1024}
 
@@ -61,10 +69,12 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.stream_submit")
     p.add_argument("--items", type=int, default=1_000_000, help="the largest job (default 1,000,000)")
     p.add_argument("--quick", action="store_true", help="largest job 100,000 items")
+    p.add_argument("--broker", action="store_true",
+                   help="publish the chunks to Redis (db 1, flushed after) as a deployment's submit does")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.one)))
+        print(json.dumps(one(args.one, args.broker)))
         return {}
     top = 100_000 if args.quick else args.items
     sizes = sorted({max(10_001, top // 10), top})
@@ -73,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
         _admin(f"DROP DATABASE IF EXISTS {DB}")
         _admin(f"CREATE DATABASE {DB}")
         try:
-            out = subprocess.run([sys.executable, "-m", "bench.stream_submit", "--one", str(n)], check=True,
+            out = subprocess.run([sys.executable, "-m", "bench.stream_submit", "--one", str(n),
+                                  *(["--broker"] if args.broker else [])], check=True,
                                  capture_output=True, text=True).stdout
         finally:
             _admin(f"DROP DATABASE IF EXISTS {DB}")

@@ -26,6 +26,7 @@ import json
 import re
 import secrets
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,30 +126,62 @@ def submit_streaming(client: Client, header: dict[str, Any], items: Iterable[Any
             else:
                 done, done_chain = row.item_count, row.payload_digest
 
-    offset = 0
-    while batch:
-        spec = spec_of(batch, offset)
-        chain = hashlib.sha256(chain.digest() + hashlib.sha256(_canon(batch)).digest())
-        end = offset + len(batch)
-        if end > limits.max_items_per_job:
-            if created:
-                _abandon(client, job_id)
-            raise SpecError(f"items: more than {limits.max_items_per_job} items is over the limit of "
-                            f"{limits.max_items_per_job} per job (AIGC_LIMIT_MAX_ITEMS_PER_JOB)")
-        if done < 0 or end <= done:  # already written (a resumed submit), or a whole job: digest only
-            if end == done and chain.hexdigest() != done_chain:
-                raise IdempotencyConflict(f"idempotency key {key!r}: the first {done} items differ from "
-                                          f"those job {job_id} was being written with")
-            offset, batch = end, _take(it, size)
-            continue
+    # On PostgreSQL a batch's write (COPY, commit) runs in a thread while the next batch is read and
+    # validated here, so the database and this process work at the same time. One write at a time,
+    # in order: each waits for the one before. SQLite writes inline.
+    writer = ThreadPoolExecutor(1, thread_name_prefix="aigc-submit") \
+        if client.db.engine.dialect.name == "postgresql" else None
+    pending: tuple[Future[None], int] | None = None
+
+    def settle() -> None:
+        """Wait for the write in flight; bad input in it removes the job this call created."""
+        nonlocal pending
+        if pending is None:
+            return
+        future, at = pending
+        pending = None
         try:
-            _write_batch(client, job_id, spec, offset, chunk_size, chain.hexdigest(), _item_rows, dependencies)
+            future.result()
         except SpecError as e:
             if created:
                 _abandon(client, job_id)
-            raise _renumber(e, offset) from None
-        done = offset = end
-        batch = _take(it, size)
+            raise _renumber(e, at) from None
+
+    offset = 0
+    try:
+        while batch:
+            spec = spec_of(batch, offset)
+            chain = hashlib.sha256(chain.digest() + hashlib.sha256(_canon(batch)).digest())
+            end = offset + len(batch)
+            if end > limits.max_items_per_job:
+                settle()
+                if created:
+                    _abandon(client, job_id)
+                raise SpecError(f"items: more than {limits.max_items_per_job} items is over the limit of "
+                                f"{limits.max_items_per_job} per job (AIGC_LIMIT_MAX_ITEMS_PER_JOB)")
+            if done < 0 or end <= done:  # already written (a resumed submit), or a whole job: digest only
+                if end == done and chain.hexdigest() != done_chain:
+                    raise IdempotencyConflict(f"idempotency key {key!r}: the first {done} items differ from "
+                                              f"those job {job_id} was being written with")
+                offset, batch = end, _take(it, size)
+                continue
+            args = (client, job_id, spec, offset, chunk_size, chain.hexdigest(), _item_rows, dependencies)
+            settle()
+            if writer is not None:
+                pending = (writer.submit(_write_batch, *args), offset)
+            else:
+                try:
+                    _write_batch(*args)
+                except SpecError as e:
+                    if created:
+                        _abandon(client, job_id)
+                    raise _renumber(e, offset) from None
+            done = offset = end
+            batch = _take(it, size)  # while the write runs
+        settle()
+    finally:
+        if writer is not None:  # the input failed: the write in flight still finishes (resumable)
+            writer.shutdown(wait=True)
 
     if done < 0:
         if chain.hexdigest() != done_chain:
