@@ -23,8 +23,8 @@ CATEGORIES = {
 }
 NEUTRAL = ("~", "threading.py", "queue.py", "contextlib.py", "weakref.py", "functools.py", "abc.py",
            "typing.py", "enum.py", "_weakrefset.py", "selectors.py", "socket.py", "ssl.py")
-# The pipeline's steps, by function name in worker/pipeline.py and aigc_core/jobs.py.
-STEPS = ("claim", "_begin_batch", "_renew", "_generate_isolated", "_store_and_commit", "_store_one",
+# The pipeline's steps, by function name in worker/pipeline.py, worker/store.py and aigc_core/jobs.py.
+STEPS = ("claim", "begin_batch", "_renew", "_generate_isolated", "store_and_commit", "_store_one",
          "finalize_if_done", "release_ready", "record_event", "provenance", "_json")
 
 
@@ -82,7 +82,7 @@ def steps(stats: pstats.Stats) -> dict[str, dict[str, float]]:
     """Cumulative seconds and calls of the pipeline's own steps (they nest: store_and_commit holds the uploads)."""
     res: dict[str, dict[str, float]] = {}
     for (fn, _, name), (_, nc, _, ct, _) in raw_stats(stats).items():
-        if name in STEPS and ("worker/pipeline.py" in fn or "aigc_core/jobs.py" in fn):
+        if name in STEPS and any(f in fn for f in ("worker/pipeline.py", "worker/store.py", "aigc_core/jobs.py")):
             r = res.setdefault(name, {"seconds": 0.0, "calls": 0})
             r["seconds"] += ct
             r["calls"] += nc

@@ -40,7 +40,7 @@ VARIANTS = ("as is", "no sidecar", "overlap", "no sidecar + overlap")
 def patched(rt, variant: str):
     import worker.pipeline as P
 
-    saved = {"put": rt.store.put, "store": P._store_and_commit, "gen": P._generate_chunk}
+    saved = {"put": rt.store.put, "store": P.store_and_commit, "gen": P._generate_chunk}
     if "no sidecar" in variant:
         real_put = saved["put"]
         rt.store.put = lambda key, *a, **kw: (None if key.endswith(".provenance.json") else real_put(key, *a, **kw))
@@ -62,12 +62,12 @@ def patched(rt, variant: str):
                     f.result()
                 pending.clear()
 
-        P._store_and_commit, P._generate_chunk = store_later, generate_chunk
+        P.store_and_commit, P._generate_chunk = store_later, generate_chunk
     try:
         yield
     finally:
         rt.store.put = saved["put"]
-        P._store_and_commit, P._generate_chunk = saved["store"], saved["gen"]
+        P.store_and_commit, P._generate_chunk = saved["store"], saved["gen"]
         if bg is not None:
             bg.shutdown()
 

@@ -19,6 +19,7 @@ from aigc_core.storage import download_uri
 from aigc_models import Output
 from worker.provenance import library_versions
 from worker.runtime import Runtime
+from worker.store import cancel_rest, fail, store_and_commit
 
 DONE_MARKER = "checkpoint.complete"  # written last: a checkpoint without it was cut off mid-upload
 
@@ -26,7 +27,6 @@ DONE_MARKER = "checkpoint.complete"  # written last: a checkpoint without it was
 def run_finetune(rt: Runtime, job, token: str, item, res) -> None:
     """Train, checkpoint to the store as it goes, register the model with its lineage, commit the card."""
     from aigc_models.finetune import FinetuneConfig, dataset_digest, finetune_causal_lm, load_dataset_texts
-    from worker.pipeline import _fail
 
     p = job.params
     work = rt.settings.cache_dir / "finetune" / job.id
@@ -39,7 +39,7 @@ def run_finetune(rt: Runtime, job, token: str, item, res) -> None:
     download_uri(p["dataset"], data, endpoint_url=rt.settings.s3_endpoint_url)
     watch.heartbeat()
     if dataset_digest(data) != p["dataset_sha256"]:
-        _fail(rt, token, {item.id: f"dataset {p['dataset']} changed since the job was submitted"})
+        fail(rt, token, {item.id: f"dataset {p['dataset']} changed since the job was submitted"})
         res.failed += 1
         return
     cfg = FinetuneConfig.from_dict(p["hyperparameters"])
@@ -57,9 +57,8 @@ def run_finetune(rt: Runtime, job, token: str, item, res) -> None:
     if metrics.get("interrupted"):
         if watch.lost:  # another delivery holds the item now; it resumes from our checkpoint
             return
-        from worker.pipeline import _cancel_rest
 
-        res.cancelled += _cancel_rest(rt, token)
+        res.cancelled += cancel_rest(rt, token)
         return
     _finish(rt, job, token, item, res, work, metrics, time.perf_counter() - t0)
 
@@ -67,14 +66,13 @@ def run_finetune(rt: Runtime, job, token: str, item, res) -> None:
 def _finish(rt: Runtime, job, token: str, item, res, work: Path, metrics: dict[str, Any], seconds: float,
             dataset_sha256: str | None = None) -> None:
     """Register the trained model, then commit its model card as the item's output."""
-    from worker.pipeline import _store_and_commit
 
     ref = _register_once(rt, job, work / "out", metrics, dataset_sha256)
     card = {"model": ref.tag, "uri": ref.uri, "digest": ref.digest,
             "lineage": _lineage(job, metrics, ref.digest, dataset_sha256)}
     out = Output(json.dumps(card, indent=1, sort_keys=True).encode(), "application/json", "json",
                  {"registered": ref.tag})
-    _store_and_commit(rt, job, token, [item], [(out, None, seconds)], _Card(job.model), res)
+    store_and_commit(rt, job, token, [item], [(out, None, seconds)], _Card(job.model), res)
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -100,9 +98,8 @@ def _run_digits(rt: Runtime, job, token: str, item, res, work: Path, watch: _Wat
     if watch.lost:
         return
     if watch.cancelled():
-        from worker.pipeline import _cancel_rest
 
-        res.cancelled += _cancel_rest(rt, token)
+        res.cancelled += cancel_rest(rt, token)
         return
     x, y = digits_data()
     sha = "sha256:" + hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()

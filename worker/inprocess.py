@@ -12,7 +12,8 @@ from aigc_core.errors import TransientError
 from aigc_core.jobs import _rowcount
 from aigc_core.reconcile import reconcile
 from aigc_core.schema import Chunk, ChunkStatus, utcnow
-from worker.pipeline import ChunkResult, run_chunk
+from worker.chunk import ChunkResult
+from worker.pipeline import run_chunk
 from worker.runtime import Runtime
 
 log = logging.getLogger("aigc.worker")

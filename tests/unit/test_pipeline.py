@@ -299,11 +299,11 @@ class SlowStore(CountingStore):
 
 
 def test_a_put_late_in_the_lease_renews_its_items_lease_first(client, monkeypatch):
-    import worker.pipeline as P
+    import worker.store as S
 
     renewed = []
-    real_renew = P._renew
-    monkeypatch.setattr(P, "_renew", lambda rt, token, ids: renewed.append(ids) or real_renew(rt, token, ids))
+    real_renew = S._renew
+    monkeypatch.setattr(S, "_renew", lambda rt, token, ids: renewed.append(ids) or real_renew(rt, token, ids))
     job = submit(client, ["a", "bb"])
     rt = runtime(client, FakeGen(), SlowStore(client.store, 0.5), micro_batch_size=2, lease_s=1, storage_workers=1)
     assert run_chunk(rt, job.id, 0).succeeded == 2  # 2 s of PUTs on a 1 s lease: renewed as it went
@@ -345,7 +345,7 @@ def test_uploads_carry_the_chunks_log_context(client):
 def test_an_interrupt_while_waiting_for_uploads_still_waits_for_those_running(client, monkeypatch):
     import threading
 
-    import worker.pipeline as P
+    import worker.store as S
 
     state = {"running": 0, "max": 0}
     lock = threading.Lock()
@@ -360,15 +360,15 @@ def test_an_interrupt_while_waiting_for_uploads_still_waits_for_those_running(cl
                 with lock:
                     state["running"] -= 1
 
-    real_wait = P.wait
+    real_wait = S.wait
 
     def interrupted_wait(fs, timeout=None, return_when="ALL_COMPLETED"):
-        if return_when == P.FIRST_EXCEPTION:
+        if return_when == S.FIRST_EXCEPTION:
             real_wait(fs, timeout=0.05)  # the uploads have begun...
             raise KeyboardInterrupt  # ...when the worker is interrupted
         return real_wait(fs, timeout=timeout, return_when=return_when)
 
-    monkeypatch.setattr(P, "wait", interrupted_wait)
+    monkeypatch.setattr(S, "wait", interrupted_wait)
     job = submit(client, ["a", "bb", "ccc"])
     rt = runtime(client, FakeGen(), Tracking(client.store, 0.3), micro_batch_size=3)
     with pytest.raises(KeyboardInterrupt):

@@ -11,7 +11,8 @@ from aigc_core.registry import ModelRef, checkpoint_chat_template
 from aigc_models import GenRequest, load_backend
 from aigc_models.base import BackendError
 from tests.support.chat_models import CHATML, CHECKPOINT_SAMPLING, build_chat_model
-from worker.pipeline import Claimed, JobInfo, _requests
+from worker.chunk import Claimed, JobInfo
+from worker.chunk import requests_of as _requests
 
 MESSAGES = [{"role": "system", "content": "You write headlines."},
             {"role": "user", "content": "Storm closes the harbour road"}]
