@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 
 import pytest
 from prometheus_client import generate_latest
@@ -267,3 +268,30 @@ def test_flower_rejects_a_malformed_auth_and_needs_a_broker(monkeypatch):
     assert isinstance(res.exception, SpecError) and "user:password" in str(res.exception)
     res, _ = _flower(monkeypatch, {"AIGC_FLOWER_BASIC_AUTH": "a:b"})
     assert isinstance(res.exception, SpecError) and "AIGC_BROKER_URL" in str(res.exception)
+
+
+# ---- what Flower shows ----------------------------------------------------------------------------
+
+def test_a_chunk_message_names_its_queue_job_and_chunk_for_flowers_task_list(monkeypatch):
+    from scheduler.dispatch import CeleryPublisher
+
+    pub = CeleryPublisher("redis://127.0.0.1:1/0")
+    sent = []
+    monkeypatch.setattr(pub.app, "send_task", lambda name, **kw: sent.append((name, kw)))
+    pub("text", "3f2a9c1e0123456789abcdef01234567", 4)
+    name, kw = sent[0]
+    assert name == "worker.run_chunk" and kw["args"] == ["3f2a9c1e0123456789abcdef01234567", 4]
+    assert kw["argsrepr"] == "text job 3f2a9c1e chunk 4"
+
+
+def test_each_worker_process_gets_a_node_name_of_its_own(monkeypatch):
+    from scheduler.cli import root as cli_root
+    from worker.app import app as celery_app
+
+    argv = []
+    monkeypatch.setenv("AIGC_BROKER_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setattr(celery_app, "worker_main", lambda a: argv.append(a))
+    assert CliRunner().invoke(cli_root.app, ["worker"]).exit_code == 0
+    assert CliRunner().invoke(cli_root.app, ["worker", "--hostname", "gpu0@%h"]).exit_code == 0
+    names = [a[a.index("--hostname") + 1] for a in argv]
+    assert names[0] == f"aigc-{os.getpid()}@%h" and names[1] == "gpu0@%h"
