@@ -9,6 +9,7 @@ checks the invariants when it ends. Used by ``tests/faults`` and by ``python -m 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -135,19 +136,27 @@ class Run:
             self._client = self.new_client()
         return self._client
 
-    def new_client(self):
-        """A Client as this run's processes see it: its AIGC_* and AWS_* environment, swapped in while
-        the settings are read and boto3 resolves its credentials."""
-        from aigc_core.settings import Settings
-        from scheduler import Client
-
+    @contextlib.contextmanager
+    def run_env(self):
+        """This run's AIGC_* and AWS_* environment, swapped in for the test process meanwhile."""
         old = {k: os.environ.get(k) for k in self.env_vars}
         os.environ.update(self.env_vars)
         try:
-            return Client(Settings())
+            yield
         finally:
             for k, v in old.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+    def new_client(self):
+        """A Client as this run's processes see it: settings read, and the store and database opened
+        (boto3 resolves its credentials then), inside this run's environment."""
+        from aigc_core.settings import Settings
+        from scheduler import Client
+
+        with self.run_env():
+            c = Client(Settings())
+            _ = c.store, c.db  # opened on first use: here, while the environment is this run's
+            return c
 
     def register_model(self, name: str = "tiny", backend: str = "hf-causal-lm", **defaults: Any) -> None:
         """The model uploaded straight to S3 (not through the proxy), registered by digest."""
@@ -157,10 +166,11 @@ class Run:
         for p in sorted(self.env.model_dir.rglob("*")):
             if p.is_file():
                 c.upload_file(str(p), self.bucket, f"models/{name}/{p.relative_to(self.env.model_dir).as_posix()}")
-        self.client.register_model(name, "text", f"s3://{self.bucket}/models/{name}/", backend=backend,
-                                   digest=dir_digest(self.env.model_dir),
-                                   defaults={"max_new_tokens": 48, "do_sample": False, "stop_at_eos": False,
-                                             **defaults})
+        with self.run_env():  # registration lists the prefix with the run's credentials
+            self.client.register_model(name, "text", f"s3://{self.bucket}/models/{name}/", backend=backend,
+                                       digest=dir_digest(self.env.model_dir),
+                                       defaults={"max_new_tokens": 48, "do_sample": False, "stop_at_eos": False,
+                                                 **defaults})
 
     def start_worker(self, **kw) -> WorkerProc:
         w = start_worker(self.env_vars | kw.pop("env", {}), self.dir, **kw)
