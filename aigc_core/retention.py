@@ -153,6 +153,16 @@ def _delete_chunks(db: Database, job_ids: Sequence[str], rows: int) -> int:
             return total
 
 
+def delete_jobs(db: Database, job_ids: Sequence[str], rows: int = ROWS_PER_STATEMENT) -> tuple[int, int, int, int]:
+    """The jobs' rows, a bounded DELETE per transaction, the job rows last (a job row stays until
+    everything under it is gone). Returns the artifacts, items, chunks and events removed."""
+    counts = (_delete_in_batches(db, Artifact, job_ids, rows), _delete_in_batches(db, Item, job_ids, rows),
+              _delete_chunks(db, job_ids, rows), _delete_in_batches(db, JobEvent, job_ids, rows))
+    with db.session() as s:
+        s.execute(delete(Job).where(Job.id.in_(job_ids)), execution_options={"synchronize_session": False})
+    return counts
+
+
 def _count(s: Session, model: Any, job_ids: Sequence[str]) -> int:
     return int(s.scalar(select(func.count()).select_from(model).where(model.job_id.in_(job_ids))) or 0)
 
@@ -190,12 +200,11 @@ def collect_garbage(db: Database, store: ObjectStore | None, older_than: timedel
         if objects and store is not None:
             rep.objects += _objects(store, ids, dry_run)
         if not dry_run:
-            rep.artifacts += _delete_in_batches(db, Artifact, ids, rows_per_statement)
-            rep.items += _delete_in_batches(db, Item, ids, rows_per_statement)
-            rep.chunks += _delete_chunks(db, ids, rows_per_statement)
-            rep.events += _delete_in_batches(db, JobEvent, ids, rows_per_statement)
-            with db.session() as s:  # last: a job row stays until everything under it is gone
-                s.execute(delete(Job).where(Job.id.in_(ids)), execution_options={"synchronize_session": False})
+            artifacts, items, chunks, events = delete_jobs(db, ids, rows_per_statement)
+            rep.artifacts += artifacts
+            rep.items += items
+            rep.chunks += chunks
+            rep.events += events
         rep.jobs += len(ids)
         rep.seconds = time.monotonic() - t0
         if progress is not None:

@@ -8,7 +8,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -240,21 +240,37 @@ def load_items_jsonl(path: Path, limits: Limits | None = None, *, name: str | No
     and one with more than ``max_items_per_job`` items after counting its lines, before any is parsed.
     """
     limits = limits or Limits()
-    path = Path(path)
-    shown = name or path
-    try:
-        f = path.open("rb")
-    except OSError as e:
-        raise SpecError(f"{shown}: {e.strerror}") from None
+    shown = name or Path(path)
+    f, size = _open_items(Path(path), shown, limits)
     with f:
-        size = _file_size(f)
-        if size is not None and size > limits.max_items_file_bytes:
-            raise SpecError(f"{shown}: {size} bytes is over the limit of {limits.max_items_file_bytes} "
-                            "(AIGC_LIMIT_MAX_ITEMS_FILE_BYTES); split the job")
         if size is not None:  # a regular file: count first, so a huge one costs no memory
             _count_items(f, shown, limits)
             f.seek(0)
         return [_parse_item_line(raw, n, shown, limits) for n, raw in _item_lines(f, shown, limits)]
+
+
+def iter_items_jsonl(path: Path | str, limits: Limits | None = None) -> Iterator[dict[str, Any]]:
+    """The items of a JSONL file one at a time, for a job written as it is read (scheduler/bulk.py):
+    the same checks as ``load_items_jsonl``, without holding the items."""
+    limits = limits or Limits()
+    f, _ = _open_items(Path(path), path, limits)
+    with f:
+        for n, raw in _item_lines(f, path, limits):
+            yield _parse_item_line(raw, n, path, limits)
+
+
+def _open_items(path: Path, shown: Path | str, limits: Limits):
+    """The file, open, and its size; one over ``max_items_file_bytes`` is refused before it is read."""
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise SpecError(f"{shown}: {e.strerror}") from None
+    size = _file_size(f)
+    if size is not None and size > limits.max_items_file_bytes:
+        f.close()
+        raise SpecError(f"{shown}: {size} bytes is over the limit of {limits.max_items_file_bytes} "
+                        "(AIGC_LIMIT_MAX_ITEMS_FILE_BYTES); split the job")
+    return f, size
 
 
 def items_file_location(ref: Any, *, settings: Settings | None, base_dir: Path | None = None) -> Path | str:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from aigc_models.base import Backend, BackendError, Generator, GenRequest, Output
+from aigc_models.base import Backend, BackendError, Generator, GenRequest, Output, module_facts
 from aigc_models.params import EspeakParams, VitsParams
 
 # The `hf-tts` backend: a checkpoint's config.json model_type -> the class that runs it (MMS-TTS is VITS);
@@ -145,9 +145,7 @@ class VitsGenerator(Backend):
 
     def describe(self) -> dict[str, Any]:
         return {
-            "class": type(self.model).__name__,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            **module_facts(self.model),
             "device": self.device, "sample_rate": self.sample_rate,
             "speakers": int(getattr(self.model.config, "num_speakers", 1) or 1),
         }

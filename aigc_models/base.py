@@ -191,6 +191,12 @@ def in_order(requests: Sequence[GenRequest], run_group, groups) -> list[Output]:
     return [results[i] for i in range(len(requests))]
 
 
+def module_facts(model: Any) -> dict[str, Any]:
+    """What a backend's ``describe`` says of any torch module: its class, parameter count and dtype."""
+    return {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+
+
 BACKENDS: dict[str, str] = {
     "hf-causal-lm": "aigc_models.text:CausalLMGenerator",
     "diffusers": "aigc_models.image:DiffusersImageGenerator",

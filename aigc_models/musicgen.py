@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from aigc_models.audio import load_transformers, model_size, seeded, wav_output
-from aigc_models.base import Backend, BackendError, GenRequest, Output
+from aigc_models.base import Backend, BackendError, GenRequest, Output, module_facts
 from aigc_models.params import MusicgenParams
 
 # What the checkpoint's generation_config.json may set for us where the request does not.
@@ -67,9 +67,7 @@ class MusicgenGenerator(Backend):
 
     def describe(self) -> dict[str, Any]:
         return {
-            "class": type(self.model).__name__,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            **module_facts(self.model),
             "device": self.device, "sample_rate": self.sample_rate, "frame_rate": self.frame_rate,
             "codebooks": int(self.model.decoder.num_codebooks),
             "channels": int(self.model.config.audio_encoder.audio_channels),

@@ -26,7 +26,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from aigc_models.base import Backend, BackendError, GenRequest, Output
+from aigc_models.base import Backend, BackendError, GenRequest, Output, module_facts
 from aigc_models.device import default_dtype
 from aigc_models.params import TextParams
 
@@ -161,9 +161,7 @@ class CausalLMGenerator(Backend):
 
     def describe(self) -> dict[str, Any]:
         return {
-            "class": type(self.model).__name__,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            **module_facts(self.model),
             "device": self.device,
         }
 

@@ -27,18 +27,17 @@ import re
 import secrets
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from aigc_core.errors import IdempotencyConflict, SpecError
 from aigc_core.jobs import record_event
 from aigc_core.registry import generation_defaults
-from aigc_core.schema import Chunk, ChunkStatus, Item, Job, JobEvent, JobStatus, utcnow
-from aigc_core.settings import Limits
-from aigc_core.spec import JobSpec, _file_size, _item_lines, _parse_item_line, check_limits, parse_spec
+from aigc_core.retention import delete_jobs
+from aigc_core.schema import Chunk, ChunkStatus, Item, Job, JobStatus, utcnow
+from aigc_core.spec import JobSpec, check_limits, parse_spec
 
 if TYPE_CHECKING:
     from scheduler.client import Client
@@ -59,30 +58,13 @@ def _renumber(e: SpecError, offset: int) -> SpecError:
     return SpecError(re.sub(r"items\[(\d+)\]", lambda m: f"items[{offset + int(m.group(1))}]", str(e)))
 
 
-def iter_items_jsonl(path: Path | str, limits: Limits) -> Iterator[dict[str, Any]]:
-    """The items of a JSONL file one at a time (``load_items_jsonl`` reads them all): a file over
-    ``max_items_file_bytes`` is refused before any is read; errors name the line."""
-    path = Path(path)
-    try:
-        f = path.open("rb")
-    except OSError as e:
-        raise SpecError(f"{path}: {e.strerror}") from None
-    with f:
-        size = _file_size(f)
-        if size is not None and size > limits.max_items_file_bytes:
-            raise SpecError(f"{path}: {size} bytes is over the limit of {limits.max_items_file_bytes} "
-                            "(AIGC_LIMIT_MAX_ITEMS_FILE_BYTES); split the job")
-        for n, raw in _item_lines(f, path, limits):
-            yield _parse_item_line(raw, n, path, limits)
-
-
 def batch_size(chunk_size: int) -> int:
     return max(chunk_size, STREAM_BATCH // chunk_size * chunk_size)
 
 
 def submit_streaming(client: Client, header: dict[str, Any], items: Iterable[Any]) -> str:
     """Write the job a batch at a time; returns its id (the existing job's for a known key)."""
-    from scheduler.client import _item_rows, _model_for, dependencies
+    from scheduler.client import _model_for
 
     settings, limits = client.settings, client.settings.limits
     chunk_size = parse_spec({**header, "items": []}).chunk_size or settings.chunk_size
@@ -165,7 +147,7 @@ def submit_streaming(client: Client, header: dict[str, Any], items: Iterable[Any
                                               f"those job {job_id} was being written with")
                 offset, batch = end, _take(it, size)
                 continue
-            args = (client, job_id, spec, offset, chunk_size, chain.hexdigest(), _item_rows, dependencies)
+            args = (client, job_id, spec, offset, chunk_size, chain.hexdigest())
             settle()
             if writer is not None:
                 pending = (writer.submit(_write_batch, *args), offset)
@@ -191,9 +173,8 @@ def submit_streaming(client: Client, header: dict[str, Any], items: Iterable[Any
     return job_id
 
 
-def _write_batch(client: Client, job_id: str, spec: JobSpec, offset: int, chunk_size: int, chain: str,
-                 item_rows: Any, dependencies: Any) -> None:
-    from scheduler.client import _model_for
+def _write_batch(client: Client, job_id: str, spec: JobSpec, offset: int, chunk_size: int, chain: str) -> None:
+    from scheduler.client import _item_rows, _model_for, dependencies  # client imports this module
 
     with client.db.session() as s:
         job = s.get(Job, job_id)
@@ -206,7 +187,7 @@ def _write_batch(client: Client, job_id: str, spec: JobSpec, offset: int, chunk_
         known = {d["job"] for d in job.depends_on or []}
         if any(d["job"] not in known for d in deps):
             job.depends_on = [*(job.depends_on or []), *(d for d in deps if d["job"] not in known)]
-        rows = item_rows(spec, ref, job_id, job.seed, chunk_size, offset)
+        rows = _item_rows(spec, ref, job_id, job.seed, chunk_size, offset)
         try:
             with s.begin_nested():
                 _insert_items(s, rows)
@@ -278,13 +259,10 @@ def _finish(client: Client, job_id: str, digest: str) -> None:
 
 
 def _abandon(client: Client, job_id: str) -> None:
-    """Bad input part way through a job this call created: it goes, rows and all, so nothing of it is
-    left behind (a resumed job keeps the batches written before, for a corrected input to resume)."""
+    """Bad input part way through a job this call created: it goes, rows and all, in gc's bounded
+    deletes, so nothing of it is left behind (a resumed job keeps the batches written before, for a
+    corrected input to resume)."""
     with client.db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None or job.status != JobStatus.submitting:
+        if s.scalar(select(Job.status).where(Job.id == job_id)) != JobStatus.submitting:
             return
-        s.execute(delete(Item).where(Item.job_id == job_id))
-        s.execute(delete(Chunk).where(Chunk.job_id == job_id))
-        s.execute(delete(JobEvent).where(JobEvent.job_id == job_id))
-        s.delete(job)
+    delete_jobs(client.db, [job_id])

@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 
 from aigc_core.errors import AigcError, NotFound, SpecError, service_error
 from aigc_core.settings import Limits, Settings
-from aigc_core.spec import items_file_location, load_yaml, parse_scalar, read_items_file
+from aigc_core.spec import items_file_location, iter_items_jsonl, load_yaml, parse_scalar, read_items_file
 from scheduler.cli import models as cli_models
 from scheduler.cli import ops as cli_ops
 from scheduler.cli import schedules as cli_schedules
@@ -196,8 +196,6 @@ def submit(
         return
     data: dict[str, Any] = load_job_file(job_file) if job_file else {}
     if items:  # read as the job is written, a batch at a time (scheduler/bulk.py)
-        from scheduler.bulk import iter_items_jsonl
-
         data["items"] = iter_items_jsonl(items, Settings().limits)
     for name, value in (("kind", kind), ("model", model), ("seed", seed), ("idempotency_key", key)):
         if value is not None:

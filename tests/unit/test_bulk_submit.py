@@ -8,8 +8,8 @@ from sqlalchemy import func, select
 
 from aigc_core.errors import IdempotencyConflict, SpecError
 from aigc_core.schema import Chunk, ChunkStatus, Item, Job, JobStatus
+from aigc_core.spec import iter_items_jsonl
 from scheduler import Client, bulk
-from scheduler.bulk import iter_items_jsonl
 
 BATCH = 320  # ten chunks of 32 per transaction, so a few thousand items make many batches
 
