@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # with such a backend runs only on workers that have this setting and can import the module.
     backends: str = ""
     storage_workers: int = 8
+    # A micro-batch's outputs are stored and committed while the chunk's next micro-batch generates
+    # (worker/overlap.py; one batch in flight). False: each batch is stored before the next begins.
+    overlap_storage: bool = True
     # Each output's provenance as a `NNNNNN.provenance.json` object beside it. Off: provenance stays
     # in the database row (and inside PNG/WAV files), and each text item costs one PUT, not two.
     provenance_sidecars: bool = True

@@ -27,6 +27,7 @@ from aigc_models import Output
 from worker import metrics
 from worker.chunk import ChunkResult, Claimed, JobInfo, requests_of
 from worker.finetune import run_finetune
+from worker.overlap import StoreAhead
 from worker.runtime import Runtime
 from worker.store import begin_batch, cancel_rest, fail, release, release_quietly, store_and_commit
 
@@ -214,15 +215,29 @@ def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed],
         # generation that could not be stored (raises StorageError while it is still down).
         rt.store.exists(f"{job_prefix(job.id)}/items/.probe")
         rt.storage_failed = False
+    # Batch k stores and commits while k+1 generates. Not for a retried chunk: there each item is
+    # committed before the next begins, so an item that kills the worker costs no neighbour an attempt.
+    ahead = StoreAhead(rt, rt.settings.overlap_storage and not retried)
+    try:
+        _generate_batches(rt, job, token, ordered, size, model, res, ahead)
+        ahead.wait()  # the last batch: stored and committed (or its error raised) before the chunk ends
+    finally:
+        ahead.settle()  # on the way out of a failure: no upload still running once this returns
+
+
+def _generate_batches(rt: Runtime, job: JobInfo, token: str, ordered: list[Claimed], size: int, model,
+                      res: ChunkResult, ahead: StoreAhead) -> None:
     start = 0
     while start < len(ordered):
+        ahead.check()  # the batch in flight failed already: stop before generating another
         size = min(size, rt.batch_caps.get(job.model.tag, size))  # an out-of-memory split lowers it
         batch = ordered[start : start + size]
         start += len(batch)
         leased_at = time.time()  # the wall clock, as the leases themselves
         mine = begin_batch(rt, job.id, token, [c.id for c in batch],
-                            charge=[c.id for c in batch if c.id not in res.charged])
-        if mine is None:  # cancelled: no new item starts
+                            charge=[c.id for c in batch if c.id not in res.charged], busy=ahead.busy())
+        if mine is None:  # cancelled: no new item starts; the batch in flight commits first
+            ahead.wait()
             res.cancelled += cancel_rest(rt, token)
             return
         batch = [replace(c, attempts=mine[c.id]) for c in batch if c.id in mine]
@@ -235,7 +250,9 @@ def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed],
         metrics.observe_generation(job.model.tag, job.kind, secs, len(batch))
         log.info("generated %d items in %.3f s", len(batch), secs,
                  extra={"items": [c.index for c in batch], "attempts": [c.attempts for c in batch]})
-        store_and_commit(rt, job, token, batch, outputs, model, res, leased_at=leased_at)
+        # The store thread adds to res.succeeded / failed / errors; this thread to charged / cancelled.
+        ahead.submit([c.id for c in batch], store_and_commit, rt, job, token, batch, outputs, model, res,
+                     leased_at=leased_at)
 
 
 def _generate_isolated(rt: Runtime, model, job: JobInfo,

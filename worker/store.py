@@ -14,7 +14,7 @@ from concurrent.futures import FIRST_EXCEPTION, wait
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, case, insert, select, text, update
+from sqlalchemy import ColumnElement, CursorResult, and_, case, insert, select, text, true, update
 from sqlalchemy.orm import InstrumentedAttribute
 
 from aigc_core import __version__
@@ -122,16 +122,18 @@ def _discard(rt: Runtime, job_id: str, keys: list[str]) -> None:
         log.warning("could not record uncommitted outputs for the sweep: %s", e)
 
 
-def begin_batch(rt: Runtime, job_id: str, token: str, ids: list[int],
-                 charge: list[int] | None = None) -> dict[int, int] | None:
+def begin_batch(rt: Runtime, job_id: str, token: str, ids: list[int], charge: list[int] | None = None,
+                busy: frozenset[int] = frozenset()) -> dict[int, int] | None:
     """One transaction before each micro-batch: None when the job was cancelled; else the batch's items
     still ours with their attempt charged ({id: attempt}), and the lease of every item the chunk still
-    holds renewed (the chunk's heartbeat)."""
+    holds renewed (the chunk's heartbeat), except ``busy``: the batch being stored and committed
+    meanwhile (worker/overlap.py), whose rows its own transaction holds."""
     with rt.db.session() as s:
         if s.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.cancelled:
             return None
+        held = and_(Item.claim_token == token, Item.status == ItemStatus.running)
         rows = s.execute(
-            update(Item).where(Item.claim_token == token, Item.status == ItemStatus.running)
+            update(Item).where(held, Item.id.not_in(list(busy)) if busy else true())
             .values(lease_until=utcnow() + timedelta(seconds=rt.settings.lease_s),
                     attempts=case((Item.id.in_(ids if charge is None else charge), Item.attempts + 1),
                                   else_=Item.attempts))
