@@ -80,9 +80,10 @@ class Settings(BaseSettings):
     # A micro-batch's outputs are stored and committed while the chunk's next micro-batch generates
     # (worker/overlap.py; one batch in flight). False: each batch is stored before the next begins.
     overlap_storage: bool = True
-    # Each output's provenance as a `NNNNNN.provenance.json` object beside it. Off: provenance stays
-    # in the database row (and inside PNG/WAV files), and each text item costs one PUT, not two.
-    provenance_sidecars: bool = True
+    # Each output's provenance as a `NNNNNN.provenance.json` object beside it too. Off (the default):
+    # provenance lives in the Artifact row (and inside PNG/WAV files and their C2PA manifests), and each
+    # item costs one PUT, not two: the sidecar was a third of the machinery per item (bench.machinery).
+    provenance_sidecars: bool = False
     # C2PA content credentials (aigc_core/credentials.py, worker/credentials.py): each PNG and WAV is
     # signed in the worker before it is stored; a text output gets a detached manifest, "<key>.c2pa".
     # "auto": "optional" when a certificate and key are configured, else "off". "optional": an output

@@ -29,7 +29,15 @@ from worker.chunk import ChunkResult, Claimed, JobInfo, requests_of
 from worker.finetune import run_finetune
 from worker.overlap import StoreAhead
 from worker.runtime import Runtime
-from worker.store import begin_batch, cancel_rest, fail, release, release_quietly, store_and_commit
+from worker.store import (
+    begin_batch,
+    cancel_rest,
+    fail,
+    lease_write,
+    release,
+    release_quietly,
+    store_and_commit,
+)
 
 log = logging.getLogger("aigc.worker")
 
@@ -81,6 +89,7 @@ def claim(rt: Runtime, job_id: str, chunk_no: int) -> tuple[JobInfo | None, str,
     reached are not blamed for its death."""
     token, now = uuid.uuid4().hex, utcnow()
     with rt.db.session() as s:
+        lease_write(s)
         job = s.get(Job, job_id)
         if job is None or job.status.final:
             if job is not None and job.status == JobStatus.cancelled:

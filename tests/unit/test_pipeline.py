@@ -62,7 +62,9 @@ class CountingStore:
 
 
 def runtime(client, gen, store=None, pool=None, **overrides) -> Runtime:
-    settings = client.settings.model_copy(update=overrides)
+    # Sidecars on (not the default) unless a test says otherwise: two objects per item, the harder
+    # case for every fencing check below, and each sidecar is held to its row.
+    settings = client.settings.model_copy(update={"provenance_sidecars": True, **overrides})
     return Runtime(settings, client.db, store or CountingStore(client.store),
                    pool=pool or ModelPool(lambda ref: gen, 1 << 40), device="cpu")
 
