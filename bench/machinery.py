@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
         task_ms: dict[str, list[float]] = {v: [] for v in VARIANTS}
 
         def one(i: int, v: str) -> float:
-            r = run_job(client, f"null-{i}", headline_prompts(n), chunk_size=CHUNK)
+            r = run_job(client, f"null-{i}", headline_prompts(n), chunk_size=CHUNK, timeout=120)
             check_outputs(client, r["job_id"], n, sidecars=VARIANTS[v][1])
             tasks, secs = task_seconds(workers[v].log(), r["job_id"])
             if tasks != (n + CHUNK - 1) // CHUNK:

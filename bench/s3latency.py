@@ -38,7 +38,7 @@ from bench.common import (
 from bench.latency_proxy import LatencyProxy
 
 # label, layers, width, heads, items per run (a multiple of the chunk size; a few seconds each)
-SIZES = [("2L-128w (demo, 0.8M)", 2, 128, 4, 256), ("4L-256w (4M)", 4, 256, 4, 128)]
+SIZES = [("2L-128w (demo, 0.8M)", 2, 128, 4, 512), ("4L-256w (4M)", 4, 256, 4, 512)]  # the 512 prompts
 OVERLAP = ("on", "off")
 TARGET_SIZE, TARGET_DELAY = "4L-256w (4M)", 20
 
@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
                          new_tokens=args.new_tokens)
 
                 def runner(v: str, label: str = label, prompts: list[str] = prompts, n: int = n) -> float:
-                    r = run_job(client, f"lat-{label.split()[0]}-{v}", prompts, params=params)
+                    r = run_job(client, f"lat-{label.split()[0]}-{v}", prompts, params=params, timeout=300)
                     check_outputs(client, r["job_id"], n)  # after the clock; the default sidecar setting
                     return r["seconds"]
 

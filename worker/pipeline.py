@@ -73,6 +73,9 @@ def _run_chunk(rt: Runtime, job_id: str, chunk_no: int) -> ChunkResult:
             metrics.count_items(job.model.tag, res.succeeded, res.failed, res.cancelled)
     if items:
         with rt.db.session() as s:
+            # Lost in a database crash, a done chunk is read as open again: its items are final, so
+            # the reconciler finds nothing in it to send, and finalize marks it done once more.
+            lease_write(s)
             finish_chunk(s, job_id, chunk_no)
     final = finalize_if_done(rt.db, rt.store, job_id)
     res.final_status = getattr(final, "value", None)
