@@ -50,7 +50,10 @@ def test_batch_k_is_stored_while_k_plus_1_generates_and_succeeds_only_once_store
     store = TrackingStore(client.store, 0.3)
 
     def hook(n):
-        if n == 2:  # the second batch begins generating
+        if n == 2:  # the second batch begins generating; batch 1's PUTs (0.3 s each) start about now
+            deadline = time.monotonic() + 1.0
+            while overlap and store.running == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
             seen["puts_running"] = store.running
             seen["status"] = statuses(client, job.id)
 
@@ -125,12 +128,17 @@ def test_an_interrupt_while_the_next_batch_generates_waits_for_the_batch_in_flig
 
     def hook(n):
         if n == 2:
-            assert store.running > 0  # batch 1 is being stored...
+            deadline = time.monotonic() + 1.0
+            while store.running == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            seen["puts_running"] = store.running  # batch 1 is being stored...
             raise KeyboardInterrupt  # ...when the worker is interrupted
 
     rt = runtime(client, FakeGen(hook), store, micro_batch_size=2, storage_workers=4)
+    seen = {}
     with pytest.raises(KeyboardInterrupt):
         run_chunk(rt, job.id, 0)
+    assert seen["puts_running"] > 0
     assert store.running == 0  # no upload outlives the chunk
     puts = len(store.puts)
     time.sleep(0.5)
