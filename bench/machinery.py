@@ -42,8 +42,9 @@ VARIANTS = {  # name: (overlap, sidecars)
     "in line, sidecars": (False, True),
 }
 CHUNK = 32
-# Provenance entries that are the same for every item of a job (and worker process).
-JOB_LEVEL = ("job_id", "model", "params", "worker", "device", "versions", "source")
+# Provenance entries that are the same for every item a worker process makes for a job (params are
+# not: an item may set its own).
+JOB_LEVEL = ("job_id", "model", "worker", "device", "versions")
 
 
 def env_of(overlap: bool, sidecars: bool) -> dict[str, str]:
@@ -119,7 +120,7 @@ def main(argv=None) -> dict:
     t = trips["overlap, no sidecars"]
     prov = table("Provenance JSON in each Artifact row (median bytes per item)", ["what", "bytes"],
                  [["whole provenance", f"{t['provenance_bytes_per_item']:.0f}"],
-                  [f"of which the same for the whole job ({', '.join(JOB_LEVEL)})",
+                  [f"of which the same for a job's items on one worker ({', '.join(JOB_LEVEL)})",
                    f"{t['job_level_provenance_bytes_per_item']:.0f}"]])
     m = statistics.median(runs["overlap, no sidecars"])
     print(f"target machinery <= 1.0 ms/item on the null backend (defaults: overlap, no sidecars): "
