@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from aigc_core.db import Database
 from aigc_core.errors import IdempotencyConflict, NotFound, SpecError
+from aigc_core.notify import notify_finished
 from aigc_core.schema import (
     OPEN_ITEM_STATES,
     Artifact,
@@ -196,6 +197,7 @@ def finalize_if_done(db: Database, store: ObjectStore, job_id: str) -> JobStatus
         ))
         if done:
             record_event(s, job_id, "finished", status=status.value, counts=counts)
+            notify_finished(s, job_id, status.value)  # Client.wait hears it when this commits
             s.execute(update(Chunk).where(Chunk.job_id == job_id, Chunk.status == ChunkStatus.published)
                       .values(status=ChunkStatus.done))
     return status if done else None

@@ -29,6 +29,7 @@ from aigc_core.jobs import (
     resolve_job_id,
     sidecar_of,
 )
+from aigc_core.notify import FinishWatch
 from aigc_core.reconcile import ReconcileReport, reconcile
 from aigc_core.registry import (
     BUILTIN_MODELS,
@@ -195,14 +196,16 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         with JobProgress(self.status(job_id), enabled=progress) as bar:
             self.runner.drive(self, job_id, lambda: bar.update(self.status(job_id)))
-            while True:
-                view = self.status(job_id)
-                bar.update(view)
-                if view.final:
-                    return view
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"job {job_id} still {view.status.value} after {timeout}s")
-                time.sleep(poll_s)
+            # Listening before the status is read: an end between the read and the sleep still wakes it.
+            with FinishWatch(self.db, job_id) as watch:
+                while True:
+                    view = self.status(job_id)
+                    bar.update(view)
+                    if view.final:
+                        return view
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise TimeoutError(f"job {job_id} still {view.status.value} after {timeout}s")
+                    watch.wait(poll_s if deadline is None else min(poll_s, max(0.0, deadline - time.monotonic())))
 
     # ---- results ------------------------------------------------------------------------------
 
