@@ -92,6 +92,9 @@ def main(argv=None) -> dict:
                 def drive(self, client, job_id, on_chunk):
                     return None
 
+                def warm(self, client, model):
+                    return None
+
             client = Client(settings, runner=Elsewhere())
             db, store = database(url), open_store(settings.storage_url)
             lags = interleave_many(rounds, {

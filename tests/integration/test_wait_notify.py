@@ -31,6 +31,9 @@ class _Elsewhere:
     def drive(self, client, job_id, on_chunk):
         return None
 
+    def warm(self, client, model):
+        return None
+
 
 def _finish_later(db, store, job_id: str, after_s: float) -> threading.Thread:
     def run():
