@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlparse
@@ -43,6 +44,8 @@ class ObjectStore(Protocol):
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> Iterator[str]: ...
+    def folders(self, prefix: str) -> Iterator[str]: ...
+    def newest(self, prefix: str) -> datetime | None: ...
     def uri(self, key: str) -> str: ...
     def download(self, key: str, path: Path) -> None: ...
     def upload(self, key: str, path: Path, content_type: str = "application/octet-stream") -> ObjectInfo: ...
@@ -121,6 +124,19 @@ class LocalStore:
                 key = p.relative_to(base).as_posix()
                 if key.startswith(prefix):
                     yield key
+
+    def folders(self, prefix: str) -> Iterator[str]:
+        """The "folders" right under ``prefix`` (which ends in '/'), as ``prefix + name + '/'``."""
+        start = self.root / check_key(prefix.rstrip("/"))
+        if start.is_dir():
+            for p in sorted(start.iterdir()):
+                if p.is_dir():
+                    yield f"{prefix}{p.name}/"
+
+    def newest(self, prefix: str) -> datetime | None:
+        """When the newest object under ``prefix`` was written; None when there is none."""
+        times = [self._path(k).stat().st_mtime for k in self.list(prefix)]
+        return datetime.fromtimestamp(max(times), UTC) if times else None
 
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
@@ -293,6 +309,32 @@ class S3Store:
                     yield obj["Key"][cut:]
         except Exception as e:
             raise StorageError(f"list s3://{self.bucket}/{full} failed: {e}") from e
+
+    def folders(self, prefix: str) -> Iterator[str]:
+        """The common prefixes right under ``prefix`` (which ends in '/'): one listing with a delimiter,
+        not every key."""
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full,
+                                                                          Delimiter="/")
+            for page in pages:
+                for cp in page.get("CommonPrefixes", []):
+                    yield cp["Prefix"][cut:]
+        except Exception as e:
+            raise StorageError(f"list s3://{self.bucket}/{full} failed: {e}") from e
+
+    def newest(self, prefix: str) -> datetime | None:
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        newest: datetime | None = None
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    if newest is None or obj["LastModified"] > newest:
+                        newest = obj["LastModified"]
+        except Exception as e:
+            raise StorageError(f"list s3://{self.bucket}/{full} failed: {e}") from e
+        return newest
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._full(key)}"

@@ -359,6 +359,10 @@ def gc(
                                                                  "30d, 12h, 90m, 2w")],
     objects: Annotated[bool, typer.Option("--objects", help="also their stored objects: outputs, sidecars, "
                                                             "manifest, errors, orphans under their prefix")] = False,
+    orphans: Annotated[bool, typer.Option("--orphans", help="also objects under jobs/ID/ for IDs this database "
+                                                            "has no job for, nothing newer than --older-than "
+                                                            "(not for a bucket prefix shared with another "
+                                                            "database); implies --objects")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would go; change nothing")] = False,
 ) -> None:
     """Remove finished jobs older than --older-than with their rows (and objects with --objects). Never
@@ -367,8 +371,8 @@ def gc(
 
     age = parse_age(older_than)
     client = _client()
-    rep = collect_garbage(client.db, client.store if objects else None, age, objects=objects, dry_run=dry_run,
-                          progress=lambda line: err.print(line, highlight=False))
+    rep = collect_garbage(client.db, client.store if objects or orphans else None, age, objects=objects,
+                          orphans=orphans, dry_run=dry_run, progress=lambda line: err.print(line, highlight=False))
     out.print(rep.line(), highlight=False)
 
 
