@@ -166,3 +166,19 @@ def test_a_stopped_run_resumes_from_its_checkpoint_to_the_same_weights(sd_dir, t
     with pytest.raises(ValueError, match="cannot resume: the checkpoint was trained with rank=4"):
         finetune_diffusion(sd_dir, data, records, tmp_path / "x", ImageFinetuneConfig(rank=8),
                            resume_from=tmp_path / "c2" / "step-00000006", device="cpu")
+
+
+def test_the_cli_submits_an_image_fine_tune_with_the_readmes_options(sd_dir, tmp_path):
+    from tests.unit.test_cli import Cli, _job_params
+
+    cli = Cli(tmp_path)
+    assert cli("models", "register", "tiny-sd", sd_dir.as_uri(), "--kind", "image").returncode == 0
+    data = write_image_folder(tmp_path / "style", 4)
+    r = cli("finetune", "--base", "tiny-sd", "--dataset", data, "--output", "house-style", "-p", "rank=8",
+            "-p", "max_steps=1000", "-p", "validation_prompts=a red square, house style")
+    assert r.returncode == 0, r.stderr
+    p = _job_params(cli, r.stdout.strip())
+    assert p["trainer"] == "text-to-image" and p["dataset_stats"] == {"images": 4, "bytes": p["dataset_stats"]["bytes"],
+                                                                    "captioned": 4}
+    assert p["hyperparameters"]["rank"] == 8 and p["hyperparameters"]["max_steps"] == 1000
+    assert p["hyperparameters"]["validation_prompts"] == ["a red square, house style"]
