@@ -34,13 +34,15 @@ class ImageRecord:
     text: str | None
 
 
-def read_records(root: Path, *, captions: bool) -> list[ImageRecord]:
+def read_records(root: Path, *, captions: bool, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[ImageRecord]:
     """The dataset's records: ``metadata.jsonl`` line by line (errors name the line), or, where
-    captions are not needed and there is no metadata, every image file under ``root``, sorted."""
-    return [r for r, _ in _numbered_records(Path(root), captions)]
+    captions are not needed and there is no metadata, every image file under ``root``, sorted.
+    ``suffixes``: the media files a record may name (audio datasets use the same layout)."""
+    return [r for r, _ in numbered_records(Path(root), captions, suffixes)]
 
 
-def _numbered_records(root: Path, captions: bool) -> list[tuple[ImageRecord, int]]:
+def numbered_records(root: Path, captions: bool, suffixes: tuple[str, ...] = IMAGE_SUFFIXES
+                     ) -> list[tuple[ImageRecord, int]]:
     """Records with their metadata line number (0 for a folder without metadata)."""
     if not root.is_dir():
         raise DatasetError(f"dataset {root} is not a folder")
@@ -50,20 +52,20 @@ def _numbered_records(root: Path, captions: bool) -> list[tuple[ImageRecord, int
             raise DatasetError(f"dataset {root.name}: no {METADATA}; a text-to-image dataset needs one "
                                '{"file_name": ..., "text": ...} a line beside the images')
         names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                       if p.is_file() and p.suffix.lower() in suffixes)
         records = [(ImageRecord(n, None), 0) for n in names]
     else:
         if meta.stat().st_size > MAX_METADATA_BYTES:
             raise DatasetError(f"{METADATA} is larger than {MAX_METADATA_BYTES >> 20} MiB")
-        records = list(_metadata_records(meta, captions))
+        records = list(_metadata_records(meta, captions, suffixes))
     if not records:
-        raise DatasetError(f"dataset {root.name} holds no images")
+        raise DatasetError(f"dataset {root.name} holds no {'images' if suffixes == IMAGE_SUFFIXES else 'files'}")
     if len(records) > MAX_IMAGES:
-        raise DatasetError(f"dataset {root.name} holds {len(records)} images; at most {MAX_IMAGES}")
+        raise DatasetError(f"dataset {root.name} holds {len(records)} files; at most {MAX_IMAGES}")
     return records
 
 
-def _metadata_records(meta: Path, captions: bool):
+def _metadata_records(meta: Path, captions: bool, suffixes: tuple[str, ...]):
     for no, raw in enumerate(meta.read_bytes().splitlines(), 1):
         where = f"{METADATA} line {no}"
         if not raw.strip():
@@ -80,9 +82,9 @@ def _metadata_records(meta: Path, captions: bool):
         if not isinstance(name, str) or not name:
             raise DatasetError(f'{where}: "file_name" must be a non-empty string')
         p = PurePosixPath(name)
-        if p.is_absolute() or ".." in p.parts or "\\" in name or p.suffix.lower() not in IMAGE_SUFFIXES:
+        if p.is_absolute() or ".." in p.parts or "\\" in name or p.suffix.lower() not in suffixes:
             raise DatasetError(f"{where}: file_name {name!r} must be a relative path to a "
-                               f"{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} file inside the dataset folder")
+                               f"{'/'.join(s[1:] for s in suffixes)} file inside the dataset folder")
         text = obj.get("text")
         if captions or text is not None:
             if not isinstance(text, str) or not text.strip():
@@ -99,7 +101,7 @@ def validate_image_dataset(root: Path, *, captions: bool) -> tuple[list[ImageRec
 
     root = Path(root)
     records, total = [], 0
-    for rec, no in _numbered_records(root, captions):
+    for rec, no in numbered_records(root, captions):
         where = f"{METADATA} line {no}: {rec.file_name}" if no else rec.file_name
         path = root / rec.file_name
         if not path.is_file():
@@ -198,7 +200,7 @@ class ImageFinetuneConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             if f.name != "validation_prompts":
-                object.__setattr__(self, f.name, _checked(f.name, getattr(self, f.name)))
+                object.__setattr__(self, f.name, checked_option(f.name, getattr(self, f.name)))
         prompts = self.validation_prompts
         prompts = (prompts,) if isinstance(prompts, str) else prompts
         if not isinstance(prompts, list | tuple) or len(prompts) > MAX_VALIDATION_PROMPTS or not all(
@@ -222,8 +224,9 @@ class ImageFinetuneConfig:
         return d
 
 
-def _checked(key: str, value: Any) -> Any:
-    kind, lo, hi, nullable = _RULES[key]
+def checked_option(key: str, value: Any, rules: dict[str, tuple[type, float, float, bool]] | None = None) -> Any:
+    """``value`` checked against its rule (type, low, high, None allowed); a ValueError says the range."""
+    kind, lo, hi, nullable = (rules or _RULES)[key]
     if value is None and nullable:
         return None
     if kind is bool:

@@ -14,23 +14,15 @@ order from (seed, epoch): a run resumed from a checkpoint continues exactly as i
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aigc_models.finetune import DatasetError
 from aigc_models.image_data import ImageFinetuneConfig, ImageRecord
+from aigc_models.train_loop import Run, check_resumable, read_state, records_sha256, train_loop
 
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
-WEIGHTS_FILE = "trainable.safetensors"
-STATE_FORMAT = 1
 RESUME_KEYS = ("seed", "resolution", "batch_size", "lora", "rank", "lora_alpha", "center_crop", "random_flip")
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 EVAL_IMAGES, EVAL_TIMESTEPS = 4, (0.1, 0.35, 0.6, 0.85)  # the fixed-noise evaluation: images x timesteps
@@ -58,17 +50,17 @@ def finetune_diffusion(
         raise DatasetError("no images to fine-tune on")
     device = resolve_device(device)
     out_dir, base_dir = Path(out_dir), Path(base_dir)
-    state = _read_state(Path(resume_from)) if resume_from else None
-    fingerprint = _records_sha256(records)
+    state = read_state(Path(resume_from)) if resume_from else None
+    fingerprint = records_sha256(records)
     if state:
-        _check_resumable(state, cfg, fingerprint)
+        check_resumable(state, cfg, fingerprint, RESUME_KEYS)
     gpus = [torch.device(device).index or 0] if device.startswith("cuda") else []
     with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(cfg.seed)  # the LoRA's initial weights
         m = _Models.load(base_dir, cfg, device)
         params = [p for p in m.unet.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
-        run = _Run(cfg, fingerprint, len(records))
+        run = Run(cfg, fingerprint, len(records))
         data = _Data(Path(data_dir), list(records), m, cfg)
         evaluation = data.eval_set()
         if state:
@@ -76,7 +68,7 @@ def finetune_diffusion(
             run.restore(state, m.unet, opt, Path(resume_from))
         else:
             run.eval_before = m.eval_loss(evaluation)
-        reason = _train_loop(run, m, data, opt, params, evaluation, Path(checkpoint_dir or out_dir / "checkpoints"),
+        reason = train_loop(run, m, data, opt, params, evaluation, Path(checkpoint_dir or out_dir / "checkpoints"),
                              on_event, on_checkpoint, should_stop)
     metrics = run.metrics(reason)
     if reason != "interrupted":
@@ -267,146 +259,6 @@ class _Data:
         total = self.m.noise.config.num_train_timesteps
         steps = torch.tensor([int(f * (total - 1)) for _ in recs for f in EVAL_TIMESTEPS])
         return latents, states, torch.randn(latents.shape, generator=gen), steps
-
-
-@dataclass
-class _Run:
-    cfg: ImageFinetuneConfig
-    fingerprint: str
-    images: int
-    step: int = 0
-    seconds: float = 0.0
-    eval_before: float | None = None
-    eval_loss: float | None = None
-    train_loss: float | None = None
-    window_sum: float = 0.0
-    window_steps: int = 0
-    checkpoint: Path | None = None
-
-    def state(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "step": self.step, "seconds": round(self.seconds, 3),
-                "eval_loss_before": self.eval_before, "eval_loss": self.eval_loss, "train_loss": self.train_loss,
-                "window_loss_sum": self.window_sum, "window_steps": self.window_steps,
-                "records_sha256": self.fingerprint, "config": self.cfg.to_dict()}
-
-    def restore(self, state: dict[str, Any], unet, opt, ckpt: Path) -> None:
-        import torch
-        from safetensors.torch import load_file
-
-        self.step, self.seconds, self.train_loss = state["step"], state["seconds"], state["train_loss"]
-        self.eval_before, self.eval_loss = state["eval_loss_before"], state["eval_loss"]
-        self.window_sum, self.window_steps = state["window_loss_sum"], state["window_steps"]
-        saved = load_file(ckpt / WEIGHTS_FILE)
-        named = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-        if set(saved) != set(named):
-            raise ValueError(f"{ckpt}: its weights do not match this model's trainable parameters")
-        with torch.no_grad():
-            for n, p in named.items():
-                p.copy_(saved[n])
-        opt.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-
-    def metrics(self, reason: str) -> dict[str, Any]:
-        return {"steps": self.step, "total_steps": self.cfg.max_steps, "seconds": round(self.seconds, 2),
-                "train_loss": self.train_loss, "eval_loss_before": self.eval_before, "eval_loss": self.eval_loss,
-                "images": self.images, "stop_reason": reason, "interrupted": reason == "interrupted",
-                "lora": self.cfg.lora, "rank": self.cfg.rank if self.cfg.lora else None,
-                "checkpoint": str(self.checkpoint) if self.checkpoint else None}
-
-
-def _train_loop(run: _Run, m: _Models, data: _Data, opt, params, evaluation, ckpt_root: Path,
-                on_event, on_checkpoint, should_stop) -> str:
-    import torch
-
-    cfg = run.cfg
-    t0, before, saved_at, reason = time.perf_counter(), run.seconds, -1, "max_steps"
-    while True:
-        run.seconds = before + time.perf_counter() - t0
-        if run.step >= cfg.max_steps:
-            break
-        if cfg.max_seconds is not None and run.seconds >= cfg.max_seconds:
-            reason = "max_seconds"
-            break
-        if should_stop is not None and should_stop():
-            if saved_at != run.step:
-                _checkpoint(run, m, opt, ckpt_root, on_checkpoint)
-            return "interrupted"
-        loss = m.loss(*data.batch(run.step))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        run.step += 1
-        run.window_sum += loss.item()
-        run.window_steps += 1
-        if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
-            _report(run, m, evaluation, on_event, before + time.perf_counter() - t0)
-        if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < cfg.max_steps:
-            _checkpoint(run, m, opt, ckpt_root, on_checkpoint)
-            saved_at = run.step
-    run.seconds = before + time.perf_counter() - t0
-    if run.window_steps:
-        _report(run, m, evaluation, on_event, run.seconds)
-    return reason
-
-
-def _report(run: _Run, m: _Models, evaluation, on_event, seconds: float) -> None:
-    run.train_loss = run.window_sum / run.window_steps
-    run.window_sum, run.window_steps = 0.0, 0
-    run.eval_loss = m.eval_loss(evaluation)
-    if on_event:
-        on_event({"step": run.step, "total_steps": run.cfg.max_steps, "loss": round(run.train_loss, 6),
-                  "eval_loss": round(run.eval_loss, 6), "lr": run.cfg.learning_rate, "seconds": round(seconds, 2)})
-
-
-def _checkpoint(run: _Run, m: _Models, opt, root: Path, on_checkpoint) -> Path:
-    """``root/step-N`` written through a temporary directory: trainable weights, optimizer, counters."""
-    import torch
-    from safetensors.torch import save_file
-
-    root.mkdir(parents=True, exist_ok=True)
-    final, tmp = root / f"step-{run.step:08d}", root / f".step-{run.step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(m.trainable(), tmp / WEIGHTS_FILE)
-    torch.save(opt.state_dict(), tmp / OPTIMIZER_FILE)
-    state = run.state()
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    run.checkpoint = final
-    if run.cfg.keep_checkpoints:
-        for old in sorted(root.glob("step-*"))[: -run.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    if on_checkpoint:
-        on_checkpoint(final, state)
-    return final
-
-
-def _read_state(ckpt: Path) -> dict[str, Any]:
-    try:
-        state = json.loads((ckpt / STATE_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{ckpt} is not an image fine-tuning checkpoint: {e}") from e
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{ckpt}: checkpoint format {state.get('format')!r}, expected {STATE_FORMAT}")
-    return state
-
-
-def _check_resumable(state: dict[str, Any], cfg: ImageFinetuneConfig, fingerprint: str) -> None:
-    for key in RESUME_KEYS:
-        if state["config"].get(key) != getattr(cfg, key):
-            raise ValueError(f"cannot resume: the checkpoint was trained with {key}={state['config'].get(key)!r}, "
-                             f"this run asks for {getattr(cfg, key)!r}")
-    if state["records_sha256"] != fingerprint:
-        raise ValueError("cannot resume: the dataset differs from the one the checkpoint was trained on")
-
-
-def _records_sha256(records: Sequence[ImageRecord]) -> str:
-    h = hashlib.sha256()
-    for r in records:
-        h.update(json.dumps([r.file_name, r.text]).encode() + b"\n")
-    return h.hexdigest()
 
 
 def validation_images(base_dir: Path, out_dir: Path, cfg: ImageFinetuneConfig, conditional: bool, dest: Path,
