@@ -21,7 +21,7 @@ from typing import Any
 
 from aigc_models.finetune import DatasetError
 from aigc_models.image_data import ImageFinetuneConfig, ImageRecord
-from aigc_models.train_loop import Run, check_resumable, read_state, records_sha256, train_loop
+from aigc_models.train_loop import Run, check_resumable, read_state, records_sha256, train_loop, training_state
 
 RESUME_KEYS = ("seed", "resolution", "batch_size", "lora", "rank", "lora_alpha", "center_crop", "random_flip")
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -171,7 +171,7 @@ class _Models:
         return value
 
     def trainable(self) -> dict:
-        return {n: p.detach().to("cpu", copy=True) for n, p in self.unet.named_parameters() if p.requires_grad}
+        return training_state(self.unet)
 
     def save(self, out_dir: Path, card: dict[str, Any]) -> None:
         """The whole pipeline, the LoRA merged into the UNet; the adapter alone too, under ``lora/``."""

@@ -41,7 +41,7 @@ class Run:
                 "window_loss_sum": self.window_sum, "window_steps": self.window_steps,
                 "records_sha256": self.fingerprint, "config": self.cfg.to_dict()}
 
-    def restore(self, state: dict[str, Any], unet, opt, ckpt: Path) -> None:
+    def restore(self, state: dict[str, Any], module, opt, ckpt: Path) -> None:
         import torch
         from safetensors.torch import load_file
 
@@ -49,7 +49,7 @@ class Run:
         self.eval_before, self.eval_loss = state["eval_loss_before"], state["eval_loss"]
         self.window_sum, self.window_steps = state["window_loss_sum"], state["window_steps"]
         saved = load_file(ckpt / WEIGHTS_FILE)
-        named = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+        named = _changing(module)
         if set(saved) != set(named):
             raise ValueError(f"{ckpt}: its weights do not match this model's trainable parameters")
         with torch.no_grad():
@@ -64,6 +64,19 @@ class Run:
                 **({"lora": self.cfg.lora, "rank": self.cfg.rank if self.cfg.lora else None}
                    if hasattr(self.cfg, "lora") else {}),
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None}
+
+
+def _changing(module) -> dict[str, Any]:
+    """What training changes: the trainable parameters and every buffer (a BatchNorm's running
+    statistics move in training mode, and evaluation reads them)."""
+    named = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    named.update({f"buffer:{n}": b for n, b in module.named_buffers()})
+    return named
+
+
+def training_state(module) -> dict[str, Any]:
+    """A CPU copy of what a checkpoint must hold of ``module`` to resume it exactly."""
+    return {n: t.detach().to("cpu", copy=True).contiguous() for n, t in _changing(module).items()}
 
 
 def train_loop(run: Run, m, data, opt, params, evaluation, ckpt_root: Path, on_event, on_checkpoint,

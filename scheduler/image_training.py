@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -37,7 +38,10 @@ def image_finetune_params(client, base: ModelRef, dataset: str, output_model: st
         cfg = ImageFinetuneConfig.from_dict(hp)
     except (TypeError, ValueError) as e:
         raise SpecError(f"hyperparameters: {e}") from None
-    uri, sha, stats = stage_image_dataset(client, dataset, captions=trainer == "text-to-image")
+    from aigc_models.image_data import validate_image_dataset
+
+    captions = trainer == "text-to-image"
+    uri, sha, stats = stage_media_dataset(client, dataset, lambda root: validate_image_dataset(root, captions=captions))
     params = {"trainer": trainer, "dataset": uri, "dataset_sha256": sha, "output_model": output_model,
               "hyperparameters": cfg.to_dict(), "dataset_stats": stats}
     return params, cfg.seed
@@ -82,17 +86,13 @@ def _trainer(client, base: ModelRef) -> str:
     return trainer
 
 
-def stage_image_dataset(client, dataset: str, *, captions: bool) -> tuple[str, str, dict[str, Any]]:
-    """Validate the folder (or s3:// prefix) and return its URI, digest and statistics; a local
-    folder's dataset files are copied into the store under ``datasets/<digest>/``."""
+def stage_media_dataset(client, dataset: str, validate: Callable[[Path], tuple[list, dict[str, Any]]]
+                        ) -> tuple[str, str, dict[str, Any]]:
+    """Validate the folder (or s3:// prefix) with ``validate`` and return its URI, digest and statistics;
+    a local folder's dataset files are copied into the store under ``datasets/<digest>/``."""
     from aigc_core.storage import download_prefix
     from aigc_models.finetune import DatasetError
-    from aigc_models.image_data import (
-        MAX_DATASET_BYTES,
-        image_dataset_digest,
-        image_dataset_files,
-        validate_image_dataset,
-    )
+    from aigc_models.image_data import MAX_DATASET_BYTES, image_dataset_digest, image_dataset_files
 
     remote = dataset.startswith("s3://")
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,10 +106,10 @@ def stage_image_dataset(client, dataset: str, *, captions: bool) -> tuple[str, s
         else:
             root = Path(dataset.removeprefix("file://")).expanduser()
             if not root.is_dir():
-                raise SpecError(f"dataset {dataset}: no such folder (an image dataset is a folder of images "
-                                "with a metadata.jsonl, or an s3:// prefix holding one)")
+                raise SpecError(f"dataset {dataset}: no such folder (an image or speech dataset is a folder of "
+                                "files with a metadata.jsonl, or an s3:// prefix holding one)")
         try:
-            records, stats = validate_image_dataset(root, captions=captions)
+            records, stats = validate(root)
         except DatasetError as e:
             raise SpecError(f"dataset: {e}") from None
         files = image_dataset_files(root, records)

@@ -74,9 +74,13 @@ def submit_finetune(client, base_model: str, dataset: str | Path, output_model: 
         from scheduler.image_training import image_finetune_params
 
         params, seed = image_finetune_params(client, base, str(dataset), output_model, hyperparameters)
+    elif base.kind == "audio" and base.backend == "hf-tts":
+        from scheduler.speech_training import speech_finetune_params
+
+        params, seed = speech_finetune_params(client, base, str(dataset), output_model, hyperparameters)
     else:
         raise SpecError(f"base model {base.tag} ({base.backend}): fine-tuning takes text models, diffusers "
-                        "image pipelines and the digits GAN / VAE")
+                        "image pipelines, SpeechT5 voices and the digits GAN / VAE")
     return _insert_finetune(client, base.tag, params, seed, idempotency_key, metadata or {})
 
 def _stage_dataset(client, dataset: str) -> tuple[str, str, dict[str, int]]:
