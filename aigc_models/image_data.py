@@ -108,7 +108,7 @@ def validate_image_dataset(root: Path, *, captions: bool) -> tuple[list[ImageRec
             raise DatasetError(f"{where}: no such file in the dataset")
         size = path.stat().st_size
         if size > MAX_IMAGE_BYTES:
-            raise DatasetError(f"{where}: {size} bytes; an image may have at most {MAX_IMAGE_BYTES >> 20} MiB")
+            raise DatasetError(f"{where}: {size} bytes; an image may have at most {MAX_IMAGE_BYTES} bytes")
         total += size
         if total > MAX_DATASET_BYTES:
             raise DatasetError(f"{where}: the dataset passes {MAX_DATASET_BYTES >> 30} GiB")

@@ -120,6 +120,21 @@ def test_bad_image_datasets_are_refused_at_submit_naming_the_line(sd_client, tmp
         assert s.scalars(select(Job)).all() == []
 
 
+@pytest.mark.parametrize("limit, value, message", [
+    ("MAX_IMAGE_PIXELS", 32 * 32 - 1, r"line 2: 001\.png: 32x32 pixels; at most 1023"),
+    ("MAX_IMAGE_BYTES", 100, r"line 2: 001\.png: \d+ bytes; an image may have at most 100 bytes"),
+    ("MAX_IMAGES", 2, "holds 3 files; at most 2"),
+])
+def test_image_datasets_over_a_size_limit_are_refused(sd_client, tmp_path, monkeypatch, limit, value, message):
+    from aigc_models import image_data
+
+    data = write_image_folder(tmp_path / "big", 3)
+    Image.new("RGB", (16, 16)).save(data / "000.png")  # under the pixel limit: the second image trips it
+    monkeypatch.setattr(image_data, limit, value)
+    with pytest.raises(SpecError, match=message):
+        sd_client.finetune("tiny-sd", data, "house", LORA)
+
+
 def test_bad_image_finetune_requests_are_refused(sd_client, tmp_path):
     c = sd_client
     data = write_image_folder(tmp_path / "ok", 2)
