@@ -90,17 +90,17 @@ class _Models:
         self.conditional = all(getattr(pipe, k, None) is not None for k in ("vae", "text_encoder", "tokenizer"))
         self.noise = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
         down = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        side = _side(self.unet.config.sample_size)
         if self.conditional:
             self.vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-            native = self.unet.config.sample_size * self.vae_factor
+            native = side * self.vae_factor
         else:
             if any(getattr(pipe, k, None) is not None for k in ("vae", "vqvae")) or "prompt" in _call_params(pipe):
                 raise ValueError(f"{type(pipe).__name__}: only text-to-image (UNet2DConditionModel + VAE + text "
                                  "encoder) and unconditional UNet2DModel pipelines can be fine-tuned")
-            self.vae_factor, native = 1, self.unet.config.sample_size
+            self.vae_factor, native = 1, side
             if cfg.lora:
                 raise ValueError("an unconditional UNet is fine-tuned whole: set lora to false")
-        native = native if isinstance(native, int) else native[0]
         self.resolution = cfg.resolution or native
         if not self.conditional and self.resolution != native:
             raise ValueError(f"resolution {self.resolution}: this unconditional UNet makes only {native}x{native}")
@@ -190,6 +190,11 @@ class _Models:
         if lora_layers is not None and hasattr(self.pipe, "save_lora_weights"):
             self.pipe.save_lora_weights(out_dir / "lora", unet_lora_layers=lora_layers, safe_serialization=True)
         (out_dir / "finetune.json").write_text(json.dumps(card, indent=1))
+
+
+def _side(sample_size: int | Sequence[int]) -> int:
+    """A UNet's sample size as one side (a square's; the height of a (height, width) pair)."""
+    return sample_size if isinstance(sample_size, int) else int(sample_size[0])
 
 
 def _call_params(pipe) -> set[str]:
@@ -282,7 +287,7 @@ def validation_images(base_dir: Path, out_dir: Path, cfg: ImageFinetuneConfig, c
             kwargs: dict[str, Any] = {"generator": torch.Generator(device=device).manual_seed(cfg.seed + i),
                                       "num_inference_steps": cfg.validation_steps, "output_type": "np"}
             if conditional:
-                size = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+                size = cfg.resolution or _side(pipe.unet.config.sample_size) * pipe.vae_scale_factor
                 kwargs.update(prompt=cfg.validation_prompts[i], height=size, width=size)
             with torch.inference_mode():
                 image = pipe(**kwargs).images[0]

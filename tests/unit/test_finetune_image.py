@@ -177,7 +177,8 @@ def test_a_stopped_run_resumes_from_its_checkpoint_to_the_same_weights(sd_dir, t
     base = load_file(sd_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert set(a) == set(base)  # merged: the plain UNet's parameters, no LoRA layers left
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-4
+    changed = {k for k in a if (a[k] - base[k]).abs().max().item() > 0}
+    assert changed and all(".attn" in k and k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "0") for k in changed)
     with pytest.raises(ValueError, match="cannot resume: the checkpoint was trained with rank=4"):
         finetune_diffusion(sd_dir, data, records, tmp_path / "x", ImageFinetuneConfig(rank=8),
                            resume_from=tmp_path / "c2" / "step-00000006", device="cpu")
@@ -197,3 +198,21 @@ def test_the_cli_submits_an_image_fine_tune_with_the_readmes_options(sd_dir, tmp
                                                                     "captioned": 4}
     assert p["hyperparameters"]["rank"] == 8 and p["hyperparameters"]["max_steps"] == 1000
     assert p["hyperparameters"]["validation_prompts"] == ["a red square, house style"]
+
+
+def test_lora_false_trains_the_whole_unet_and_keeps_no_adapter(sd_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from aigc_models.image_data import ImageFinetuneConfig, read_records
+    from aigc_models.image_finetune import finetune_diffusion
+
+    data = write_image_folder(tmp_path / "data", 4)
+    cfg = ImageFinetuneConfig(max_steps=4, learning_rate=1e-3, batch_size=2, eval_every=2, lora=False,
+                              resolution=32)
+    m = finetune_diffusion(sd_dir, data, read_records(data, captions=True), tmp_path / "out", cfg, device="cpu")
+    assert m["steps"] == 4 and "rank" in m and m["rank"] is None
+    assert not (tmp_path / "out" / "lora").exists()
+    new = load_file(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")
+    base = load_file(sd_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    changed = {k for k in base if (new[k] - base[k]).abs().max().item() > 0}
+    assert "conv_in.weight" in changed and len(changed) > len(base) // 2  # not only attention: the whole UNet
