@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from aigc_core.errors import NotFound, SpecError, StorageError
 from aigc_core.s3put import FastPut
@@ -433,3 +433,38 @@ def download_uri(uri: str, dest: Path, *, endpoint_url: str | None = None) -> Pa
             raise StorageError(f"download {uri} failed: {e}") from e
         return dest
     raise SpecError(f"cannot read {uri!r}: use s3://bucket/key or file:///path")
+
+
+def download_prefix(uri: str, dest: Path, *, endpoint_url: str | None = None, max_bytes: int | None = None) -> Path:
+    """Fetch a folder, ``file:///dir`` or every object under ``s3://bucket/prefix/``, into ``dest``
+    (image datasets). ``max_bytes``: refuse a prefix larger than that before fetching any of it."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file" or "://" not in uri:
+        src = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
+        if not src.is_dir():
+            raise NotFound(f"no folder {src}")
+        if src.resolve() != Path(dest).resolve():
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".tmp-*"))
+        return dest
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise SpecError(f"cannot read {uri!r}: use s3://bucket/prefix/ or a folder")
+    store = S3Store(parsed.netloc, parsed.path.strip("/"), endpoint_url=endpoint_url)
+    try:
+        pages = store.client.get_paginator("list_objects_v2").paginate(
+            Bucket=store.bucket, Prefix=store.prefix + "/" if store.prefix else "")
+        objects = [(o["Key"][len(store.prefix) + 1 if store.prefix else 0:], o["Size"])
+                   for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+    except Exception as e:
+        raise StorageError(f"list {uri} failed: {e}") from e
+    if not objects:
+        raise NotFound(f"nothing under {uri}")
+    if max_bytes is not None and (total := sum(size for _, size in objects)) > max_bytes:
+        raise SpecError(f"{uri} holds {total} bytes; at most {max_bytes}")
+    root = Path(dest).resolve()
+    for key, _ in objects:
+        path = (root / check_key(key)).resolve()
+        if not path.is_relative_to(root):
+            raise SpecError(f"object key {key!r} leaves {root}")
+        store.download(key, path)
+    return dest

@@ -134,9 +134,10 @@ class Client:
     def finetune(self, base_model: str, dataset: str | Path, output_model: str,
                  hyperparameters: dict[str, Any] | None = None, *, idempotency_key: str | None = None,
                  metadata: dict[str, Any] | None = None) -> JobView:
-        """Fine-tune ``base_model`` on ``dataset`` (s3://, file:// or a local path, uploaded for you; the
-        digits GAN / VAE train on builtin://sklearn-digits); on success ``output_model`` gets a new
-        version with its lineage."""
+        """Fine-tune ``base_model`` on ``dataset``; the base model's kind decides the trainer: a text
+        model takes a JSONL or text file, a diffusers image pipeline a folder of images with a
+        ``metadata.jsonl`` (s3:// prefix, file:// or a local path, uploaded for you), the digits GAN /
+        VAE builtin://sklearn-digits. On success ``output_model`` gets a new version with its lineage."""
         from scheduler.training import submit_finetune
 
         job_id = submit_finetune(self, base_model, dataset, output_model, hyperparameters or {},

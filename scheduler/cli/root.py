@@ -277,14 +277,16 @@ def status(job: Annotated[str | None, typer.Argument()] = None,
 @app.command()
 def finetune(
     base: Annotated[str, typer.Option(help="base model name or name@version")],
-    dataset: Annotated[str, typer.Option(help="JSONL {\"text\"} or plain text: a path, file:// or s3://")],
+    dataset: Annotated[str, typer.Option(help="text: JSONL {\"text\"} or plain text; image: a folder of images "
+                                              "with metadata.jsonl; a path, file:// or s3://")],
     output: Annotated[str, typer.Option(help="name the fine-tuned model is registered under")],
     param: Annotated[list[str] | None,
                      typer.Option("--param", "-p", help="hyperparameter NAME=VALUE, repeatable")] = None,
     key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait and show step / loss")] = False,
 ) -> None:
-    """Fine-tune a text model; on success OUTPUT gets a new registered version with its lineage."""
+    """Fine-tune a text model or a diffusers image pipeline (the base's kind picks the trainer); on
+    success OUTPUT gets a new registered version with its lineage."""
     client = _client()
     job = client.finetune(base, dataset, output, _parse_params(param or []), idempotency_key=key)
     out.print(job.id)
