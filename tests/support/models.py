@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
+from typing import Any, cast
 
 
 def corpus_texts(n: int | None = None) -> list[str]:
@@ -78,7 +79,8 @@ def build_tiny_sd(out: Path) -> Path:
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DDIMScheduler(num_train_timesteps=100, steps_offset=1, clip_sample=False),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        # diffusers documents None for both (no safety checker); its annotations do not say so
+        safety_checker=cast(Any, None), feature_extractor=cast(Any, None), requires_safety_checker=False)
     pipe.save_pretrained(out)
     return out
 
