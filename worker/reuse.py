@@ -30,6 +30,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
 
 from aigc_core.credentials import DETACHED_SUFFIX, signing_mode
 from aigc_core.errors import NotFound
@@ -39,7 +40,6 @@ from aigc_models.params import params_for
 from worker import metrics
 from worker.chunk import ChunkResult, Claimed, JobInfo, requests_of
 from worker.runtime import Runtime
-from worker.store import begin_batch, cancel_rest
 
 log = logging.getLogger("aigc.worker")
 
@@ -68,16 +68,15 @@ def reuse_outputs(rt: Runtime, job: JobInfo, token: str, items: list[Claimed], r
     keyed = with_keys(job, items)
     if not job.reuse:
         return keyed
-    found = lookup(rt, {c.reuse_key for c in keyed if c.reuse_key}, signed=signing_mode(rt.settings) == "required")
-    matched = [(c, found[c.reuse_key]) for c in keyed if c.reuse_key in found]
+    signed = signing_mode(rt.settings) == "required"
+    with rt.db.session() as s:
+        found = lookup(s, {c.reuse_key for c in keyed if c.reuse_key}, signed=signed)
+        matched = [(c, found[c.reuse_key]) for c in keyed if c.reuse_key in found]
+        # Charged as a generation would be, in the same transaction: a delivery that dies while copying
+        # counts an attempt, so the sweep at finalize removes its copies.
+        mine = _charge(s, token, [c.id for c, _ in matched]) if matched else set()
     if not matched:
         return keyed
-    # Charged and leased as a micro-batch is: a delivery that dies while copying counts an attempt (and
-    # the sweep at finalize removes its copies); a cancelled job starts nothing more.
-    mine = begin_batch(rt, job.id, token, [c.id for c, _ in matched])
-    if mine is None:
-        res.cancelled += cancel_rest(rt, token)
-        return []
     res.charged.update(mine)
     taken = {c.id for c, _ in matched}  # committed here, or another delivery's now: not generated here
     matched = [(c, o) for c, o in matched if c.id in mine]
@@ -124,19 +123,18 @@ def _key(base: dict[str, Any], schema, job: JobInfo, c: Claimed) -> str | None:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def lookup(rt: Runtime, keys: set[str], *, signed: bool = False) -> dict[str, Original]:
-    """The first (oldest) succeeded output of each key, in one statement; ``signed``: only outputs that
-    carry C2PA credentials (signing is required here, and nothing unsigned is stored)."""
+def lookup(s: Session, keys: set[str], *, signed: bool = False) -> dict[str, Original]:
+    """The first (oldest) output of each key, in one statement (an artifact exists only for a succeeded
+    item); ``signed``: only outputs that carry C2PA credentials (signing is required here, and nothing
+    unsigned is stored)."""
     if not keys:
         return {}
     first = (select(func.min(Artifact.id)).where(Artifact.reuse_key.in_(sorted(keys)))
              .group_by(Artifact.reuse_key))
-    with rt.db.session() as s:
-        rows = s.execute(
-            select(Artifact.id, Artifact.job_id, Item.index, Artifact.key, Artifact.sha256, Artifact.size,
-                   Artifact.media_type, Artifact.duration_s, Artifact.provenance, Artifact.reuse_key)
-            .join(Item, Item.id == Artifact.item_id)
-            .where(Artifact.id.in_(first), Item.status == ItemStatus.succeeded)).all()
+    rows = s.execute(
+        select(Artifact.id, Artifact.job_id, Item.index, Artifact.key, Artifact.sha256, Artifact.size,
+               Artifact.media_type, Artifact.duration_s, Artifact.provenance, Artifact.reuse_key)
+        .select_from(Artifact).join(Item, Item.id == Artifact.item_id).where(Artifact.id.in_(first))).all()
     out = {}
     for r in rows:
         prov = dict(r.provenance or {})
@@ -144,6 +142,13 @@ def lookup(rt: Runtime, keys: set[str], *, signed: bool = False) -> dict[str, Or
             continue
         out[r.reuse_key] = Original(r.id, r.job_id, r[2], r.key, r.sha256, r.size, r.media_type, r.duration_s, prov)
     return out
+
+
+def _charge(s: Session, token: str, ids: list[int]) -> set[int]:
+    """The items still this delivery's, their attempt counted."""
+    return set(s.scalars(
+        update(Item).where(Item.id.in_(ids), Item.claim_token == token, Item.status == ItemStatus.running)
+        .values(attempts=Item.attempts + 1).returning(Item.id).execution_options(synchronize_session=False)))
 
 
 def _copy_all(rt: Runtime, job: JobInfo, token: str,

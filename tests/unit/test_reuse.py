@@ -166,8 +166,8 @@ def test_a_delivery_that_lost_its_items_commits_nothing_and_leaves_no_copies(cli
     else:
         import worker.reuse
 
-        real = worker.reuse.begin_batch
-        monkeypatch.setattr(worker.reuse, "begin_batch", lambda *a, **k: (real(*a, **k), take_over())[0])
+        real = worker.reuse._copy_all
+        monkeypatch.setattr(worker.reuse, "_copy_all", lambda *a, **k: (real(*a, **k), take_over())[0])
     res = ChunkResult(again.id, 0)
     assert reuse_outputs(rt, job, token, claimed, res) == []  # not generated here either: not ours
     assert res.succeeded == 0
