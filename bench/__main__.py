@@ -15,7 +15,7 @@ import time
 from bench.common import RESULTS, table
 
 # bulk_submit before scaling: the paper estimate reads its insert rate.
-ALL = ("efficiency", "overhead", "s3put", "naive", "bulk_submit", "pinning", "scaling", "media")
+ALL = ("efficiency", "overhead", "s3put", "naive", "bulk_submit", "pinning", "scaling", "media", "reuse")
 
 
 def main(argv=None) -> int:
