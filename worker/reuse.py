@@ -92,6 +92,7 @@ def reuse_outputs(rt: Runtime, job: JobInfo, token: str, items: list[Claimed], r
 
 
 def with_keys(job: JobInfo, items: list[Claimed]) -> list[Claimed]:
+    """The items with their reuse keys (none where the model's weights digest is unknown)."""
     ref = job.model
     if job.kind not in GENERATED_KINDS or not (ref.digest or "").strip():
         return items  # unknown weights: no key, never reused either way
@@ -119,7 +120,10 @@ def _key(base: dict[str, Any], schema, job: JobInfo, c: Claimed) -> str | None:
                 "prompt": None if chat else c.prompt, "messages": c.messages if chat else None,
                 # A registry template names itself; the checkpoint's own is fixed by the weights digest.
                 "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None}
-    raw = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        raw = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):  # nothing JSON cannot say exactly is keyed
+        return None
     return hashlib.sha256(raw.encode()).hexdigest()
 
 

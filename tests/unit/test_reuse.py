@@ -226,3 +226,32 @@ def test_the_key_covers_digest_effective_parameters_prompt_messages_template_and
 @pytest.mark.parametrize("digest", [None, "", "  "])
 def test_no_key_without_a_weights_digest(digest):
     assert _key(ref=ModelRef(**{**REF.__dict__, "digest": digest})) is None
+
+
+# ---- where the count shows ---------------------------------------------------------------------------
+
+def test_reused_shows_in_aigc_status_its_json_and_the_dashboards_counts(client, sqlite_settings):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from scheduler.api.dashboard.data import view_of
+    from scheduler.api.dashboard.views import templates
+
+    first = submit(client, PROMPTS[:3])
+    run(client, first.id)
+    again = submit(client, PROMPTS[:3], reuse=True)
+    run(client, again.id)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AIGC_")},
+           "AIGC_DATABASE_URL": sqlite_settings.database_url, "AIGC_STORAGE_URL": sqlite_settings.storage_url}
+    aigc = [sys.executable, "-m", "scheduler.cli", "status", again.id]
+    shown = subprocess.run(aigc, env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "3 ok (3 reused)" in shown.stdout, shown.stdout + shown.stderr
+    as_json = json.loads(subprocess.run([*aigc, "--json"], env=env, capture_output=True, text=True, timeout=60).stdout)
+    assert as_json["counts"]["reused"] == 3 and as_json["counts"]["succeeded"] == 3
+    counts = templates.env.get_template("macros.html").module.counts  # type: ignore[attr-defined]
+    with client.db.session() as s:
+        finished, plain = view_of(s, again.id), view_of(s, first.id)  # counts stored on the finished job
+    assert finished.counts["reused"] == 3 and '3 reused' in str(counts(finished))
+    assert 'class="c-reused" title="succeeded by a copy of an earlier identical output" hidden' in str(counts(plain))
