@@ -255,3 +255,12 @@ def test_reused_shows_in_aigc_status_its_json_and_the_dashboards_counts(client, 
         finished, plain = view_of(s, again.id), view_of(s, first.id)  # counts stored on the finished job
     assert finished.counts["reused"] == 3 and '3 reused' in str(counts(finished))
     assert 'class="c-reused" title="succeeded by a copy of an earlier identical output" hidden' in str(counts(plain))
+
+
+def test_the_option_is_in_the_idempotency_payload_only_when_on():
+    from aigc_core.spec import parse_spec
+
+    spec = {"kind": "text", "model": "m", "items": [{"prompt": "a"}]}
+    off, on = parse_spec(spec), parse_spec({**spec, "reuse": True})
+    assert not off.reuse and on.reuse and off.payload_digest() != on.payload_digest()
+    assert parse_spec({**spec, "reuse": False}).payload_digest() == off.payload_digest()
