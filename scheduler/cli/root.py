@@ -205,6 +205,8 @@ def submit(
     seed: Annotated[int | None, typer.Option()] = None,
     key: Annotated[str | None, typer.Option("--idempotency-key", help="same key + payload = same job")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait for the job and show progress")] = False,
+    reuse: Annotated[bool, typer.Option("--reuse", help="items identical to an earlier succeeded one (weights "
+                                        "digest, parameters, prompt, seed) take a copy of its output")] = False,
     openai_batch: Annotated[Path | None, typer.Option("--openai-batch", help="an OpenAI Batch input file "
                                                       "(requests.jsonl), as `aigc serve` takes it")] = None,
     output: Annotated[Path | None, typer.Option("--output", help="with --openai-batch: wait, then write the "
@@ -223,6 +225,8 @@ def submit(
     for name, value in (("kind", kind), ("model", model), ("seed", seed), ("idempotency_key", key)):
         if value is not None:
             data[name] = value
+    if reuse:
+        data["reuse"] = True
     if param:
         if not isinstance(data.get("params", {}), dict):
             raise SpecError(f"{job_file}: params must be a mapping of NAME: VALUE")
@@ -443,8 +447,9 @@ def _view_dict(v) -> dict[str, Any]:
 
 def _show_job(v) -> None:
     c = v.counts
+    reused = f" ({c['reused']} reused)" if c.get("reused") else ""
     out.print(f"job {v.id}  {v.kind}  {v.model}  [bold]{v.status.value}[/bold]  "
-              f"{v.done}/{v.item_count} done: {c['succeeded']} ok, {c['failed']} failed, "
+              f"{v.done}/{v.item_count} done: {c['succeeded']} ok{reused}, {c['failed']} failed, "
               f"{c['cancelled']} cancelled", highlight=False)
     if v.progress:
         out.print("training: " + ", ".join(f"{k}={v.progress[k]}" for k in ("step", "loss", "eval_loss")
