@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -41,6 +42,9 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+_opened: weakref.WeakSet[Database] = weakref.WeakSet()
+
+
 class Database:
     """One engine and a session factory; ``session()`` commits or rolls back as a unit."""
 
@@ -48,6 +52,7 @@ class Database:
         self.url = normalize_url(url)
         self.engine = make_engine(self.url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        _opened.add(self)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -92,3 +97,9 @@ def alembic_config(url: str):
 def database(url: str) -> Database:
     """One Database per URL per process, so connections are pooled and reused."""
     return Database(url)
+
+
+def close_all() -> None:
+    """Close every pooled connection this process opened (before it ends without running atexit)."""
+    for db in list(_opened):
+        db.engine.dispose()

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from aigc_core.db import Database
 from aigc_core.errors import IdempotencyConflict, NotFound, SpecError
+from aigc_core.notify import notify_finished
 from aigc_core.schema import (
     OPEN_ITEM_STATES,
     Artifact,
@@ -70,7 +71,8 @@ class JobView:
 
     @property
     def done(self) -> int:
-        return sum(v for k, v in self.counts.items() if k not in ("pending", "running"))
+        """Items in a final state ("reused" is a part of "succeeded", not a state of its own)."""
+        return sum(v for k, v in self.counts.items() if k in FINAL_ITEM_STATES)
 
     @property
     def final(self) -> bool:
@@ -101,11 +103,22 @@ class Result:
         return d
 
 
-def item_counts(s: Session, job_id: str) -> dict[str, int]:
+FINAL_ITEM_STATES = frozenset(st.value for st in ItemStatus if st not in OPEN_ITEM_STATES)
+
+
+def item_counts(s: Session, job_id: str, *, reuse: bool = False) -> dict[str, int]:
+    """Items by state, and ``reused``: how many of the succeeded ones took a copy of an earlier output
+    (counted only for a job with the reuse option, through a partial index of reused outputs)."""
     rows = s.execute(select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status))
     counts = {st.value: 0 for st in ItemStatus}
     counts.update({st.value if hasattr(st, "value") else st: n for st, n in rows})
+    counts["reused"] = reused_count(s, job_id) if reuse else 0
     return counts
+
+
+def reused_count(s: Session, job_id: str) -> int:
+    return int(s.scalar(select(func.count()).select_from(Artifact)
+                        .where(Artifact.job_id == job_id, Artifact.reused_from_id.is_not(None))) or 0)
 
 
 def job_view(s: Session, job_id: str, store: ObjectStore | None = None) -> JobView:
@@ -119,7 +132,7 @@ def job_view(s: Session, job_id: str, store: ObjectStore | None = None) -> JobVi
                             .order_by(JobEvent.id.desc()).limit(1))
     version = job.model_version if job.model_version is not None else "?"
     return JobView(
-        job.id, job.kind, f"{job.model_name}@{version}", job.status, item_counts(s, job_id),
+        job.id, job.kind, f"{job.model_name}@{version}", job.status, item_counts(s, job_id, reuse=job.reuse),
         job.item_count, job.created_at, job.started_at, job.finished_at, dict(job.meta or {}), manifest, progress,
     )
 
@@ -176,7 +189,7 @@ def finalize_if_done(db: Database, store: ObjectStore, job_id: str) -> JobStatus
         job = s.get(Job, job_id)
         if job is None or job.finished_at is not None or s.scalar(_open_items(job_id).exists().select()):
             return None  # the common case after a chunk: one indexed probe, not a count of the job
-        counts = item_counts(s, job_id)
+        counts = item_counts(s, job_id, reuse=job.reuse)
     prefix = job_prefix(job_id)
     # Object first, database second: a final job always has its whole manifest.
     store.put_stream(f"{prefix}/manifest.jsonl", manifest_chunks(db, job_id), "application/x-ndjson")
@@ -192,10 +205,12 @@ def finalize_if_done(db: Database, store: ObjectStore, job_id: str) -> JobStatus
         done = _rowcount(s.execute(
             update(Job).where(Job.id == job_id, Job.finished_at.is_(None), ~_open_items(job_id).exists())
             .values(status=status, finished_at=utcnow(), succeeded_items=counts.get("succeeded", 0),
-                    failed_items=counts.get("failed", 0), cancelled_items=counts.get("cancelled", 0))
+                    failed_items=counts.get("failed", 0), cancelled_items=counts.get("cancelled", 0),
+                    reused_items=counts["reused"])
         ))
         if done:
             record_event(s, job_id, "finished", status=status.value, counts=counts)
+            notify_finished(s, job_id, status.value)  # Client.wait hears it when this commits
             s.execute(update(Chunk).where(Chunk.job_id == job_id, Chunk.status == ChunkStatus.published)
                       .values(status=ChunkStatus.done))
     return status if done else None

@@ -42,24 +42,31 @@ class ReconcileReport:
 
 
 def publish_chunks(db: Database, publish: Publish, chunks: Iterable[tuple[str, int, str]]) -> tuple[int, int]:
-    """Publish (job_id, chunk_no, queue) rows; stop at the first broker failure. Returns (sent, failed)."""
-    sent: list[tuple[str, int]] = []
+    """Publish (job_id, chunk_no, queue) rows, a group at a time, each group's outbox rows marked
+    published once it is sent; stop at the first broker failure. Returns (sent, failed).
+
+    A publisher with a ``many`` method sends a group in one round trip (``CeleryPublisher.many``: one
+    Redis pipeline), which is what makes a million-item job's 31,250 messages take seconds."""
     todo = list(chunks)
-    failed = 0
-    for job_id, chunk_no, queue in todo:
+    many = getattr(publish, "many", None)
+    sent = 0
+    for group in batched(todo, PAIRS_PER_STATEMENT):
         try:
-            publish(queue, job_id, chunk_no)
-        except Exception as e:  # the broker's client raises many types; the outbox row stays pending
-            failed = len(todo) - len(sent)
-            log.warning("publish failed (%s); %d chunks stay in the outbox for the reconciler", e, failed)
-            break
-        sent.append((job_id, chunk_no))
-    for cond in chunks_in(sent):
+            if many is not None:
+                many([(queue, job_id, chunk_no) for job_id, chunk_no, queue in group])
+            else:
+                for job_id, chunk_no, queue in group:
+                    publish(queue, job_id, chunk_no)
+        except Exception as e:  # the broker's client raises many types; the outbox rows stay pending
+            log.warning("publish failed (%s); %d chunks stay in the outbox for the reconciler", e, len(todo) - sent)
+            return sent, len(todo) - sent
         with db.session() as s:
-            s.execute(update(Chunk).where(cond)
-                      .values(status=ChunkStatus.published, published_at=utcnow(),
-                              publish_count=Chunk.publish_count + 1))
-    return len(sent), failed
+            for cond in chunks_in((job_id, chunk_no) for job_id, chunk_no, _ in group):
+                s.execute(update(Chunk).where(cond)
+                          .values(status=ChunkStatus.published, published_at=utcnow(),
+                                  publish_count=Chunk.publish_count + 1))
+        sent += len(group)
+    return sent, 0
 
 
 def _lost(s, candidates, held: Held, before) -> list[tuple[str, int]]:

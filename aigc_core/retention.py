@@ -73,6 +73,7 @@ class GcReport:
     chunks: int = 0
     events: int = 0
     objects: int = 0
+    orphan_prefixes: int = 0  # with orphans: prefixes of jobs the database no longer has
     kept: dict[str, int] = field(default_factory=dict)  # old finished jobs kept, by reason
     seconds: float = 0.0
 
@@ -81,7 +82,10 @@ class GcReport:
         kept = ", ".join(f"{n} {why}" for why, n in sorted(self.kept.items()) if n) or "none"
         return (f"gc {verb} {self.jobs} jobs finished before {self.cutoff:%Y-%m-%d %H:%M:%S} UTC: "
                 f"{self.items} items, {self.artifacts} artifacts, {self.chunks} chunks, {self.events} events, "
-                f"{self.objects} objects; kept: {kept} ({self.seconds:.1f} s)")
+                f"{self.objects} objects{self._orphans()}; kept: {kept} ({self.seconds:.1f} s)")
+
+    def _orphans(self) -> str:
+        return f" (of which under {self.orphan_prefixes} orphan prefixes)" if self.orphan_prefixes else ""
 
 
 def protected_jobs(s: Session) -> dict[str, str]:
@@ -168,13 +172,15 @@ def _count(s: Session, model: Any, job_ids: Sequence[str]) -> int:
 
 
 def collect_garbage(db: Database, store: ObjectStore | None, older_than: timedelta, *, objects: bool = False,
-                    dry_run: bool = False, rows_per_statement: int = ROWS_PER_STATEMENT,
+                    orphans: bool = False, dry_run: bool = False, rows_per_statement: int = ROWS_PER_STATEMENT,
                     jobs_per_batch: int = JOBS_PER_BATCH, progress: Progress | None = None,
                     now: datetime | None = None) -> GcReport:
     """Remove finished jobs whose ``finished_at`` is older than ``older_than`` (see the module doc).
 
-    ``objects`` also removes each job's prefix in ``store``. ``dry_run`` counts what would go and
-    changes nothing. ``progress`` gets a line after each batch of jobs."""
+    ``objects`` also removes each job's prefix in ``store``; ``orphans`` also the prefixes of jobs the
+    database no longer has (``sweep_orphan_prefixes``). ``dry_run`` counts what would go and changes
+    nothing. ``progress`` gets a line after each batch of jobs."""
+    objects = objects or orphans  # else the jobs removed now would leave orphans for the next run
     if objects and store is None:
         raise SpecError("gc of objects needs the object store")
     t0 = time.monotonic()
@@ -211,9 +217,51 @@ def collect_garbage(db: Database, store: ObjectStore | None, older_than: timedel
             verb = "would remove" if dry_run else "removed"
             progress(f"gc: {verb} {rep.jobs} jobs, {rep.items} items, {rep.objects} objects so far "
                      f"({rep.seconds:.1f} s)")
+    if orphans and store is not None:
+        sweep_orphan_prefixes(db, store, rep, progress)
     rep.seconds = time.monotonic() - t0
     log.info("%s", rep.line())
     return rep
+
+
+_JOB_FOLDER = re.compile(r"^jobs/([0-9a-f]{32})/$")
+PREFIXES_PER_QUERY = 500
+
+
+def sweep_orphan_prefixes(db: Database, store: ObjectStore, rep: GcReport, progress: Progress | None = None) -> None:
+    """Objects under ``jobs/{id}/`` for an id the database has no job for: a gc run without
+    ``objects``, a job removed by hand, a zombie delivery's PUT that landed after its job's prefix was
+    removed. Only a prefix whose newest object is older than the cutoff goes: objects are written only
+    after their job's row is committed, so a prefix without a row and with nothing new is nobody's.
+    The store is listed a folder at a time (one request per 1,000 jobs on S3), never key by key."""
+    page: list[str] = []
+
+    def settle() -> None:
+        with db.session() as s:
+            known = set(s.scalars(select(Job.id).where(Job.id.in_(page))))
+        for job_id in page:
+            if job_id in known:
+                continue
+            prefix = f"{job_prefix(job_id)}/"
+            newest = store.newest(prefix)
+            if newest is None or newest >= rep.cutoff:
+                continue  # empty, or written lately: not ours to judge yet
+            rep.objects += _objects(store, [job_id], rep.dry_run)
+            rep.orphan_prefixes += 1
+        page.clear()
+        if progress is not None and rep.orphan_prefixes:
+            verb = "would remove" if rep.dry_run else "removed"
+            progress(f"gc: {verb} {rep.orphan_prefixes} orphan job prefixes so far")
+
+    for folder in store.folders("jobs/"):
+        m = _JOB_FOLDER.match(folder)
+        if m is None:
+            continue  # not a job's prefix (keys are built only from server ids): never touched
+        page.append(m.group(1))
+        if len(page) == PREFIXES_PER_QUERY:
+            settle()
+    if page:
+        settle()
 
 
 OBJECTS_PER_DELETE = 1000  # one DeleteObjects request; a 1M-item job's 2M keys are never listed whole

@@ -140,6 +140,10 @@ class Job(Base):
     succeeded_items: Mapped[int | None] = mapped_column(Integer)
     failed_items: Mapped[int | None] = mapped_column(Integer)
     cancelled_items: Mapped[int | None] = mapped_column(Integer)
+    # The job option ``reuse``: an item identical to an earlier succeeded one takes a copy of its output
+    # (worker/reuse.py); reused_items is written when the job finishes, as the counts above.
+    reuse: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    reused_items: Mapped[int | None] = mapped_column(Integer)
 
     items: Mapped[list[Item]] = relationship(back_populates="job", lazy="raise")
 
@@ -188,6 +192,14 @@ class Artifact(Base):
     """The one committed output of an item: object key, digest and provenance."""
 
     __tablename__ = "artifacts"
+    __table_args__ = (
+        # The reuse lookup: one IN query per chunk over the keys of generated outputs (reused ones have none).
+        Index("ix_artifacts_reuse_key", "reuse_key", "id", postgresql_where=text("reuse_key IS NOT NULL"),
+              sqlite_where=text("reuse_key IS NOT NULL")),
+        # A job's reused count without reading its other artifacts.
+        Index("ix_artifacts_reused_job", "job_id", postgresql_where=text("reused_from_id IS NOT NULL"),
+              sqlite_where=text("reused_from_id IS NOT NULL")),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), unique=True)
@@ -200,6 +212,11 @@ class Artifact(Base):
     duration_s: Mapped[float | None] = mapped_column(Float)  # audio
     provenance: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # sha256 of what made a generated output (weights digest, effective parameters, rendered prompt,
+    # seed: worker/reuse.py); None when the model's digest is unknown, and on reused outputs.
+    reuse_key: Mapped[str | None] = mapped_column(String(64))
+    # A reused output: the id of the artifact it was copied from (no foreign key: that job may be removed).
+    reused_from_id: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Chunk(Base):

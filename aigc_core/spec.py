@@ -119,6 +119,9 @@ class JobSpec(BaseModel):
     # A system message put in front of every chat item (one with messages, or a "from" item) that does
     # not begin with its own.
     system: str | None = Field(None, min_length=1)
+    # Reuse identical work: an item whose weights digest, effective parameters, rendered prompt and seed
+    # equal an earlier succeeded item's takes a copy of that output (worker/reuse.py). Off by default.
+    reuse: bool = False
     _digest: str | None = PrivateAttr(default=None)
 
     @field_validator("after", mode="before")
@@ -133,6 +136,8 @@ class JobSpec(BaseModel):
             # Fields added later are left out while unset, so a job's digest does not change with them.
             if body["system"] is None:
                 del body["system"]
+            if not body["reuse"]:
+                del body["reuse"]
             for item in body["items"]:
                 if item["messages"] is None:
                     del item["messages"]

@@ -8,9 +8,10 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from aigc_core.errors import NotFound, SpecError, StorageError
 from aigc_core.s3put import FastPut
@@ -43,10 +44,13 @@ class ObjectStore(Protocol):
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> Iterator[str]: ...
+    def folders(self, prefix: str) -> Iterator[str]: ...
+    def newest(self, prefix: str) -> datetime | None: ...
     def uri(self, key: str) -> str: ...
     def download(self, key: str, path: Path) -> None: ...
     def upload(self, key: str, path: Path, content_type: str = "application/octet-stream") -> ObjectInfo: ...
     def delete(self, keys: builtins.list[str]) -> None: ...
+    def copy(self, src: str, dest: str) -> str: ...
 
 
 def check_key(key: str) -> str:
@@ -122,6 +126,19 @@ class LocalStore:
                 if key.startswith(prefix):
                     yield key
 
+    def folders(self, prefix: str) -> Iterator[str]:
+        """The "folders" right under ``prefix`` (which ends in '/'), as ``prefix + name + '/'``."""
+        start = self.root / check_key(prefix.rstrip("/"))
+        if start.is_dir():
+            for p in sorted(start.iterdir()):
+                if p.is_dir():
+                    yield f"{prefix}{p.name}/"
+
+    def newest(self, prefix: str) -> datetime | None:
+        """When the newest object under ``prefix`` was written; None when there is none."""
+        times = [self._path(k).stat().st_mtime for k in self.list(prefix)]
+        return datetime.fromtimestamp(max(times), UTC) if times else None
+
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
 
@@ -139,6 +156,29 @@ class LocalStore:
         except OSError as e:
             raise StorageError(f"upload {key} failed: {e}") from e
         return ObjectInfo(key, self.uri(key), dest.stat().st_size)
+
+    def copy(self, src: str, dest: str) -> str:
+        """``dest`` becomes an object of its own with ``src``'s bytes (returns its URI): a hard link
+        where the folder allows (no bytes move; removing either key leaves the other whole, and a put
+        replaces a key's file rather than writing into it), else a copy. NotFound when ``src`` is missing."""
+        source, target = self._path(src), self._path(dest)
+        if not source.is_file():
+            raise NotFound(f"no object {self.uri(src)}")
+        tmp = target.parent / f".tmp-{os.urandom(8).hex()}"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, tmp)
+            except FileNotFoundError:
+                raise NotFound(f"no object {self.uri(src)}") from None
+            except OSError:  # another file system, or links not allowed here: copy the bytes
+                _atomic_copy(source, target)
+                return self.uri(dest)
+            os.replace(tmp, target)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"copy {src} to {dest} failed: {e}") from e
+        return self.uri(dest)
 
     def delete(self, keys: builtins.list[str]) -> None:
         """Remove objects; a key that is already gone is not an error."""
@@ -294,6 +334,32 @@ class S3Store:
         except Exception as e:
             raise StorageError(f"list s3://{self.bucket}/{full} failed: {e}") from e
 
+    def folders(self, prefix: str) -> Iterator[str]:
+        """The common prefixes right under ``prefix`` (which ends in '/'): one listing with a delimiter,
+        not every key."""
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full,
+                                                                          Delimiter="/")
+            for page in pages:
+                for cp in page.get("CommonPrefixes", []):
+                    yield cp["Prefix"][cut:]
+        except Exception as e:
+            raise StorageError(f"list s3://{self.bucket}/{full} failed: {e}") from e
+
+    def newest(self, prefix: str) -> datetime | None:
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        newest: datetime | None = None
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    if newest is None or obj["LastModified"] > newest:
+                        newest = obj["LastModified"]
+        except Exception as e:
+            raise StorageError(f"list s3://{self.bucket}/{full} failed: {e}") from e
+        return newest
+
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._full(key)}"
 
@@ -311,6 +377,30 @@ class S3Store:
             raise
         except Exception as e:
             raise StorageError(f"delete in s3://{self.bucket} failed: {e}") from e
+
+    def copy(self, src: str, dest: str) -> str:
+        """A server-side copy (CopyObject: no bytes through this process; up to 5 GB, far above any
+        output); ``dest`` is an object of its own (returns its URI). NotFound when ``src`` is missing.
+        Signed by the fast path where it runs (``aigc_core/s3put.py``), else by botocore."""
+        from botocore.exceptions import ClientError
+
+        fast = self.fast.copy(self._full(src), self._full(dest)) if self.fast is not None else "skipped"
+        if fast == "ok":
+            return self.uri(dest)
+        if fast == "missing":
+            raise NotFound(f"no object {self.uri(src)}")
+        try:
+            self.client.copy_object(Bucket=self.bucket, Key=self._full(dest),
+                                    CopySource={"Bucket": self.bucket, "Key": self._full(src)})
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                raise NotFound(f"no object {self.uri(src)}") from None
+            raise StorageError(f"copy {self.uri(src)} to {self.uri(dest)} failed: {e}") from e
+        except Exception as e:
+            raise StorageError(f"copy {self.uri(src)} to {self.uri(dest)} failed: {e}") from e
+        if fast in ("refused", "failed") and self.fast is not None:  # botocore copied what the fast path could not
+            self.fast.botocore_stored(fast)
+        return self.uri(dest)
 
     def download(self, key: str, path: Path) -> None:
         """Streamed to disk in parallel ranges (boto3's transfer manager), never whole in memory."""
@@ -391,3 +481,38 @@ def download_uri(uri: str, dest: Path, *, endpoint_url: str | None = None) -> Pa
             raise StorageError(f"download {uri} failed: {e}") from e
         return dest
     raise SpecError(f"cannot read {uri!r}: use s3://bucket/key or file:///path")
+
+
+def download_prefix(uri: str, dest: Path, *, endpoint_url: str | None = None, max_bytes: int | None = None) -> Path:
+    """Fetch a folder, ``file:///dir`` or every object under ``s3://bucket/prefix/``, into ``dest``
+    (image datasets). ``max_bytes``: refuse a prefix larger than that before fetching any of it."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file" or "://" not in uri:
+        src = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
+        if not src.is_dir():
+            raise NotFound(f"no folder {src}")
+        if src.resolve() != Path(dest).resolve():
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".tmp-*"))
+        return dest
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise SpecError(f"cannot read {uri!r}: use s3://bucket/prefix/ or a folder")
+    store = S3Store(parsed.netloc, parsed.path.strip("/"), endpoint_url=endpoint_url)
+    try:
+        pages = store.client.get_paginator("list_objects_v2").paginate(
+            Bucket=store.bucket, Prefix=store.prefix + "/" if store.prefix else "")
+        objects = [(o["Key"][len(store.prefix) + 1 if store.prefix else 0:], o["Size"])
+                   for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+    except Exception as e:
+        raise StorageError(f"list {uri} failed: {e}") from e
+    if not objects:
+        raise NotFound(f"nothing under {uri}")
+    if max_bytes is not None and (total := sum(size for _, size in objects)) > max_bytes:
+        raise SpecError(f"{uri} holds {total} bytes; at most {max_bytes}")
+    root = Path(dest).resolve()
+    for key, _ in objects:
+        path = (root / check_key(key)).resolve()
+        if not path.is_relative_to(root):
+            raise SpecError(f"object key {key!r} leaves {root}")
+        store.download(key, path)
+    return dest

@@ -16,7 +16,7 @@ from bench.common import RESULTS, table
 
 # bulk_submit before scaling: the paper estimate reads its insert rate.
 ALL = ("efficiency", "overhead", "machinery", "s3latency", "s3put", "naive", "bulk_submit", "pinning", "scaling",
-       "media")
+       "media", "wait_latency", "cold_submit", "reuse")
 
 
 def main(argv=None) -> int:

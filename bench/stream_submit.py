@@ -78,24 +78,34 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     top = 100_000 if args.quick else args.items
     sizes = sorted({max(10_001, top // 10), top})
+    # With --broker each size runs without and with publishing, one after the other: the difference
+    # is what publishing the chunks costs, measured side by side.
+    variants = [False, True] if args.broker else [False]
     runs = []
     for n in sizes:
-        _admin(f"DROP DATABASE IF EXISTS {DB}")
-        _admin(f"CREATE DATABASE {DB}")
-        try:
-            out = subprocess.run([sys.executable, "-m", "bench.stream_submit", "--one", str(n),
-                                  *(["--broker"] if args.broker else [])], check=True,
-                                 capture_output=True, text=True).stdout
-        finally:
+        for broker in variants:
             _admin(f"DROP DATABASE IF EXISTS {DB}")
-        runs.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"{'items':>10} {'seconds':>8} {'items/s':>9} {'peak RSS growth MB':>19} {'peak RSS MB':>12}")
+            _admin(f"CREATE DATABASE {DB}")
+            try:
+                out = subprocess.run([sys.executable, "-m", "bench.stream_submit", "--one", str(n),
+                                      *(["--broker"] if broker else [])], check=True,
+                                     capture_output=True, text=True).stdout
+            finally:
+                _admin(f"DROP DATABASE IF EXISTS {DB}")
+            runs.append({**json.loads(out.strip().splitlines()[-1]), "broker": broker})
+    print(f"{'items':>10} {'published':>9} {'seconds':>8} {'items/s':>9} {'peak RSS growth MB':>19} "
+          f"{'peak RSS MB':>12}")
     for r in runs:
-        print(f"{r['items']:>10,} {r['seconds']:>8.1f} {r['items_per_s']:>9,.0f} {r['rss_growth_mb']:>19.0f} "
-              f"{r['peak_rss_mb']:>12.0f}")
-    small, big = runs[0], runs[-1]
+        print(f"{r['items']:>10,} {'yes' if r['broker'] else 'no':>9} {r['seconds']:>8.1f} {r['items_per_s']:>9,.0f} "
+              f"{r['rss_growth_mb']:>19.0f} {r['peak_rss_mb']:>12.0f}")
+    plain = [r for r in runs if not r["broker"]]
+    small, big = plain[0], plain[-1]
     print(f"{big['items'] // small['items']}x the items: {big['seconds'] / small['seconds']:.2f}x the time, "
           f"{big['peak_rss_mb'] / small['peak_rss_mb']:.2f}x the peak RSS")
+    for n in sizes if args.broker else []:
+        a, b = (next(r for r in runs if r["items"] == n and r["broker"] is v) for v in (False, True))
+        print(f"{n:,} items: publishing {-(-n // 32):,} chunk messages added {b['seconds'] - a['seconds']:.1f} s "
+              f"({b['seconds'] / a['seconds']:.2f}x)")
     return {"runs": runs}
 
 

@@ -96,7 +96,7 @@ def submit_streaming(client: Client, header: dict[str, Any], items: Iterable[Any
                       model_version=ref.version if ref else None, queue=ref.queue if ref else first.kind,
                       status=JobStatus.submitting, params=first.params, seed=seed, meta=first.metadata,
                       idempotency_key=key, payload_digest=chain.hexdigest(), item_count=0,
-                      chunk_size=chunk_size, depends_on=[])
+                      chunk_size=chunk_size, depends_on=[], reuse=first.reuse)
             s.add(job)
             s.flush()
             job_id, done, done_chain, created = job.id, 0, chain.hexdigest(), True

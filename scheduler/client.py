@@ -15,6 +15,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from aigc_core.credentials import DETACHED_SUFFIX
 from aigc_core.db import Database, database
 from aigc_core.errors import NotFound, SpecError
 from aigc_core.jobs import (
@@ -29,6 +30,7 @@ from aigc_core.jobs import (
     resolve_job_id,
     sidecar_of,
 )
+from aigc_core.notify import FinishWatch
 from aigc_core.reconcile import ReconcileReport, reconcile
 from aigc_core.registry import (
     BUILTIN_MODELS,
@@ -94,12 +96,13 @@ class Client:
                items: Iterable[dict[str, Any] | str] | None = None, *, params: dict[str, Any] | None = None,
                seed: int | None = None, idempotency_key: str | None = None,
                metadata: dict[str, Any] | None = None, chunk_size: int | None = None,
-               after: str | list[str] | None = None, system: str | None = None) -> JobView:
+               after: str | list[str] | None = None, system: str | None = None, reuse: bool = False) -> JobView:
         """Validate, then write the job, its items and its outbox, then publish. Up to ``STREAM_BATCH``
         items (a list) go in one transaction; more, or any other iterable, are streamed in batches with
         bounded memory while the job is ``submitting`` (scheduler/bulk.py). An item is a prompt,
         ``{"prompt": ...}``, ``{"messages": [...]}`` (a chat item; ``system`` goes in front of each)
-        or ``{"from": {"job", "custom_id"}}``."""
+        or ``{"from": {"job", "custom_id"}}``. ``reuse=True``: items identical to an earlier succeeded
+        item (weights digest, effective parameters, rendered prompt, seed) take a copy of its output."""
         if isinstance(kind, JobSpec):
             job_id = self._insert(kind)
         elif isinstance(kind, dict):
@@ -107,7 +110,8 @@ class Client:
         else:
             job_id = self._write({"kind": kind, "model": model, "params": params or {}, "seed": seed,
                                   "idempotency_key": idempotency_key, "metadata": metadata or {},
-                                  "chunk_size": chunk_size, "after": after or [], "system": system}, items or [])
+                                  "chunk_size": chunk_size, "after": after or [], "system": system,
+                                  **({"reuse": True} if reuse else {})}, items or [])
         release_ready(self.db, self.store, job_id)  # its dependencies may be final already
         self.runner.dispatch(self, job_id)
         return self.status(job_id)
@@ -133,9 +137,10 @@ class Client:
     def finetune(self, base_model: str, dataset: str | Path, output_model: str,
                  hyperparameters: dict[str, Any] | None = None, *, idempotency_key: str | None = None,
                  metadata: dict[str, Any] | None = None) -> JobView:
-        """Fine-tune ``base_model`` on ``dataset`` (s3://, file:// or a local path, uploaded for you; the
-        digits GAN / VAE train on builtin://sklearn-digits); on success ``output_model`` gets a new
-        version with its lineage."""
+        """Fine-tune ``base_model`` on ``dataset``; the base model's kind decides the trainer: a text
+        model takes a JSONL or text file, a diffusers image pipeline a folder of images with a
+        ``metadata.jsonl`` (s3:// prefix, file:// or a local path, uploaded for you), the digits GAN /
+        VAE builtin://sklearn-digits. On success ``output_model`` gets a new version with its lineage."""
         from scheduler.training import submit_finetune
 
         job_id = submit_finetune(self, base_model, dataset, output_model, hyperparameters or {},
@@ -195,14 +200,16 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         with JobProgress(self.status(job_id), enabled=progress) as bar:
             self.runner.drive(self, job_id, lambda: bar.update(self.status(job_id)))
-            while True:
-                view = self.status(job_id)
-                bar.update(view)
-                if view.final:
-                    return view
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"job {job_id} still {view.status.value} after {timeout}s")
-                time.sleep(poll_s)
+            # Listening before the status is read: an end between the read and the sleep still wakes it.
+            with FinishWatch(self.db, job_id) as watch:
+                while True:
+                    view = self.status(job_id)
+                    bar.update(view)
+                    if view.final:
+                        return view
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise TimeoutError(f"job {job_id} still {view.status.value} after {timeout}s")
+                    watch.wait(poll_s if deadline is None else min(poll_s, max(0.0, deadline - time.monotonic())))
 
     # ---- results ------------------------------------------------------------------------------
 
@@ -212,8 +219,10 @@ class Client:
 
     def download(self, job_id: str, dest: str | Path) -> Path:
         """The committed outputs as ``items/{index:06d}.{ext}`` with their provenance sidecars
-        (``items/{index:06d}.provenance.json``), and the manifest, into ``dest``. Only what the
-        database committed is fetched: objects of deliveries that lost their items are not outputs."""
+        (``items/{index:06d}.provenance.json``), a signed text output's detached C2PA manifest beside
+        it (``items/{index:06d}.{ext}.c2pa``, what ``aigc verify`` reads), and the manifest, into
+        ``dest``. Only what the database committed is fetched: objects of deliveries that lost their
+        items are not outputs."""
         dest = Path(dest)
         view = self.status(job_id)
         job_id = view.id
@@ -222,6 +231,10 @@ class Client:
                 continue
             ext = r.key.rsplit("/", 1)[1].split(".", 2)[-1]
             self.store.download(r.key, safe_join(dest, f"items/{r.index:06d}.{ext}"))
+            if (r.media_type or "").startswith("text/"):  # PNG and WAV carry theirs inside the file
+                with contextlib.suppress(NotFound):  # unsigned (AIGC_C2PA_SIGNING off)
+                    self.store.download(r.key + DETACHED_SUFFIX,
+                                        safe_join(dest, f"items/{r.index:06d}.{ext}{DETACHED_SUFFIX}"))
             # AIGC_PROVENANCE_SIDECARS=false: no sidecar; the provenance is in the row and the file.
             with contextlib.suppress(NotFound):
                 self.store.download(sidecar_of(r.key), safe_join(dest, f"items/{r.index:06d}.provenance.json"))
@@ -411,7 +424,7 @@ def _write_job(s, spec: JobSpec, ref: ModelRef | None, digest: str, chunk_size: 
               model_version=ref.version if ref else None, queue=ref.queue if ref else spec.kind,
               status=JobStatus.waiting if deps else JobStatus.queued, params=spec.params, seed=seed,
               meta=spec.metadata, idempotency_key=spec.idempotency_key, payload_digest=digest,
-              item_count=len(spec.items), chunk_size=chunk_size, depends_on=deps)
+              item_count=len(spec.items), chunk_size=chunk_size, depends_on=deps, reuse=spec.reuse)
     s.add(job)
     s.flush()
     rows = _item_rows(spec, ref, job.id, seed, chunk_size)

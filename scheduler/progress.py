@@ -35,7 +35,8 @@ class JobProgress:
         if self._progress is None:
             return
         c = view.counts
-        detail = f"ok {c.get('succeeded', 0)}  failed {c.get('failed', 0)}  {view.status.value}"
+        reused = f" (reused {c['reused']})" if c.get("reused") else ""
+        detail = f"ok {c.get('succeeded', 0)}{reused}  failed {c.get('failed', 0)}  {view.status.value}"
         if p := view.progress:
             total = p.get("total_steps") or "?"
             detail = f"step {p.get('step')}/{total}  loss {_f(p.get('loss'))}  eval {_f(p.get('eval_loss'))}"

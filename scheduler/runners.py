@@ -8,6 +8,9 @@ settings; pass ``runner=`` to choose.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -17,6 +20,8 @@ from aigc_core.reconcile import publish_chunks
 from aigc_core.schema import Chunk, ChunkStatus, Job, JobStatus
 from aigc_core.settings import Settings
 from scheduler.dispatch import CeleryPublisher
+
+log = logging.getLogger("aigc.client")
 
 if TYPE_CHECKING:
     from aigc_core.db import Database
@@ -33,6 +38,9 @@ class Runner(Protocol):
 
     def drive(self, client: Client, job_id: str, on_chunk: Callable[[], None]) -> None:
         """Called once by ``wait`` before it polls: run what this runner runs itself."""
+
+    def warm(self, client: Client, model: str | None) -> None:
+        """A job for ``model`` is about to be written and waited for here: get ready to run it."""
 
 
 def publish_pending(db: Database, publisher: Callable[[str, str, int], None], job_id: str) -> None:
@@ -63,6 +71,9 @@ class CeleryRunner:
     def drive(self, client: Client, job_id: str, on_chunk: Callable[[], None]) -> None:
         return None  # the workers run it; wait polls
 
+    def warm(self, client: Client, model: str | None) -> None:
+        return None  # the workers have their models pinned
+
 
 class InProcessRunner:
     """The embedded worker: ``wait`` runs the job (and the jobs it waits for) here, loading torch then."""
@@ -81,6 +92,32 @@ class InProcessRunner:
             waits = s.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.waiting
         # A waiting job's dependencies run here too: drain everything pending, not just this job.
         drain(rt, None if waits else job_id, on_chunk=lambda _: on_chunk())
+
+    def warm(self, client: Client, model: str | None) -> None:
+        """On a thread, while the job is written: import torch and the model's backend and pick the
+        device, the seconds a cold ``submit --wait`` would otherwise spend before its first batch. The
+        model itself is loaded by the pipeline, which charges a load that kills the process to the
+        first micro-batch."""
+        backend = None
+        if model:
+            with contextlib.suppress(Exception):  # an unknown model fails at submit, with its message
+                backend = client.model(model).backend
+        threading.Thread(target=_warm, args=(client.settings, backend), name="aigc-warm", daemon=True).start()
+
+
+def _warm(settings: Settings, backend: str | None) -> None:
+    import importlib
+
+    try:
+        from aigc_models.base import BACKENDS
+        from worker.runtime import get_runtime
+
+        target = {**BACKENDS, **settings.extra_backends()}.get(backend or "")
+        if target:
+            importlib.import_module(target.partition(":")[0])
+        log.debug("warm: device %s", get_runtime(settings).device)  # imports torch, sets its threads
+    except Exception as e:  # only a head start: the pipeline meets (and reports) the same failure
+        log.debug("warming up failed: %s", e)
 
 
 def default_runner(settings: Settings) -> Runner:

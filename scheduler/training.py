@@ -40,7 +40,8 @@ def submit_finetune(client, base_model: str, dataset: str | Path, output_model: 
                     hyperparameters: dict[str, Any], idempotency_key: str | None,
                     metadata: dict[str, Any]) -> str:
     """Validate a fine-tuning request and write its job (one item, one chunk on the ``train`` queue);
-    returns the job id. A text dataset is checked line by line and put into the object store."""
+    returns the job id. A text dataset is checked line by line, an image dataset image by image, and a
+    local one is put into the object store."""
     try:
         check_model_name(output_model)
     except SpecError as e:
@@ -69,9 +70,17 @@ def submit_finetune(client, base_model: str, dataset: str | Path, output_model: 
         params = {"trainer": "causal-lm", "dataset": uri, "dataset_sha256": sha, "output_model": output_model,
                   "hyperparameters": cfg.to_dict(), "dataset_stats": stats}
         seed = cfg.seed
+    elif base.kind == "image" and base.backend == "diffusers":
+        from scheduler.image_training import image_finetune_params
+
+        params, seed = image_finetune_params(client, base, str(dataset), output_model, hyperparameters)
+    elif base.kind == "audio" and base.backend == "hf-tts":
+        from scheduler.speech_training import speech_finetune_params
+
+        params, seed = speech_finetune_params(client, base, str(dataset), output_model, hyperparameters)
     else:
-        raise SpecError(f"base model {base.tag} ({base.backend}): fine-tuning takes text models "
-                        "and the digits GAN / VAE")
+        raise SpecError(f"base model {base.tag} ({base.backend}): fine-tuning takes text models, diffusers "
+                        "image pipelines, SpeechT5 voices and the digits GAN / VAE")
     return _insert_finetune(client, base.tag, params, seed, idempotency_key, metadata or {})
 
 def _stage_dataset(client, dataset: str) -> tuple[str, str, dict[str, int]]:

@@ -21,6 +21,7 @@ class Claimed:
     attempts: int
     source: dict[str, Any] | None = None
     messages: list[dict[str, str]] | None = None  # a chat item (the prompt is then empty)
+    reuse_key: str | None = None  # what made its output, hashed (worker/reuse.py); stored on its artifact
 
 
 @dataclass
@@ -31,6 +32,7 @@ class ChunkResult:
     succeeded: int = 0
     failed: int = 0
     cancelled: int = 0
+    reused: int = 0  # of the succeeded: copies of an earlier identical output (the job option reuse)
     final_status: str | None = None
     errors: dict[str, int] = field(default_factory=dict)
     # Items whose attempt this delivery charged (their generation began): a transient fault gives
@@ -47,6 +49,7 @@ class JobInfo:
     kind: str
     params: dict[str, Any]
     model: ModelRef
+    reuse: bool = False  # the job option: take earlier identical outputs instead of generating
 
 
 def requests_of(job: JobInfo, batch: list[Claimed]) -> list[GenRequest]:

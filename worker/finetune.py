@@ -33,6 +33,10 @@ def run_finetune(rt: Runtime, job, token: str, item, res) -> None:
     watch = _Watch(rt, job.id, token)
     if p.get("trainer") == "digits":
         return _run_digits(rt, job, token, item, res, work, watch)
+    from worker.finetune_image import IMAGE_TRAINERS, run_image_finetune
+
+    if p.get("trainer") in IMAGE_TRAINERS:
+        return run_image_finetune(rt, job, token, item, res, work, watch)
     base_dir = materialize(job.model, rt.settings.cache_dir, endpoint_url=rt.settings.s3_endpoint_url)
     watch.heartbeat()
     data = work / ("dataset" + Path(p["dataset"]).suffix)
@@ -64,12 +68,12 @@ def run_finetune(rt: Runtime, job, token: str, item, res) -> None:
 
 
 def _finish(rt: Runtime, job, token: str, item, res, work: Path, metrics: dict[str, Any], seconds: float,
-            dataset_sha256: str | None = None) -> None:
+            dataset_sha256: str | None = None, card_extra: dict[str, Any] | None = None) -> None:
     """Register the trained model, then commit its model card as the item's output."""
 
     ref = _register_once(rt, job, work / "out", metrics, dataset_sha256)
     card = {"model": ref.tag, "uri": ref.uri, "digest": ref.digest,
-            "lineage": _lineage(job, metrics, ref.digest, dataset_sha256)}
+            "lineage": _lineage(job, metrics, ref.digest, dataset_sha256), **(card_extra or {})}
     out = Output(json.dumps(card, indent=1, sort_keys=True).encode(), "application/json", "json",
                  {"registered": ref.tag})
     store_and_commit(rt, job, token, [item], [(out, None, seconds)], _Card(job.model), res)
@@ -191,7 +195,8 @@ def _register_once(rt: Runtime, job, out: Path, metrics: dict[str, Any], dataset
 def _lineage(job, metrics: dict[str, Any], digest: str | None, dataset_sha256: str | None = None) -> dict[str, Any]:
     p = job.params
     return {
-        "job_id": job.id, "base_model": job.model.tag, "base_digest": job.model.digest,
+        "job_id": job.id, "trainer": p.get("trainer", "causal-lm"), "base_model": job.model.tag,
+        "base_digest": job.model.digest,
         "dataset": p["dataset"], "dataset_sha256": dataset_sha256 or p["dataset_sha256"],
         "hyperparameters": p["hyperparameters"],
         "metrics": {k: v for k, v in metrics.items() if k != "checkpoint"}, "weights_digest": digest,

@@ -1,4 +1,5 @@
-"""Per-process worker metrics for Prometheus: model loads, pinned models, generation time, storage errors.
+"""Per-process worker metrics for Prometheus: model loads, pinned models, generation time, items (and
+reused items), storage errors.
 
 Each worker process serves its own registry (``AIGC_WORKER_METRICS_PORT``): the first free port from
 that one up, so the children of a prefork worker take consecutive ports. A registry of our own, not
@@ -39,6 +40,9 @@ GENERATION_SECONDS = Histogram("aigc_worker_generation_seconds_per_item", "Gener
                                ["model", "kind"], buckets=SECONDS_BUCKETS, registry=REGISTRY)
 ITEMS = Counter("aigc_worker_items", "Items this process finished, by final state", ["model", "state"],
                 registry=REGISTRY)
+ITEMS_REUSED = Counter("aigc_worker_items_reused", "Items this process finished with a copy of an earlier "
+                       "identical output (the job option reuse); also counted as succeeded", ["model"],
+                       registry=REGISTRY)
 STORAGE_ERRORS = Counter("aigc_worker_storage_errors", "Object store requests that failed (StorageError)",
                          ["op"], registry=REGISTRY)
 
@@ -63,6 +67,11 @@ def count_items(model: str, succeeded: int, failed: int, cancelled: int) -> None
     for state, n in (("succeeded", succeeded), ("failed", failed), ("cancelled", cancelled)):
         if n:
             ITEMS.labels(model, state).inc(n)
+
+
+def count_reused(model: str, n: int) -> None:
+    if n:
+        ITEMS_REUSED.labels(model).inc(n)
 
 
 class _PoolCollector(Collector):

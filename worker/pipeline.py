@@ -28,6 +28,7 @@ from worker import metrics
 from worker.chunk import ChunkResult, Claimed, JobInfo, requests_of
 from worker.finetune import run_finetune
 from worker.overlap import StoreAhead
+from worker.reuse import reuse_outputs
 from worker.runtime import Runtime
 from worker.store import (
     begin_batch,
@@ -123,7 +124,8 @@ def claim(rt: Runtime, job_id: str, chunk_no: int) -> tuple[JobInfo | None, str,
         if job.status == JobStatus.queued:
             s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.queued)
                       .values(status=JobStatus.running, started_at=now))
-        info = JobInfo(job.id, job.kind, dict(job.params or {}), resolve(s, f"{job.model_name}@{job.model_version}"))
+        info = JobInfo(job.id, job.kind, dict(job.params or {}), resolve(s, f"{job.model_name}@{job.model_version}"),
+                       reuse=job.reuse)
     items = sorted((Claimed(*r) for r in rows), key=lambda c: c.index)
     # Items whose generation began max_attempts times and never finished (the worker died each time)
     # fail now.
@@ -192,6 +194,7 @@ def _finetune(rt: Runtime, job: JobInfo, token: str, item: Claimed, res: ChunkRe
 def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed], res: ChunkResult) -> None:
     retried = any(c.attempts > 0 for c in items)  # a delivery of this chunk began and died before
     items = _read_sources(rt, token, items)
+    items = reuse_outputs(rt, job, token, items, res)  # keyed; with the job option, copies of identical work
     if not items:
         return
     # Similar lengths together: less padding per batch. Seeds are per item, so order does not matter.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
@@ -91,12 +92,14 @@ class Runtime:
 
 
 _runtimes: dict[tuple[int, str], Runtime] = {}
+_runtimes_lock = threading.Lock()  # the embedded CLI's warm-up thread and its main thread may both ask
 
 
 def get_runtime(settings: Settings | None = None) -> Runtime:
     """One runtime per process and settings; a forked child builds its own instead of sharing the parent's."""
     settings = settings or Settings()
     key = (os.getpid(), settings.model_dump_json())
-    if key not in _runtimes:
-        _runtimes[key] = Runtime.from_settings(settings)
-    return _runtimes[key]
+    with _runtimes_lock:
+        if key not in _runtimes:
+            _runtimes[key] = Runtime.from_settings(settings)
+        return _runtimes[key]

@@ -194,7 +194,7 @@ def _store_one(rt: Runtime, job: JobInfo, token: str, model, c: Claimed, out: Ou
         rt.store.put(sidecar_key(job.id, c.index, token), _json(prov), "application/json")
     return {"item_id": c.id, "job_id": job.id, "key": key, "uri": info.uri, "sha256": sha,
             "size": len(data), "media_type": out.media_type, "provenance": prov,
-            "duration_s": out.info.get("duration_s")}
+            "duration_s": out.info.get("duration_s"), "reuse_key": c.reuse_key}
 
 
 def _hold(rt: Runtime, token: str, item_id: int, deadline: float) -> float | None:

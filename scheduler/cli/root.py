@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -84,6 +85,9 @@ def main() -> None:
             app()
         finally:
             sys.stdout.flush()  # here, not at exit, so a closed pipe is handled below
+    except SystemExit as e:
+        _exit_now_if_torch(e.code)
+        raise
     except BrokenPipeError:
         _stdout_gone()
     except SpecError as e:
@@ -100,6 +104,25 @@ def main() -> None:
             traceback.print_exception(e, file=sys.stderr)
         _error("error:", failure)
         sys.exit(EXIT_ERROR)
+
+
+def _exit_now_if_torch(code: object) -> None:
+    """A command that ran a model here (``submit --wait``, ``wait``, ``demo`` with no broker) is done
+    when it returns: everything is committed and printed. Tearing torch down at interpreter exit takes
+    about a second for nothing, so the process ends here, after closing the databases and flushing."""
+    if "torch" not in sys.modules:
+        return
+    import logging
+
+    from aigc_core.db import close_all
+
+    with contextlib.suppress(Exception):
+        close_all()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 def describe_failure(e: BaseException, settings: Settings | None = None) -> AigcError | None:
@@ -182,6 +205,8 @@ def submit(
     seed: Annotated[int | None, typer.Option()] = None,
     key: Annotated[str | None, typer.Option("--idempotency-key", help="same key + payload = same job")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait for the job and show progress")] = False,
+    reuse: Annotated[bool, typer.Option("--reuse", help="items identical to an earlier succeeded one (weights "
+                                        "digest, parameters, prompt, seed) take a copy of its output")] = False,
     openai_batch: Annotated[Path | None, typer.Option("--openai-batch", help="an OpenAI Batch input file "
                                                       "(requests.jsonl), as `aigc serve` takes it")] = None,
     output: Annotated[Path | None, typer.Option("--output", help="with --openai-batch: wait, then write the "
@@ -200,6 +225,8 @@ def submit(
     for name, value in (("kind", kind), ("model", model), ("seed", seed), ("idempotency_key", key)):
         if value is not None:
             data[name] = value
+    if reuse:
+        data["reuse"] = True
     if param:
         if not isinstance(data.get("params", {}), dict):
             raise SpecError(f"{job_file}: params must be a mapping of NAME: VALUE")
@@ -209,6 +236,8 @@ def submit(
     client = _client()
     if "kind" not in data:
         data["kind"] = _kind_of(client, data.get("model"))
+    if wait:  # embedded: torch and the backend import while the job is written
+        client.runner.warm(client, data["model"] if isinstance(data.get("model"), str) else None)
     job = client.submit(data)
     out.print(job.id)
     if wait:
@@ -252,14 +281,16 @@ def status(job: Annotated[str | None, typer.Argument()] = None,
 @app.command()
 def finetune(
     base: Annotated[str, typer.Option(help="base model name or name@version")],
-    dataset: Annotated[str, typer.Option(help="JSONL {\"text\"} or plain text: a path, file:// or s3://")],
+    dataset: Annotated[str, typer.Option(help="text: JSONL {\"text\"} or plain text; image: a folder of images "
+                                              "with metadata.jsonl; a path, file:// or s3://")],
     output: Annotated[str, typer.Option(help="name the fine-tuned model is registered under")],
     param: Annotated[list[str] | None,
                      typer.Option("--param", "-p", help="hyperparameter NAME=VALUE, repeatable")] = None,
     key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait and show step / loss")] = False,
 ) -> None:
-    """Fine-tune a text model; on success OUTPUT gets a new registered version with its lineage."""
+    """Fine-tune a text model or a diffusers image pipeline (the base's kind picks the trainer); on
+    success OUTPUT gets a new registered version with its lineage."""
     client = _client()
     job = client.finetune(base, dataset, output, _parse_params(param or []), idempotency_key=key)
     out.print(job.id)
@@ -334,6 +365,10 @@ def gc(
                                                                  "30d, 12h, 90m, 2w")],
     objects: Annotated[bool, typer.Option("--objects", help="also their stored objects: outputs, sidecars, "
                                                             "manifest, errors, orphans under their prefix")] = False,
+    orphans: Annotated[bool, typer.Option("--orphans", help="also objects under jobs/ID/ for IDs this database "
+                                                            "has no job for, nothing newer than --older-than "
+                                                            "(not for a bucket prefix shared with another "
+                                                            "database); implies --objects")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would go; change nothing")] = False,
 ) -> None:
     """Remove finished jobs older than --older-than with their rows (and objects with --objects). Never
@@ -342,8 +377,8 @@ def gc(
 
     age = parse_age(older_than)
     client = _client()
-    rep = collect_garbage(client.db, client.store if objects else None, age, objects=objects, dry_run=dry_run,
-                          progress=lambda line: err.print(line, highlight=False))
+    rep = collect_garbage(client.db, client.store if objects or orphans else None, age, objects=objects,
+                          orphans=orphans, dry_run=dry_run, progress=lambda line: err.print(line, highlight=False))
     out.print(rep.line(), highlight=False)
 
 
@@ -412,8 +447,9 @@ def _view_dict(v) -> dict[str, Any]:
 
 def _show_job(v) -> None:
     c = v.counts
+    reused = f" ({c['reused']} reused)" if c.get("reused") else ""
     out.print(f"job {v.id}  {v.kind}  {v.model}  [bold]{v.status.value}[/bold]  "
-              f"{v.done}/{v.item_count} done: {c['succeeded']} ok, {c['failed']} failed, "
+              f"{v.done}/{v.item_count} done: {c['succeeded']} ok{reused}, {c['failed']} failed, "
               f"{c['cancelled']} cancelled", highlight=False)
     if v.progress:
         out.print("training: " + ", ".join(f"{k}={v.progress[k]}" for k in ("step", "loss", "eval_loss")

@@ -51,6 +51,7 @@ class JobTemplate(BaseModel):
     seed: int | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     chunk_size: int | None = None
+    reuse: bool = False  # the job option: items identical to an earlier day's take a copy of its output
     items: list[dict[str, Any] | str] | None = None
     items_file: str | None = None  # a path next to the file, file:///path, or s3:// (aigc_core.spec's rule)
 
@@ -180,7 +181,7 @@ def _fill(key: str, fmt: str | None, ctx: _Context) -> str:
 def _job_kwargs(t: JobTemplate, items: list[Any], ctx: _Context) -> dict[str, Any]:
     meta = {**render(t.metadata, ctx), "schedule": ctx.name, "slot": ctx.slot}
     return {"kind": t.kind, "model": t.model, "items": [{"prompt": i} if isinstance(i, str) else i for i in items],
-            "params": t.params, "seed": t.seed, "metadata": meta, "chunk_size": t.chunk_size}
+            "params": t.params, "seed": t.seed, "metadata": meta, "chunk_size": t.chunk_size, "reuse": t.reuse}
 
 
 def build_job(client, template: dict[str, Any], ctx: _Context) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
+from typing import Any, cast
 
 
 def corpus_texts(n: int | None = None) -> list[str]:
@@ -41,6 +42,46 @@ def build_tiny_ddim(out: Path) -> Path:
                        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
     DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=100, steps_offset=1,
                                                    clip_sample=False)).save_pretrained(out)
+    return out
+
+
+def build_tiny_sd(out: Path) -> Path:
+    """A Stable-Diffusion-style pipeline (UNet2DConditionModel, AutoencoderKL, CLIP text encoder with a
+    character-level tokenizer, DDIM) making 16x16 images; noise until trained."""
+    import tempfile
+
+    import torch
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=16)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=16)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(num_train_timesteps=100, steps_offset=1, clip_sample=False),
+        # diffusers documents None for both (no safety checker); its annotations do not say so
+        safety_checker=cast(Any, None), feature_extractor=cast(Any, None), requires_safety_checker=False)
+    pipe.save_pretrained(out)
     return out
 
 

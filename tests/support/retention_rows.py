@@ -34,7 +34,7 @@ def make_job(db, store, *, items: int = 3, age: timedelta | None = timedelta(day
                   params={}, seed=1, meta={}, payload_digest="d" * 64, item_count=items, chunk_size=2,
                   depends_on=depends_on or [], idempotency_key=key,
                   created_at=now - (created_ago or age or timedelta()) - timedelta(minutes=5),
-                  finished_at=now - age if final else None,
+                  finished_at=now - age if age is not None else None,
                   succeeded_items=items if final else None, failed_items=0 if final else None,
                   cancelled_items=0 if final else None))
         s.flush()
@@ -73,8 +73,10 @@ def rows_of(db, job_id: str) -> dict[str, int]:
     from sqlalchemy import func, select
 
     with db.session() as s:
-        return {m.__tablename__: s.scalar(select(func.count()).select_from(m).where(
-            (m.id if m is Job else m.job_id) == job_id)) or 0 for m in (Job, Item, Artifact, Chunk, JobEvent)}
+        owner = {Job: Job.id, Item: Item.job_id, Artifact: Artifact.job_id, Chunk: Chunk.job_id,
+                 JobEvent: JobEvent.job_id}
+        return {m.__tablename__: s.scalar(select(func.count()).select_from(m).where(col == job_id)) or 0
+                for m, col in owner.items()}
 
 
 def check_gc_removes_old_finished_jobs_only(db, store) -> None:

@@ -372,3 +372,23 @@ def test_short_job_ids_as_printed_are_accepted_by_every_command(tmp_path):
     assert json.loads(cli("status", job[:6], "--json").stdout)["id"] == job
     line = _one_line(cli("status", job[:5]), 2)
     assert "at least 6" in line
+
+
+def test_submit_wait_on_the_embedded_default_warms_up_and_ends_with_everything_written(tmp_path, tiny_text_model):
+    cli = Cli(tmp_path)
+    _register(cli, tiny_text_model)
+    items = _write(tmp_path / "i.jsonl", [json.dumps({"custom_id": f"c{i}", "prompt": f"p {i}"}) for i in range(6)])
+    r = subprocess.run([AIGC, "submit", "--items", items, "--model", "tiny", "-p", "max_new_tokens=4", "--wait"],
+                       env={**cli.env, "AIGC_LOG_LEVEL": "DEBUG"}, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, (r.stdout, r.stderr[-2000:])
+    # torch and the backend were imported on the warm-up thread while the job was written
+    assert "warm: device cpu" in r.stderr
+    job = r.stdout.split()[0]
+    assert "6 ok" in r.stdout and "manifest:" in r.stdout  # printed in full before the process ended
+    # The process ended without torch's teardown (os._exit): what it committed is all there.
+    with sqlite3.connect(cli.db_path) as c:
+        assert c.execute("SELECT status FROM jobs WHERE id = ?", (job,)).fetchone()[0] == "succeeded"
+        assert c.execute("SELECT count(*) FROM artifacts WHERE job_id = ?", (job,)).fetchone()[0] == 6
+    manifest = tmp_path / "data" / "jobs" / job / "manifest.jsonl"
+    assert len(manifest.read_text().splitlines()) == 6

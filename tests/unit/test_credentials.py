@@ -162,6 +162,23 @@ def test_a_text_output_gets_a_detached_manifest_beside_it(signing_settings, tiny
     assert client.verify(r.key)["state"] == "Trusted"
 
 
+def test_download_fetches_a_text_outputs_detached_manifest_beside_it(signing_settings, tiny_text_model, tmp_path):
+    from scheduler import Client
+
+    client = Client(signing_settings)
+    client.register_model("tiny", "text", tiny_text_model.as_uri(), defaults={"max_new_tokens": 8})
+    job = client.submit("text", model="tiny", items=["Headline: Rain\n\n", "Headline: Sun\n\n"])
+    assert client.wait(job.id, timeout=120).status == JobStatus.succeeded
+    out = client.download(job.id, tmp_path / "dl") / "items"
+    for r in client.results(job.id):
+        article = out / f"{r.index:06d}.txt"
+        assert (out / f"{r.index:06d}.txt.c2pa").read_bytes() == client.store.get(f"{r.key}.c2pa")
+        assert client.verify(article)["state"] == "Trusted"  # the local file, checked with the manifest beside it
+    # Without its manifest the downloaded article is unsigned: the file beside it is what binds it.
+    (out / "000000.txt.c2pa").unlink()
+    assert client.verify(out / "000000.txt")["state"] == "Unsigned"
+
+
 def test_a_missing_key_under_required_fails_the_items_not_the_job_and_stores_nothing(signing_settings, ca,
                                                                                       tmp_path):
     from scheduler import Client

@@ -120,5 +120,5 @@ def test_digits_training_refuses_other_datasets_and_unknown_options(client, data
         client.finetune("demo-digits", "builtin://sklearn-digits", "d2", {"learning_rate": 0.1})
     with pytest.raises(SpecError, match="max_steps must be an integer"):
         client.finetune("demo-digits", "builtin://sklearn-digits", "d2", {"max_steps": 0})
-    with pytest.raises(SpecError, match="fine-tuning takes text models and the digits"):
+    with pytest.raises(SpecError, match="image pipelines, SpeechT5 voices and the digits"):
         client.finetune("espeak-en", dataset, "d2", {})

@@ -201,6 +201,16 @@ def test_each_slot_fires_one_job_keyed_by_schedule_and_slot_with_the_date_render
         assert list(s.scalars(select(Item.custom_id).where(Item.job_id == job.id))) == ["b-2026-03-29"]
 
 
+def test_a_template_with_reuse_fires_jobs_with_the_option_and_without_it_by_default(client):
+    define(client, sched(name="daily", job={"model": "tiny", "seed": 3, "reuse": True, "items": ["Same every day"]}),
+           sched(name="plain", job={"model": "tiny", "items": ["x"]}), now="2026-03-28T12:00:00Z")
+    fired = {f.job_id: f for f in fire_due(client, at("2026-03-29T07:00:30Z"))}
+    with client.db.session() as s:
+        rows = s.execute(select(Job.meta["schedule"].as_string(), Job.reuse).where(Job.id.in_(list(fired))))
+        flags = dict(rows.all())
+    assert flags == {"daily": True, "plain": False}
+
+
 def test_a_second_scheduler_at_the_same_moment_creates_no_second_job(client, sqlite_settings):
     define(client, sched(cron="*/10 * * * *", max_concurrent=5), now="2026-05-01T09:55:00Z")
     other = Client(sqlite_settings)

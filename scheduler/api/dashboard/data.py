@@ -67,7 +67,8 @@ def view_of(s: Session, job_id: str, store: ObjectStore | None = None) -> JobVie
     if job is None or job.finished_at is None or job.succeeded_items is None or job.kind == "finetune":
         return job_view(s, job_id, store)
     counts = {st.value: 0 for st in ItemStatus}
-    counts.update(succeeded=job.succeeded_items, failed=job.failed_items or 0, cancelled=job.cancelled_items or 0)
+    counts.update(succeeded=job.succeeded_items, failed=job.failed_items or 0, cancelled=job.cancelled_items or 0,
+                  reused=job.reused_items or 0)
     version = job.model_version if job.model_version is not None else "?"
     manifest = store.uri(f"{job_prefix(job_id)}/manifest.jsonl") if store else None
     return JobView(job.id, job.kind, f"{job.model_name}@{version}", job.status, counts, job.item_count,

@@ -18,12 +18,15 @@
   }
 
   function updateCounts(el, c) {
-    var map = { "c-ok": [c.succeeded, "ok"], "c-failed": [c.failed, "failed"], "c-running": [c.running, "running"],
-                "c-pending": [c.pending, "pending"], "c-cancelled": [c.cancelled, "cancelled"] };
+    var map = { "c-ok": [c.succeeded, "ok"], "c-reused": [c.reused, "reused"], "c-failed": [c.failed, "failed"],
+                "c-running": [c.running, "running"], "c-pending": [c.pending, "pending"],
+                "c-cancelled": [c.cancelled, "cancelled"] };
     Object.keys(map).forEach(function (cls) {
       var s = el.querySelector("." + cls);
       if (s) { s.textContent = (map[cls][0] || 0) + " " + map[cls][1]; }
     });
+    var reused = el.querySelector(".c-reused");
+    if (reused) { reused.hidden = !c.reused; }
   }
 
   function poll() {

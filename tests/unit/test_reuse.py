@@ -1,0 +1,267 @@
+"""Reuse of identical work (worker/reuse.py) with a fake backend on SQLite and a folder store: what is
+compared, what is copied, what is counted, and what is never reused."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+from sqlalchemy import select, update
+
+from aigc_core.registry import ModelRef
+from aigc_core.retention import delete_jobs
+from aigc_core.schema import Artifact, Item, ItemStatus, JobStatus, Model
+from tests.unit.test_pipeline import FakeGen
+from worker.chunk import ChunkResult, Claimed, JobInfo
+from worker.inprocess import drain
+from worker.pipeline import claim
+from worker.pool import ModelPool
+from worker.reuse import reuse_key, reuse_outputs
+from worker.runtime import Runtime
+
+
+class Loads:
+    """A pool loader that counts loads: a fully reused job must never load its model."""
+
+    def __init__(self):
+        self.gen, self.loads = FakeGen(), 0
+
+    def __call__(self, ref):
+        self.loads += 1
+        return self.gen
+
+
+def run(client, job_id, **overrides) -> Loads:
+    """Run a job's chunks in a fresh worker runtime (its own pool, nothing loaded yet)."""
+    loads = Loads()
+    # Sidecars on (not the default since issue 15): a copy writes its own, naming the original.
+    rt = Runtime(client.settings.model_copy(update={"provenance_sidecars": True, **overrides}), client.db, client.store,
+                 pool=ModelPool(loads, 1 << 40), device="cpu")
+    drain(rt, job_id)
+    return loads
+
+
+def submit(client, prompts, *, model="tiny", seed=5, params=None, reuse=False):
+    items = [{"custom_id": f"c{i}", "prompt": p} for i, p in enumerate(prompts)]
+    return client.submit("text", model=model, items=items, seed=seed, params=params or {}, reuse=reuse)
+
+
+PROMPTS = [f"Headline {i}: the council met" for i in range(6)]
+
+
+def test_a_rerun_with_reuse_copies_every_output_and_never_loads_the_model(client, tmp_path):
+    first = submit(client, PROMPTS)
+    assert run(client, first.id).loads == 1
+    again = submit(client, PROMPTS, reuse=True)
+    loads = run(client, again.id)
+    assert loads.loads == 0 and loads.gen.calls == []  # nothing generated, the model never loaded
+    view = client.status(again.id)
+    assert view.status == JobStatus.succeeded and view.counts["succeeded"] == 6 and view.counts["reused"] == 6
+    assert view.done == 6  # reused is a part of succeeded, not counted twice
+    originals = {r.index: r for r in client.results(first.id)}
+    for r in client.results(again.id):
+        o = originals[r.index]
+        assert r.sha256 == o.sha256 and r.key != o.key and r.key.startswith(f"jobs/{again.id}/items/")
+        assert client.store.get(r.key) == client.store.get(o.key)
+        assert r.provenance["reused_from"] == {"job_id": first.id, "item_index": o.index, "key": o.key,
+                                               "sha256": o.sha256}
+        assert r.provenance["seed"] == o.provenance["seed"]  # what made it: the original's generation
+    assert client.status(first.id).counts["reused"] == 0
+    # The sidecars say the same as the rows; the download has every output.
+    (r0,) = [r for r in client.results(again.id) if r.index == 0]
+    dl = client.download(again.id, tmp_path / "dl")
+    assert (dl / "items" / "000000.txt").read_bytes() == client.store.get(r0.key)
+    assert '"reused_from"' in (dl / "items" / "000000.provenance.json").read_text()
+
+
+def test_a_copy_is_the_new_jobs_own_object_removing_the_original_job_leaves_it_whole(client):
+    first = submit(client, PROMPTS[:2])
+    run(client, first.id)
+    again = submit(client, PROMPTS[:2], reuse=True)
+    run(client, again.id)
+    for key in list(client.store.list(f"jobs/{first.id}/")):  # what `aigc gc --objects` does
+        client.store.delete([key])
+    delete_jobs(client.db, [first.id])
+    for r in client.results(again.id):
+        assert hashlib.sha256(client.store.get(r.key)).hexdigest() == r.sha256
+    # The original is gone: the next identical request generates again.
+    third = submit(client, PROMPTS[:2], reuse=True)
+    assert run(client, third.id).gen.calls != []
+    assert client.status(third.id).counts["reused"] == 0
+
+
+def test_only_identical_requests_are_reused(client):
+    first = submit(client, PROMPTS[:4], params={"temperature": 0.7})
+    run(client, first.id)
+    changed = [PROMPTS[0], PROMPTS[1] + "!", PROMPTS[2], PROMPTS[3]]  # item 1's prompt differs
+    same_but_one = submit(client, changed, params={"temperature": 0.7}, reuse=True)
+    gen = run(client, same_but_one.id).gen
+    assert sorted(i for call in gen.calls for i in call) == [1]  # only the changed item generated
+    assert client.status(same_but_one.id).counts["reused"] == 3
+    for params, seed in (({"temperature": 0.8}, 5), ({"temperature": 0.7}, 6)):  # a parameter, the seed
+        job = submit(client, PROMPTS[:4], params=params, seed=seed, reuse=True)
+        assert len([i for call in run(client, job.id).gen.calls for i in call]) == 4
+        assert client.status(job.id).counts["reused"] == 0
+
+
+def test_reuse_is_off_by_default(client):
+    first = submit(client, PROMPTS[:2])
+    run(client, first.id)
+    again = submit(client, PROMPTS[:2])
+    assert run(client, again.id).loads == 1
+    assert client.status(again.id).counts["reused"] == 0
+
+
+def test_a_model_whose_digest_is_unknown_never_reuses_nor_is_reused(client):
+    with client.db.session() as s:
+        s.execute(update(Model).where(Model.name == "tiny").values(digest=None))
+    first = submit(client, PROMPTS[:2])
+    run(client, first.id)
+    with client.db.session() as s:
+        assert set(s.scalars(select(Artifact.reuse_key).where(Artifact.job_id == first.id))) == {None}
+    again = submit(client, PROMPTS[:2], reuse=True)
+    assert run(client, again.id).loads == 1
+    assert client.status(again.id).counts["reused"] == 0
+
+
+def test_other_weights_are_never_reused(client, tiny_text_model, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_text_model, other)
+    (other / "README.md").write_text("another checkpoint\n")  # another digest
+    client.register_model("tiny-b", "text", other.as_uri(), defaults={"max_new_tokens": 8})
+    first = submit(client, PROMPTS[:2])
+    run(client, first.id)
+    again = submit(client, PROMPTS[:2], model="tiny-b", reuse=True)
+    assert run(client, again.id).loads == 1
+    assert client.status(again.id).counts["reused"] == 0
+
+
+def test_an_original_whose_object_is_gone_is_generated_instead(client):
+    first = submit(client, PROMPTS[:3])
+    run(client, first.id)
+    gone = next(r for r in client.results(first.id) if r.index == 1)
+    client.store.delete([gone.key])
+    again = submit(client, PROMPTS[:3], reuse=True)
+    gen = run(client, again.id).gen
+    assert [i for call in gen.calls for i in call] == [1]
+    view = client.status(again.id)
+    assert view.status == JobStatus.succeeded and view.counts["reused"] == 2
+
+
+@pytest.mark.parametrize("when", ["before", "while copying"])
+def test_a_delivery_that_lost_its_items_commits_nothing_and_leaves_no_copies(client, monkeypatch, when):
+    first = submit(client, PROMPTS[:2])
+    run(client, first.id)
+    again = submit(client, PROMPTS[:2], reuse=True)
+    rt = Runtime(client.settings, client.db, client.store, pool=ModelPool(Loads(), 1 << 40), device="cpu")
+    job, token, claimed = claim(rt, again.id, 0)
+    assert job is not None and len(claimed) == 2
+
+    def take_over():  # another delivery took the items over (their lease ran out)
+        with client.db.session() as s:
+            s.execute(update(Item).where(Item.job_id == again.id).values(claim_token="someone-else"))
+
+    if when == "before":
+        take_over()
+    else:
+        import worker.reuse
+
+        real = worker.reuse._copy_all
+        monkeypatch.setattr(worker.reuse, "_copy_all", lambda *a, **k: (real(*a, **k), take_over())[0])
+    res = ChunkResult(again.id, 0)
+    assert reuse_outputs(rt, job, token, claimed, res) == []  # not generated here either: not ours
+    assert res.succeeded == 0
+    with client.db.session() as s:
+        assert s.scalars(select(Artifact.id).where(Artifact.job_id == again.id)).all() == []
+        assert set(s.scalars(select(Item.status).where(Item.job_id == again.id))) == {ItemStatus.running}
+    assert list(client.store.list(f"jobs/{again.id}/")) == []
+
+
+def test_a_redelivered_chunk_reuses_nothing_twice(client):
+    first = submit(client, PROMPTS[:2])
+    run(client, first.id)
+    again = submit(client, PROMPTS[:2], reuse=True)
+    run(client, again.id)
+    rt = Runtime(client.settings, client.db, client.store, pool=ModelPool(Loads(), 1 << 40), device="cpu")
+    from worker.pipeline import run_chunk
+
+    assert run_chunk(rt, again.id, 0).claimed == 0  # the message again: every item is final
+    with client.db.session() as s:
+        assert len(s.scalars(select(Artifact.id).where(Artifact.job_id == again.id)).all()) == 2
+    assert len([k for k in client.store.list(f"jobs/{again.id}/items/")]) == 4  # two outputs, two sidecars
+
+
+# ---- the key ---------------------------------------------------------------------------------------
+
+REF = ModelRef("m", 1, "text", "hf-causal-lm", "file:///m", digest="sha256:" + "0" * 64,
+               defaults={"max_new_tokens": 8})
+
+
+def _key(*, ref=REF, params=None, item_params=None, seed=1, prompt="p", messages=None, kind="text"):
+    job = JobInfo("j", kind, params or {}, ref, reuse=True)
+    return reuse_key(job, Claimed(1, 0, "c", prompt, item_params or {}, seed, 0, messages=messages))
+
+
+def test_the_key_covers_digest_effective_parameters_prompt_messages_template_and_seed():
+    base = _key()
+    assert base == _key() and len(base) == 64
+    assert _key(seed=2) != base and _key(prompt="q") != base
+    assert _key(params={"temperature": 0.5}) != base and _key(item_params={"top_k": 3}) != base
+    other = ModelRef("m", 2, "text", "hf-causal-lm", "file:///m2", digest="sha256:" + "1" * 64,
+                     defaults={"max_new_tokens": 8})
+    assert _key(ref=other) != base
+    # The registry's defaults are effective parameters too.
+    assert _key(ref=ModelRef(**{**REF.__dict__, "defaults": {"max_new_tokens": 9}})) != base
+    # The same values written differently, or names the backend does not take, are the same work.
+    assert _key(params={"temperature": 1}) == _key(params={"temperature": 1.0})
+    assert _key(params={"stop": "x"}) == _key(params={"stop": ["x"]})
+    assert _key(params={"unknown_to_text": 3}) == base
+    assert _key(params={"max_new_tokens": 8}) == base  # the registry default set again by the job
+    chat = [{"role": "user", "content": "hi"}]
+    with_template = ModelRef(**{**REF.__dict__, "defaults": {"max_new_tokens": 8, "chat_template": "{{ x }}"}})
+    assert _key(prompt="", messages=chat) != _key(prompt="", messages=[{"role": "user", "content": "ho"}])
+    assert _key(prompt="", messages=chat, ref=with_template) != _key(prompt="", messages=chat)
+
+
+@pytest.mark.parametrize("digest", [None, "", "  "])
+def test_no_key_without_a_weights_digest(digest):
+    assert _key(ref=ModelRef(**{**REF.__dict__, "digest": digest})) is None
+
+
+# ---- where the count shows ---------------------------------------------------------------------------
+
+def test_reused_shows_in_aigc_status_its_json_and_the_dashboards_counts(client, sqlite_settings):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from scheduler.api.dashboard.data import view_of
+    from scheduler.api.dashboard.views import templates
+
+    first = submit(client, PROMPTS[:3])
+    run(client, first.id)
+    again = submit(client, PROMPTS[:3], reuse=True)
+    run(client, again.id)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AIGC_")},
+           "AIGC_DATABASE_URL": sqlite_settings.database_url, "AIGC_STORAGE_URL": sqlite_settings.storage_url}
+    aigc = [sys.executable, "-m", "scheduler.cli", "status", again.id]
+    shown = subprocess.run(aigc, env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "3 ok (3 reused)" in shown.stdout, shown.stdout + shown.stderr
+    as_json = json.loads(subprocess.run([*aigc, "--json"], env=env, capture_output=True, text=True, timeout=60).stdout)
+    assert as_json["counts"]["reused"] == 3 and as_json["counts"]["succeeded"] == 3
+    counts = templates.env.get_template("macros.html").module.counts  # type: ignore[attr-defined]
+    with client.db.session() as s:
+        finished, plain = view_of(s, again.id), view_of(s, first.id)  # counts stored on the finished job
+    assert finished.counts["reused"] == 3 and '3 reused' in str(counts(finished))
+    assert 'class="c-reused" title="succeeded by a copy of an earlier identical output" hidden' in str(counts(plain))
+
+
+def test_the_option_is_in_the_idempotency_payload_only_when_on():
+    from aigc_core.spec import parse_spec
+
+    spec = {"kind": "text", "model": "m", "items": [{"prompt": "a"}]}
+    off, on = parse_spec(spec), parse_spec({**spec, "reuse": True})
+    assert not off.reuse and on.reuse and off.payload_digest() != on.payload_digest()
+    assert parse_spec({**spec, "reuse": False}).payload_digest() == off.payload_digest()
