@@ -400,3 +400,8 @@ def test_main_in_process_returns_with_torch_loaded_only_the_console_script_ends_
             "try:\n    main()\nexcept SystemExit as e:\n    print('returned', e.code)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0 and "returned 0" in r.stdout, (r.stdout, r.stderr[-2000:])
+
+
+def test_os_exit_in_the_pytest_process_raises_instead_of_ending_the_run():
+    with pytest.raises(RuntimeError, match="os._exit"):
+        os._exit(0)
