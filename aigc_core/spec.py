@@ -8,7 +8,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -392,7 +392,7 @@ def _parse_item_line(raw: bytes, n: int, path: Path | str, limits: Limits) -> di
 def check_items_container(items: Any, where: str = "items") -> None:
     """Items come as a list (or another iterable) of items. A str, bytes or a mapping is iterable
     too, but is never a list of items: "prompt" would make six one-letter jobs, a dict its keys."""
-    if isinstance(items, (str, bytes, bytearray, Mapping)):
+    if isinstance(items, (str, bytes, bytearray, Mapping)) or not isinstance(items, Iterable):
         raise SpecError(f"{where}: expected a list of items (mappings like {{\"prompt\": ...}} or prompt "
                         f"strings), got {type(items).__name__}; wrap a single item in a list")
 

@@ -38,12 +38,12 @@ PARAMS = ["-p", f"max_new_tokens={NEW_TOKENS}", "-p", "do_sample=false", "-p", "
 
 
 def _as_before(argv: list[str]) -> None:
-    """``aigc`` with no warm-up thread and the ordinary interpreter exit (what it did before)."""
+    """``aigc`` with no warm-up thread and the ordinary interpreter exit (what it did before):
+    ``main``, not the console script's ``console_main``."""
     import scheduler.cli.root as root
     from scheduler.runners import InProcessRunner
 
     InProcessRunner.warm = lambda self, client, model: None  # type: ignore[method-assign]
-    root._exit_now_if_torch = lambda code: None
     sys.argv = ["aigc", *argv]
     root.main()
 

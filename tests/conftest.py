@@ -18,6 +18,22 @@ REDIS_URL = os.environ.get("AIGC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 REDIS_DB = int(os.environ.get("AIGC_TEST_REDIS_DB", 2 + os.getpid() % 14))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_os_exit_in_the_test_process():
+    """``os._exit`` in the pytest process would end the run at once with that code, 0 included: a
+    truncated run that looks green. Here it raises instead; a forked child still exits for real."""
+    real, pid = os._exit, os.getpid()
+
+    def guarded(code: int) -> None:
+        if os.getpid() == pid:
+            raise RuntimeError(f"os._exit({code}) called in the pytest process: it would end the test run here")
+        real(code)
+
+    os._exit = guarded  # type: ignore[assignment]
+    yield
+    os._exit = real
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module: tiny models gain nothing from threads, and on a shared 2-core

@@ -2,6 +2,6 @@
 database and the demo; models; schedules; ops). Roles are imported lazily inside the commands, so
 ``aigc submit`` and ``aigc status`` start fast and never load torch."""
 
-from scheduler.cli.root import app, main
+from scheduler.cli.root import app, console_main, main
 
-__all__ = ["app", "main"]
+__all__ = ["app", "console_main", "main"]

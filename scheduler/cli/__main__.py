@@ -1,3 +1,3 @@
-from scheduler.cli.root import main
+from scheduler.cli.root import console_main
 
-main()
+console_main()

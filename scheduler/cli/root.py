@@ -85,9 +85,6 @@ def main() -> None:
             app()
         finally:
             sys.stdout.flush()  # here, not at exit, so a closed pipe is handled below
-    except SystemExit as e:
-        _exit_now_if_torch(e.code)
-        raise
     except BrokenPipeError:
         _stdout_gone()
     except SpecError as e:
@@ -104,6 +101,16 @@ def main() -> None:
             traceback.print_exception(e, file=sys.stderr)
         _error("error:", failure)
         sys.exit(EXIT_ERROR)
+
+
+def console_main() -> None:
+    """The ``aigc`` console script: ``main``, then the process ends at once if it ran a model.
+    (``main`` alone is what tests call in-process.)"""
+    try:
+        main()
+    except SystemExit as e:
+        _exit_now_if_torch(e.code)
+        raise
 
 
 def _exit_now_if_torch(code: object) -> None:

@@ -392,3 +392,17 @@ def test_submit_wait_on_the_embedded_default_warms_up_and_ends_with_everything_w
         assert c.execute("SELECT count(*) FROM artifacts WHERE job_id = ?", (job,)).fetchone()[0] == 6
     manifest = tmp_path / "data" / "jobs" / job / "manifest.jsonl"
     assert len(manifest.read_text().splitlines()) == 6
+
+
+def test_main_in_process_returns_with_torch_loaded_only_the_console_script_ends_the_process(tmp_path):
+    """``main`` is what tests (and embedders) call in-process: it must raise SystemExit, never end the
+    interpreter, even with torch imported. Run in a child: an os._exit here would end pytest with rc 0."""
+    code = ("import sys, torch\nfrom scheduler.cli.root import main\nsys.argv = ['aigc', '--version']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print('returned', e.code)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and "returned 0" in r.stdout, (r.stdout, r.stderr[-2000:])
+
+
+def test_os_exit_in_the_pytest_process_raises_instead_of_ending_the_run():
+    with pytest.raises(RuntimeError, match="os._exit"):
+        os._exit(0)

@@ -320,3 +320,11 @@ def test_a_job_file_reads_exponent_floats_as_numbers(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("params: {temperature: 7e-1, top_p: 9.5e-1, name: 5e-4x}\n")
     assert load_yaml(path) == {"params": {"temperature": 0.7, "top_p": 0.95, "name": "5e-4x"}}
+
+
+@pytest.mark.parametrize("items", [True, 3, 2.5, object()])
+def test_items_that_are_not_a_list_at_all_are_refused_by_name(items):
+    from aigc_core.spec import check_items_container
+
+    with pytest.raises(SpecError, match="items: expected a list of items"):
+        check_items_container(items)
