@@ -15,8 +15,8 @@ import time
 from bench.common import RESULTS, table
 
 # bulk_submit before scaling: the paper estimate reads its insert rate.
-ALL = ("efficiency", "overhead", "s3put", "naive", "bulk_submit", "pinning", "scaling", "media", "wait_latency",
-       "cold_submit", "reuse")
+ALL = ("efficiency", "overhead", "machinery", "s3latency", "s3put", "naive", "bulk_submit", "pinning", "scaling",
+       "media", "wait_latency", "cold_submit", "reuse")
 
 
 def main(argv=None) -> int:

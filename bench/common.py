@@ -206,10 +206,15 @@ def run_job(client, model: str, items: list, *, params: dict | None = None, kind
     return {"job_id": job.id, "status": status, "seconds": t_end - t0, "submit_s": t_sub, "items": len(items)}
 
 
-def check_outputs(client, job_id: str, n: int, *, sidecars: bool = True) -> None:
+def check_outputs(client, job_id: str, n: int, *, sidecars: bool | None = None) -> None:
     """Every item succeeded, has its Artifact row, and its object (and provenance sidecar, when the
-    worker writes them: AIGC_PROVENANCE_SIDECARS) and the manifest are in S3."""
+    worker writes them: AIGC_PROVENANCE_SIDECARS; None: the default setting's) and the manifest are in S3."""
     from sqlalchemy import func, select
+
+    from aigc_core.settings import Settings
+
+    if sidecars is None:
+        sidecars = Settings.model_fields["provenance_sidecars"].default
 
     from aigc_core.jobs import job_prefix
     from aigc_core.schema import Artifact, Item, ItemStatus
@@ -227,7 +232,8 @@ def check_outputs(client, job_id: str, n: int, *, sidecars: bool = True) -> None
                              f"(want {n}, {n}, {want}), manifest {manifest}")
 
 
-NO_SIDECARS = {"AIGC_PROVENANCE_SIDECARS": "false"}  # a worker that writes one object per item
+NO_SIDECARS = {"AIGC_PROVENANCE_SIDECARS": "false"}  # a worker that writes one object per item (the default)
+SIDECARS = {"AIGC_PROVENANCE_SIDECARS": "true"}  # two: each output and its provenance sidecar
 
 
 def headline_prompts(n: int) -> list[str]:

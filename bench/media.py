@@ -1,6 +1,6 @@
 """Images and audio: the efficiency ratio E (runner items/s / bare loop items/s) for the diffusers and
 VITS backends, on the tests' tiny checkpoints (a 16x16 DDIM UNet, a tiny VitsModel), through real
-PostgreSQL, Redis, S3 and a solo worker per provenance-sidecar setting (on, the default, and off:
+PostgreSQL, Redis, S3 and a solo worker per provenance-sidecar setting (on, and off, the default:
 AIGC_PROVENANCE_SIDECARS=false), side by side. The bare loops make the same outputs the backends do,
 file bytes included (PNG, 16-bit WAV), on one torch thread: for images a batched pipeline call per
 micro-batch, for audio one forward per item under its own seed, as the VITS backend runs it.
@@ -18,6 +18,7 @@ from typing import Any
 
 from bench.common import (
     NO_SIDECARS,
+    SIDECARS,
     Stack,
     add_rounds_and_sidecars,
     check_outputs,
@@ -91,7 +92,7 @@ class BareAudio:
         return time.perf_counter() - t0
 
 
-VARIANTS = {"on": {}, "off": NO_SIDECARS}  # AIGC_PROVENANCE_SIDECARS: two PUTs per item, or one
+VARIANTS = {"on": SIDECARS, "off": NO_SIDECARS}  # AIGC_PROVENANCE_SIDECARS: two PUTs per item, or one
 
 
 def main(argv=None) -> dict:
@@ -155,7 +156,7 @@ def main(argv=None) -> dict:
     heads = ["kind", "model", "items", "bare ms/item", "bare it/s"]
     heads += variant_heads(variants)
     text = table(f"Efficiency E for images and audio (micro-batch {batch}, chunk {chunk}; {pairs_n} interleaved "
-                 "rounds, median [range]; sidecars on = the default, off = AIGC_PROVENANCE_SIDECARS=false)",
+                 "rounds, median [range]; sidecars on = AIGC_PROVENANCE_SIDECARS=true, off = the default)",
                  heads, rows)
     result = {"sidecars": variants, "cases": out, "table": text}
     write_json("media", result)

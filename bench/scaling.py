@@ -167,7 +167,7 @@ def paper(load: dict, redis_cap: dict, pg_cap: dict, s3_cap: dict, rows_per_s: f
         rows.append([f"{per_worker} items/s per GPU", f"{items:,}", f"{msgs:,.0f}", f"{cmds:,.0f}",
                      f"{cmds / redis_rate:.1%}", f"{tx:,.0f}", f"{tx / pg_cap['tx_per_s']:.0%}",
                      f"{items * load['sql_statements_per_item']:,.0f}", f"{items * load['sql_rows_per_item']:,.0f}",
-                     f"{items * 2:,}", f"{items * 2 / s3_cap['put_per_s']:.0%}"])
+                     f"{items:,}", f"{items / s3_cap['put_per_s']:.0%}"])
     cap = [["SeaweedFS 1 KiB PUT/s, 8 threads (S3)", f"{s3_cap['put_per_s']:,.0f}"],
            ["Redis LPUSH/s (redis-benchmark or loop)", f"{redis_cap.get('lpush_per_s', 0):,.0f}"],
            ["Redis RPOP/s", f"{redis_cap.get('rpop_per_s', 0):,.0f}"],
@@ -229,7 +229,7 @@ def main(argv=None) -> dict:
         ["SQL statements per item (worker)", f"{load['sql_statements_per_item']:.3f}"],
         ["SQL parameter rows per item (worker)", f"{load['sql_rows_per_item']:.2f}"],
         ["Redis commands per chunk (publish, deliver, ack, events)", f"{load['redis_commands_per_chunk']:.1f}"],
-        ["S3 PUTs per item (output + provenance sidecar)", "2"]])
+        ["S3 PUTs per item (output; 2 with AIGC_PROVENANCE_SIDECARS=true)", "1"]])
     t3 = table("Paper estimate: 100 GPU workers, chunk 32", ["per-GPU rate", "items/s", "messages/s", "Redis cmds/s",
                                                                "of Redis here", "SQL tx/s", "of PG here",
                                                                "SQL stmts/s", "SQL rows/s", "S3 PUT/s",

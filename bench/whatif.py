@@ -85,7 +85,9 @@ def main(argv=None) -> dict:
     rows, out = [], []
     with Stack("whatif") as st:
         client = st.client(broker_url=None)
-        rt = Runtime.from_settings(st.settings(broker_url=None))
+        # In line and with sidecars, as the product ran when this diagnostic was written: the variants
+        # emulate the two changes themselves (both are settings now: AIGC_OVERLAP_STORAGE, _SIDECARS).
+        rt = Runtime.from_settings(st.settings(broker_url=None, overlap_storage=False, provenance_sidecars=True))
         register_null(client, st.tmp)
         for label, shape, n in cases:
             prompts = headline_prompts(n)
@@ -106,7 +108,7 @@ def main(argv=None) -> dict:
                         run_chunk(rt, job.id, c)
                     secs = time.perf_counter() - t0
                 if "no sidecar" not in variant:
-                    check_outputs(client, job.id, n)
+                    check_outputs(client, job.id, n, sidecars=True)
                 return secs
 
             runner("as is")  # warm-up: the model loads and pins

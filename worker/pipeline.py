@@ -27,9 +27,18 @@ from aigc_models import Output
 from worker import metrics
 from worker.chunk import ChunkResult, Claimed, JobInfo, requests_of
 from worker.finetune import run_finetune
+from worker.overlap import StoreAhead
 from worker.reuse import reuse_outputs
 from worker.runtime import Runtime
-from worker.store import begin_batch, cancel_rest, fail, release, release_quietly, store_and_commit
+from worker.store import (
+    begin_batch,
+    cancel_rest,
+    fail,
+    lease_write,
+    release,
+    release_quietly,
+    store_and_commit,
+)
 
 log = logging.getLogger("aigc.worker")
 
@@ -65,6 +74,9 @@ def _run_chunk(rt: Runtime, job_id: str, chunk_no: int) -> ChunkResult:
             metrics.count_items(job.model.tag, res.succeeded, res.failed, res.cancelled)
     if items:
         with rt.db.session() as s:
+            # Lost in a database crash, a done chunk is read as open again: its items are final, so
+            # the reconciler finds nothing in it to send, and finalize marks it done once more.
+            lease_write(s)
             finish_chunk(s, job_id, chunk_no)
     final = finalize_if_done(rt.db, rt.store, job_id)
     res.final_status = getattr(final, "value", None)
@@ -81,6 +93,7 @@ def claim(rt: Runtime, job_id: str, chunk_no: int) -> tuple[JobInfo | None, str,
     reached are not blamed for its death."""
     token, now = uuid.uuid4().hex, utcnow()
     with rt.db.session() as s:
+        lease_write(s)
         job = s.get(Job, job_id)
         if job is None or job.status.final:
             if job is not None and job.status == JobStatus.cancelled:
@@ -217,15 +230,29 @@ def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed],
         # generation that could not be stored (raises StorageError while it is still down).
         rt.store.exists(f"{job_prefix(job.id)}/items/.probe")
         rt.storage_failed = False
+    # Batch k stores and commits while k+1 generates. Not for a retried chunk: there each item is
+    # committed before the next begins, so an item that kills the worker costs no neighbour an attempt.
+    ahead = StoreAhead(rt, rt.settings.overlap_storage and not retried)
+    try:
+        _generate_batches(rt, job, token, ordered, size, model, res, ahead)
+        ahead.wait()  # the last batch: stored and committed (or its error raised) before the chunk ends
+    finally:
+        ahead.settle()  # on the way out of a failure: no upload still running once this returns
+
+
+def _generate_batches(rt: Runtime, job: JobInfo, token: str, ordered: list[Claimed], size: int, model,
+                      res: ChunkResult, ahead: StoreAhead) -> None:
     start = 0
     while start < len(ordered):
+        ahead.check()  # the batch in flight failed already: stop before generating another
         size = min(size, rt.batch_caps.get(job.model.tag, size))  # an out-of-memory split lowers it
         batch = ordered[start : start + size]
         start += len(batch)
         leased_at = time.time()  # the wall clock, as the leases themselves
         mine = begin_batch(rt, job.id, token, [c.id for c in batch],
-                            charge=[c.id for c in batch if c.id not in res.charged])
-        if mine is None:  # cancelled: no new item starts
+                            charge=[c.id for c in batch if c.id not in res.charged], busy=ahead.busy())
+        if mine is None:  # cancelled: no new item starts; the batch in flight commits first
+            ahead.wait()
             res.cancelled += cancel_rest(rt, token)
             return
         batch = [replace(c, attempts=mine[c.id]) for c in batch if c.id in mine]
@@ -238,7 +265,9 @@ def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed],
         metrics.observe_generation(job.model.tag, job.kind, secs, len(batch))
         log.info("generated %d items in %.3f s", len(batch), secs,
                  extra={"items": [c.index for c in batch], "attempts": [c.attempts for c in batch]})
-        store_and_commit(rt, job, token, batch, outputs, model, res, leased_at=leased_at)
+        # The store thread adds to res.succeeded / failed / errors; this thread to charged / cancelled.
+        ahead.submit([c.id for c in batch], store_and_commit, rt, job, token, batch, outputs, model, res,
+                     leased_at=leased_at)
 
 
 def _generate_isolated(rt: Runtime, model, job: JobInfo,

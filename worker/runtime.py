@@ -59,6 +59,12 @@ class Runtime:
         return ThreadPoolExecutor(max_workers=max(1, self.settings.storage_workers), thread_name_prefix="aigc-upload")
 
     @cached_property
+    def committer(self) -> ThreadPoolExecutor:
+        """Threads that store and commit a micro-batch while the chunk's next one generates
+        (worker/overlap.py): one per chunk running at once; four serve a threads pool of four."""
+        return ThreadPoolExecutor(max_workers=4, thread_name_prefix="aigc-commit")
+
+    @cached_property
     def pool(self) -> ModelPool:
         return ModelPool(self._load, self.settings.model_memory_budget_mb * 2**20, estimate=self._weights_bytes)
 

@@ -14,7 +14,7 @@ from concurrent.futures import FIRST_EXCEPTION, wait
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, case, insert, select, text, update
+from sqlalchemy import ColumnElement, CursorResult, and_, case, insert, select, text, true, update
 from sqlalchemy.orm import InstrumentedAttribute
 
 from aigc_core import __version__
@@ -122,16 +122,19 @@ def _discard(rt: Runtime, job_id: str, keys: list[str]) -> None:
         log.warning("could not record uncommitted outputs for the sweep: %s", e)
 
 
-def begin_batch(rt: Runtime, job_id: str, token: str, ids: list[int],
-                 charge: list[int] | None = None) -> dict[int, int] | None:
+def begin_batch(rt: Runtime, job_id: str, token: str, ids: list[int], charge: list[int] | None = None,
+                busy: frozenset[int] = frozenset()) -> dict[int, int] | None:
     """One transaction before each micro-batch: None when the job was cancelled; else the batch's items
     still ours with their attempt charged ({id: attempt}), and the lease of every item the chunk still
-    holds renewed (the chunk's heartbeat)."""
+    holds renewed (the chunk's heartbeat), except ``busy``: the batch being stored and committed
+    meanwhile (worker/overlap.py), whose rows its own transaction holds."""
     with rt.db.session() as s:
+        lease_write(s)
         if s.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.cancelled:
             return None
+        held = and_(Item.claim_token == token, Item.status == ItemStatus.running)
         rows = s.execute(
-            update(Item).where(Item.claim_token == token, Item.status == ItemStatus.running)
+            update(Item).where(held, Item.id.not_in(list(busy)) if busy else true())
             .values(lease_until=utcnow() + timedelta(seconds=rt.settings.lease_s),
                     attempts=case((Item.id.in_(ids if charge is None else charge), Item.attempts + 1),
                                   else_=Item.attempts))
@@ -140,9 +143,13 @@ def begin_batch(rt: Runtime, job_id: str, token: str, ids: list[int],
     return {i: a for i, a in rows if i in wanted}
 
 
-def _lease_write(s) -> None:
-    """A lease renewal need not wait for the WAL flush: lost in a database crash, the lease only ends
-    sooner, and the commit's claim-token check still keeps a second delivery from committing twice."""
+def lease_write(s) -> None:
+    """A claim, a lease renewal or an attempt's charge need not wait for the WAL flush (about 2.4 ms
+    a transaction on this machine's PostgreSQL, against 0.15 ms without). Lost in a database crash,
+    a lease only ends sooner, a claim is undone (the commit's claim-token check keeps the next
+    delivery from committing twice) and an attempt goes uncounted; and the next commit that does
+    wait for the flush (an item's success) makes every earlier one durable with it, since the log
+    is written in order. A worker's death loses none of them: the server has them."""
     if s.get_bind().dialect.name == "postgresql":
         s.execute(text("SET LOCAL synchronous_commit = off"))
 
@@ -150,7 +157,7 @@ def _lease_write(s) -> None:
 def _renew(rt: Runtime, token: str, ids: list[int]) -> set[int]:
     """The items still ours, with their lease renewed: checked again before storing."""
     with rt.db.session() as s:
-        _lease_write(s)
+        lease_write(s)
         return set(s.scalars(
             update(Item).where(Item.id.in_(ids), Item.claim_token == token, Item.status == ItemStatus.running)
             .values(lease_until=utcnow() + timedelta(seconds=rt.settings.lease_s))

@@ -118,6 +118,8 @@ class Run:
             "AIGC_DATABASE_URL": self.db_url, "AIGC_BROKER_URL": env.redis.url(),
             "AIGC_STORAGE_URL": f"s3://{self.bucket}/out", "AIGC_CACHE_DIR": str(self.dir / "cache"),
             "AIGC_TORCH_THREADS": "1", "AIGC_LOG_JSON": "1",
+            # Sidecars on (not the default): two objects per item, and the checker holds both to the row.
+            "AIGC_PROVENANCE_SIDECARS": "true",
             "AIGC_CHUNK_SIZE": "8", "AIGC_MICRO_BATCH_SIZE": "2",
             "AIGC_LEASE_S": "8", "AIGC_REPUBLISH_AFTER_S": "60", "AIGC_LOST_MESSAGE_AFTER_S": "3",
             "AIGC_VISIBILITY_TIMEOUT_S": "60", "AIGC_RECONCILE_EVERY_S": "1", "AIGC_SCHEDULER_TICK_S": "1",

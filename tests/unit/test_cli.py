@@ -131,6 +131,7 @@ def test_status_of_an_unknown_job_exits_1_with_not_found(cli):
 
 def test_submit_wait_results_and_download_of_a_good_job(tmp_path, tiny_text_model):
     cli = Cli(tmp_path)
+    cli.env["AIGC_PROVENANCE_SIDECARS"] = "true"  # download copies each output's sidecar where there is one
     _register(cli, tiny_text_model)
     prompts = {"h1": "Headline: Rain in the city", "h2": "Headline: Markets rise", "h3": "Headline: New park"}
     items = _write(tmp_path / "ok.jsonl", [json.dumps({"custom_id": k, "prompt": v}) for k, v in prompts.items()])

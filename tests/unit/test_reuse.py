@@ -35,7 +35,8 @@ class Loads:
 def run(client, job_id, **overrides) -> Loads:
     """Run a job's chunks in a fresh worker runtime (its own pool, nothing loaded yet)."""
     loads = Loads()
-    rt = Runtime(client.settings.model_copy(update=overrides), client.db, client.store,
+    # Sidecars on (not the default since issue 15): a copy writes its own, naming the original.
+    rt = Runtime(client.settings.model_copy(update={"provenance_sidecars": True, **overrides}), client.db, client.store,
                  pool=ModelPool(loads, 1 << 40), device="cpu")
     drain(rt, job_id)
     return loads
