@@ -404,5 +404,5 @@ def test_main_in_process_returns_with_torch_loaded_only_the_console_script_ends_
 
 
 def test_os_exit_in_the_pytest_process_raises_instead_of_ending_the_run():
-    with pytest.raises(RuntimeError, match="os._exit"):
+    with pytest.raises(RuntimeError, match=r"os\._exit\(0\) called in the pytest process"):
         os._exit(0)
