@@ -28,7 +28,6 @@ from aigc_core.jobs import (
     record_event,
     release_ready,
     resolve_job_id,
-    sidecar_of,
 )
 from aigc_core.notify import FinishWatch
 from aigc_core.reconcile import ReconcileReport, reconcile
@@ -226,7 +225,7 @@ class Client:
         dest = Path(dest)
         view = self.status(job_id)
         job_id = view.id
-        for r in iter_results(self.db, job_id, with_provenance=False):
+        for r in iter_results(self.db, job_id):
             if r.key is None:
                 continue
             ext = r.key.rsplit("/", 1)[1].split(".", 2)[-1]
@@ -235,9 +234,10 @@ class Client:
                 with contextlib.suppress(NotFound):  # unsigned (AIGC_C2PA_SIGNING off)
                     self.store.download(r.key + DETACHED_SUFFIX,
                                         safe_join(dest, f"items/{r.index:06d}.{ext}{DETACHED_SUFFIX}"))
-            # AIGC_PROVENANCE_SIDECARS=false: no sidecar; the provenance is in the row and the file.
-            with contextlib.suppress(NotFound):
-                self.store.download(sidecar_of(r.key), safe_join(dest, f"items/{r.index:06d}.provenance.json"))
+            # From the committed row, sidecars or not (they are off by default): the row is what the
+            # sidecar held, and reading it costs no request per item.
+            safe_join(dest, f"items/{r.index:06d}.provenance.json").write_bytes(
+                json.dumps(r.provenance, ensure_ascii=False, indent=1, sort_keys=True).encode())
         prefix = job_prefix(job_id)
         if view.final:
             for name in ("manifest.jsonl", "errors.jsonl"):

@@ -131,7 +131,6 @@ def test_status_of_an_unknown_job_exits_1_with_not_found(cli):
 
 def test_submit_wait_results_and_download_of_a_good_job(tmp_path, tiny_text_model):
     cli = Cli(tmp_path)
-    cli.env["AIGC_PROVENANCE_SIDECARS"] = "true"  # download copies each output's sidecar where there is one
     _register(cli, tiny_text_model)
     prompts = {"h1": "Headline: Rain in the city", "h2": "Headline: Markets rise", "h3": "Headline: New park"}
     items = _write(tmp_path / "ok.jsonl", [json.dumps({"custom_id": k, "prompt": v}) for k, v in prompts.items()])
@@ -163,8 +162,11 @@ def test_submit_wait_results_and_download_of_a_good_job(tmp_path, tiny_text_mode
     for m in manifest:
         out = dest / "items" / f"{m['index']:06d}.txt"
         assert hashlib.sha256(out.read_bytes()).hexdigest() == m["sha256"]
-        sidecar = json.loads((dest / "items" / f"{m['index']:06d}.provenance.json").read_text())
-        assert sidecar["custom_id"] == m["custom_id"] and sidecar["job_id"] == job_id
+        # No sidecars by default: written from the committed row, which says what made the output.
+        prov = json.loads((dest / "items" / f"{m['index']:06d}.provenance.json").read_text())
+        assert prov["custom_id"] == m["custom_id"] and prov["job_id"] == job_id
+        assert prov["output"]["sha256"] == m["sha256"] and prov["seed"] == 11 + m["index"]
+    assert not [k for k in (tmp_path / "data").rglob("*.provenance.json")]  # none in the store
 
     st = cli("status", job_id, "--json")
     assert st.returncode == 0, st.stderr
