@@ -211,7 +211,8 @@ def poison(env: FaultEnv, full: bool) -> Report:
     with env.run("poison") as run:
         run.register_model()
         run.register_model("crashy", backend="crash-text")
-        run.client.register_model("broken", "text", f"s3://{run.bucket}/models/tiny/", digest="sha256:" + "0" * 64)
+        with run.run_env():  # registration lists the prefix with the run's S3 credentials
+            run.client.register_model("broken", "text", f"s3://{run.bucket}/models/tiny/", digest="sha256:" + "0" * 64)
         run.start_scheduler()
         run.start_worker(pool="prefork", concurrency=1, app="tests.faults.backends_app")
         items = prompts(24)
