@@ -36,7 +36,7 @@ def test_a_killed_image_training_worker_resumes_from_its_checkpoint_and_register
     env = {"AIGC_LEASE_S": "4", "AIGC_TORCH_THREADS": "1"}  # tiny models crawl on a busy machine's threads
     w1 = workers(queues="train,image", pool="solo", env=env)
     ft = c.finetune("tiny-sd", data, "house-style", hp)
-    assert ft.status == JobStatus.queued
+    assert ft.status in (JobStatus.queued, JobStatus.running)  # the started worker may have claimed it already
     gen = c.submit("image", model="house-style", items=["red square"], after=ft.id)
 
     deadline = time.monotonic() + 120

@@ -24,7 +24,7 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint_and_registers_once
     env = {"AIGC_LEASE_S": "4"}
     w1 = workers(queues="train,text", pool="solo", env=env)
     ft = c.finetune("tiny", data, "house-news", hp)
-    assert ft.status == JobStatus.queued
+    assert ft.status in (JobStatus.queued, JobStatus.running)  # the started worker may have claimed it already
     gen = c.submit("text", model="house-news", items=["Headline: Trained\n\n"], after=ft.id)
 
     deadline = time.monotonic() + 120
