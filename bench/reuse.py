@@ -6,13 +6,14 @@ submits it again with the option on and waits; seconds run from before submit to
 The model is loaded before the first round, so the first runs do not pay for the load and the ratio
 is the harder one. Two stores: the embedded default (SQLite, a folder, the in-process worker: copies
 are hard links) and a deployment's PostgreSQL + SeaweedFS S3 (copies are CopyObject requests), each
-with its in-process worker and the default chunk and micro-batch sizes (``s3-no-sidecars``: the same
-with AIGC_PROVENANCE_SIDECARS=false, one request per reused item instead of two). The demo-sized
+with its in-process worker and the default chunk and micro-batch sizes and no provenance sidecars,
+the default (``s3-sidecars``: the same with AIGC_PROVENANCE_SIDECARS=true, two requests per reused
+item instead of one). The demo-sized
 text model (2 layers x 128, 4096 tokens) with the text backend's default parameters (up to 128 new
 tokens, sampled under each item's seed), or ``--new-tokens N`` greedy tokens, EOS off (a cheaper
 first run: a harder ratio).
 
-    python -m bench.reuse [--quick] [--items 1000] [--rounds 3] [--stores embedded,s3,s3-no-sidecars]
+    python -m bench.reuse [--quick] [--items 1000] [--rounds 3] [--stores embedded,s3,s3-sidecars]
                           [--new-tokens N]
 """
 
@@ -76,7 +77,7 @@ def embedded(tmp: Path, model: Path, n: int, n_rounds: int) -> dict[str, Any]:
     return rounds(client, n, n_rounds)
 
 
-def s3(model: Path, n: int, n_rounds: int, *, sidecars: bool = True) -> dict[str, Any]:
+def s3(model: Path, n: int, n_rounds: int, *, sidecars: bool = False) -> dict[str, Any]:
     from bench.common import BUCKET
 
     with Stack("reuse") as st:
@@ -97,7 +98,7 @@ def main(argv=None) -> dict:
     p = quick_arg()
     p.add_argument("--items", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=None, help="pairs per store (default 3; --quick 1)")
-    p.add_argument("--stores", default="embedded,s3", help="embedded, s3, s3-no-sidecars (comma-separated)")
+    p.add_argument("--stores", default="embedded,s3", help="embedded, s3, s3-sidecars (comma-separated)")
     p.add_argument("--new-tokens", type=int, default=None, help="greedy, exactly N tokens (default: the "
                    "backend's default parameters)")
     args = p.parse_args(argv)
@@ -105,8 +106,8 @@ def main(argv=None) -> dict:
     PARAMS.update(text_params(args.new_tokens) if args.new_tokens else {})
     n_rounds = args.rounds or (1 if args.quick else 3)
     stores = [s.strip() for s in args.stores.split(",") if s.strip()]
-    if unknown := set(stores) - {"embedded", "s3", "s3-no-sidecars"}:
-        p.error(f"unknown store(s) {', '.join(sorted(unknown))}: embedded, s3, s3-no-sidecars")
+    if unknown := set(stores) - {"embedded", "s3", "s3-sidecars"}:
+        p.error(f"unknown store(s) {', '.join(sorted(unknown))}: embedded, s3, s3-sidecars")
     one_torch_thread()
     res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="aigc-bench-reuse-") as tmp:
@@ -117,7 +118,7 @@ def main(argv=None) -> dict:
                 (Path(tmp) / "embedded").mkdir()
                 res[store] = embedded(Path(tmp) / "embedded", model, args.items, n_rounds)
             else:
-                res[store] = s3(model, args.items, n_rounds, sidecars=store == "s3")
+                res[store] = s3(model, args.items, n_rounds, sidecars=store == "s3-sidecars")
     rows = [[store, fmt_range(r["first_s"], 2), fmt_range(r["rerun_s"], 3), fmt_range(r["ratio"], 4)]
             for store, r in res.items()]
     gen = f"{args.new_tokens} greedy tokens" if args.new_tokens else "default parameters"
