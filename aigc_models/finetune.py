@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -18,12 +17,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from aigc_models.train_loop import OPTIMIZER_FILE, STATE_FORMAT, commit_checkpoint, read_state
+
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 MAX_LINE_BYTES = 64 << 20  # one line (one JSONL document) at most; guards against a file with no newlines
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
 BEST_FILE = "best.safetensors"
-STATE_FORMAT = 1
 # Keys that decide the data order or the model's shape: a checkpoint resumes only under the same values.
 RESUME_KEYS = ("seed", "block_size", "batch_size", "val_fraction", "lora", "lora_r", "lora_alpha")
 
@@ -306,7 +304,7 @@ def finetune_causal_lm(
     device = resolve_device(device)
     out_dir, base_dir = Path(out_dir), Path(base_dir)
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
-    state = _read_state(Path(resume_from)) if resume_from else None
+    state = read_state(Path(resume_from)) if resume_from else None
     fingerprint = _texts_sha256(texts)
     if state:
         _check_resumable(state, cfg, fingerprint)
@@ -555,27 +553,7 @@ def _checkpoint(run: _Run, model, opt, tokenizer, root: Path, device: str, on_ch
     if device.startswith("cuda"):
         extra["cuda_rng"] = torch.cuda.get_rng_state(torch.device(device))
     torch.save(extra, tmp / OPTIMIZER_FILE)
-    state = run.state()
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    run.checkpoint = final
-    if run.cfg.keep_checkpoints:
-        for old in sorted(root.glob("step-*"))[: -run.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    if on_checkpoint:
-        on_checkpoint(final, state)
-    return final
-
-
-def _read_state(ckpt: Path) -> dict[str, Any]:
-    try:
-        state = json.loads((ckpt / STATE_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{ckpt} is not a fine-tuning checkpoint: {e}") from e
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{ckpt}: checkpoint format {state.get('format')!r}, expected {STATE_FORMAT}")
-    return state
+    return commit_checkpoint(run, tmp, final, on_checkpoint)
 
 
 def _check_resumable(state: dict[str, Any], cfg: FinetuneConfig, fingerprint: str) -> None:

@@ -138,13 +138,20 @@ def _checkpoint(run: Run, m, opt, root: Path, on_checkpoint) -> Path:
     tmp.mkdir()
     save_file(m.trainable(), tmp / WEIGHTS_FILE)
     torch.save(opt.state_dict(), tmp / OPTIMIZER_FILE)
+    return commit_checkpoint(run, tmp, final, on_checkpoint)
+
+
+def commit_checkpoint(run: Any, tmp: Path, final: Path, on_checkpoint) -> Path:
+    """The last step of every trainer's checkpoint (text, image, speech): the run's counters written
+    into ``tmp``, which then becomes ``final`` in one rename; older ones beyond ``keep_checkpoints``
+    go; ``on_checkpoint`` uploads it."""
     state = run.state()
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     run.checkpoint = final
     if run.cfg.keep_checkpoints:
-        for old in sorted(root.glob("step-*"))[: -run.cfg.keep_checkpoints]:
+        for old in sorted(final.parent.glob("step-*"))[: -run.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     if on_checkpoint:
         on_checkpoint(final, state)

@@ -72,6 +72,7 @@ def main(argv=None) -> dict:
     from aigc_core.settings import Settings
     from aigc_core.storage import open_store
     from scheduler import Client
+    from tests.support.retention_rows import WatchOnlyRunner
 
     p = quick_arg()
     p.add_argument("--rounds", type=int, default=None)
@@ -83,19 +84,7 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             settings = Settings(database_url=url, storage_url=f"file://{tmp}/data")
 
-            class Elsewhere:  # workers elsewhere: wait only watches, as with a broker
-                publisher = None
-
-                def dispatch(self, client, job_id):
-                    return None
-
-                def drive(self, client, job_id, on_chunk):
-                    return None
-
-                def warm(self, client, model):
-                    return None
-
-            client = Client(settings, runner=Elsewhere())
+            client = Client(settings, runner=WatchOnlyRunner())  # workers elsewhere: wait only watches
             db, store = database(url), open_store(settings.storage_url)
             lags = interleave_many(rounds, {
                 "notify": partial(_lag, client, db, store, poll_s=args.poll_s, listen=True),

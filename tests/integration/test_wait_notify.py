@@ -15,24 +15,9 @@ from aigc_core.notify import FinishWatch, channel
 from aigc_core.schema import Item, ItemStatus, JobStatus
 from aigc_core.settings import Settings
 from aigc_core.storage import open_store
-from tests.support.retention_rows import make_job
+from tests.support.retention_rows import WatchOnlyRunner, make_job
 
 pytestmark = pytest.mark.integration
-
-
-class _Elsewhere:
-    """A runner whose workers are elsewhere: wait only watches (what CeleryRunner does), no broker."""
-
-    publisher = None
-
-    def dispatch(self, client, job_id):
-        return None
-
-    def drive(self, client, job_id, on_chunk):
-        return None
-
-    def warm(self, client, model):
-        return None
 
 
 def _finish_later(db, store, job_id: str, after_s: float) -> threading.Thread:
@@ -51,7 +36,7 @@ def test_wait_returns_when_the_job_finishes_not_at_its_next_poll(pg_clean, tmp_p
     from scheduler import Client
 
     settings = Settings(database_url=pg_clean, storage_url=f"file://{tmp_path}/data")
-    client = Client(settings, runner=_Elsewhere())
+    client = Client(settings, runner=WatchOnlyRunner())
     db, store = database(pg_clean), open_store(settings.storage_url)
     job_id = make_job(db, store, items=4, age=None, status=JobStatus.running)
     t = _finish_later(db, store, job_id, after_s=0.5)

@@ -111,3 +111,19 @@ def check_gc_removes_old_finished_jobs_only(db, store) -> None:
         assert (rows_of(db, j), sorted(store.list(f"{job_prefix(j)}/"))) == before[j]
     again = collect_garbage(db, store, timedelta(days=30), objects=True)
     assert again.jobs == 0
+
+
+class WatchOnlyRunner:
+    """A Client runner whose workers are elsewhere and which publishes nothing: ``wait`` only watches
+    the database (what CeleryRunner's wait does), for jobs made with ``make_job`` and finished by hand."""
+
+    publisher = None
+
+    def dispatch(self, client, job_id):
+        return None
+
+    def drive(self, client, job_id, on_chunk):
+        return None
+
+    def warm(self, client, model):
+        return None
