@@ -169,6 +169,11 @@ def _open_items(job_id: str):
     return select(Item.id).where(Item.job_id == job_id, Item.status.in_(OPEN_ITEM_STATES))
 
 
+def has_open_items(s: Session, job_id: str) -> bool:
+    """One indexed probe: does any item of the job still wait or run?"""
+    return bool(s.scalar(_open_items(job_id).exists().select()))
+
+
 def final_status(job: Job, counts: dict[str, int]) -> JobStatus:
     if job.status == JobStatus.cancelled:
         return JobStatus.cancelled
@@ -187,7 +192,7 @@ def finalize_if_done(db: Database, store: ObjectStore, job_id: str) -> JobStatus
     never whole in the worker's memory."""
     with db.session() as s:
         job = s.get(Job, job_id)
-        if job is None or job.finished_at is not None or s.scalar(_open_items(job_id).exists().select()):
+        if job is None or job.finished_at is not None or has_open_items(s, job_id):
             return None  # the common case after a chunk: one indexed probe, not a count of the job
         counts = item_counts(s, job_id, reuse=job.reuse)
     prefix = job_prefix(job_id)

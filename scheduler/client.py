@@ -198,7 +198,7 @@ class Client:
         job_id = self._job_id(job_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         with JobProgress(self.status(job_id), enabled=progress) as bar:
-            self.runner.drive(self, job_id, lambda: bar.update(self.status(job_id)))
+            self.runner.drive(self, job_id, lambda: bar.refresh(lambda: self.status(job_id)))
             # Listening before the status is read: an end between the read and the sleep still wakes it.
             with FinishWatch(self.db, job_id) as watch:
                 while True:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aigc_core.jobs import JobView
@@ -17,6 +19,7 @@ class JobProgress:
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._view = view
+        self._read_at = 0.0
 
     def __enter__(self) -> JobProgress:
         if self.enabled:
@@ -30,6 +33,14 @@ class JobProgress:
             self._task = self._progress.add_task(f"job {self._view.id[:8]}", total=self._view.item_count,
                                                  detail="")
         return self
+
+    def refresh(self, read: Callable[[], JobView], every_s: float = 0.2) -> None:
+        """After a chunk: read the job's view and show it, only when a bar is shown and at most every
+        ``every_s`` (a status read is three queries; chunks of a fast job end hundreds of times a second)."""
+        if self._progress is None or time.monotonic() - self._read_at < every_s:
+            return
+        self._read_at = time.monotonic()
+        self.update(read())
 
     def update(self, view: JobView) -> None:
         if self._progress is None:

@@ -18,6 +18,8 @@ from worker.runtime import Runtime
 
 log = logging.getLogger("aigc.worker")
 
+RECONCILE_EVERY_S = 5.0  # while chunks run; and whenever one ends its job
+
 
 def take_chunk(rt: Runtime, job_id: str | None = None) -> tuple[str, int] | None:
     """Mark the oldest pending outbox row as taken; it plays the part of the broker message."""
@@ -38,16 +40,32 @@ def take_chunk(rt: Runtime, job_id: str | None = None) -> tuple[str, int] | None
 
 def drain(rt: Runtime, job_id: str | None = None, *, on_chunk: Callable[[ChunkResult], None] | None = None,
           retries: int = 5) -> int:
-    """Run every pending chunk (of one job, or all); returns how many chunks ran."""
+    """Run every pending chunk (of one job, or all); returns how many chunks ran.
+
+    The reconciler runs first, then again whenever a chunk ended its job (or gave up), at least every
+    ``RECONCILE_EVERY_S`` while chunks run, and once more when the outbox looks empty: a chunk's own
+    finalize already releases the jobs waiting for it, so a pass after every chunk (seven statements
+    on PostgreSQL) would find nothing the next one does not. The loop ends only after a pass that
+    found nothing to take."""
     n = 0
-    reconcile(rt.db, rt.store, None, stale_after_s=rt.settings.republish_after_s)
-    while (taken := take_chunk(rt, job_id)) is not None:
+    force, last = True, 0.0
+    while True:
+        fresh = force or time.monotonic() - last >= RECONCILE_EVERY_S
+        if fresh:
+            reconcile(rt.db, rt.store, None, stale_after_s=rt.settings.republish_after_s)
+            force, last = False, time.monotonic()
+        taken = take_chunk(rt, job_id)
+        if taken is None:
+            if fresh:
+                return n
+            force = True  # empty since the last pass: one more, which may wake expired leases
+            continue
         res = _run_with_retries(rt, *taken, retries=retries)
         n += 1
         if on_chunk and res is not None:
             on_chunk(res)
-        reconcile(rt.db, rt.store, None, stale_after_s=rt.settings.republish_after_s)
-    return n
+        if res is None or res.final_status is not None:
+            force = True  # a job ended (or a chunk gave up): what waits on it is found now
 
 
 def _run_with_retries(rt: Runtime, job_id: str, chunk_no: int, retries: int) -> ChunkResult | None:
