@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -16,6 +17,8 @@ from aigc_core.errors import NotFound, SpecError
 
 # Weights in these formats are pickles: loading one runs code. Backends load safetensors only.
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# The safetensors format's own cap on its JSON header (100 MB); a larger length is a corrupt file.
+SAFETENSORS_MAX_HEADER = 100_000_000
 # Backends whose checkpoint is a transformers model directory: config.json and weights at the top.
 TRANSFORMERS_BACKENDS = ("hf-causal-lm", "hf-tts")
 
@@ -143,6 +146,44 @@ def _check_weights(ck: Checkpoint, folder: str, *, required: bool = True) -> Non
                         "are never loaded; convert them (save_pretrained(..., safe_serialization=True))")
     if required:
         raise SpecError(f"{ck.where}/{folder}: no weights (*.safetensors)".replace("/:", ":"))
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a ``*.safetensors`` file, read from its header alone (the tensors' bytes are
+    not read), or None: an 8-byte little-endian header length, a JSON header of that length, and
+    tensor data whose extent the header's offsets cover exactly (what ``safetensors`` checks before it
+    loads anything). A truncated upload or copy fails the last check."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes: too short for a safetensors header (truncated or not safetensors)"
+            (n,) = struct.unpack("<Q", head)
+            if n > SAFETENSORS_MAX_HEADER or 8 + n > size:
+                return f"a header of {n} bytes in a file of {size}: truncated or corrupt"
+            raw = f.read(n)
+    except OSError as e:
+        return f"cannot be read ({e})"
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError) as e:
+        return f"its header is not a safetensors header ({e}): corrupt or not safetensors"
+    data = size - 8 - n
+    if max(ends, default=0) != data:
+        return (f"its tensors need {max(ends, default=0)} bytes of data and the file holds {data}: "
+                f"{'truncated' if data < max(ends, default=0) else 'corrupt'}")
+    return None
+
+
+def check_local_weights(path: Path, names: tuple[str, ...]) -> None:
+    """Refuse a local checkpoint whose ``*.safetensors`` files are truncated or corrupt, naming the file."""
+    for name in names:
+        if name.endswith(".safetensors") and (problem := safetensors_problem(path / name)):
+            raise SpecError(f"{path}/{name}: {problem}")
 
 
 def s3_digest(store: Any, names: tuple[str, ...]) -> str:

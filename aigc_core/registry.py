@@ -19,7 +19,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from aigc_core.errors import ModelLoadError, NotFound, SpecError, StorageError
-from aigc_core.model_checks import Checkpoint, check_checkpoint, local_checkpoint, read_facts, s3_checkpoint, s3_digest
+from aigc_core.model_checks import (
+    Checkpoint,
+    check_checkpoint,
+    check_local_weights,
+    local_checkpoint,
+    read_facts,
+    s3_checkpoint,
+    s3_digest,
+)
 from aigc_core.schema import Model
 from aigc_core.spec import (
     KINDS,
@@ -177,8 +185,13 @@ def inspect_model(name: str, kind: str, uri: str, *, backend: str | None, digest
             raise SpecError(f"model {name!r}: cannot list {uri}: {e.__cause__ or e}") from None
         if not ck.names:
             raise SpecError(f"model {name!r}: nothing under {uri}: no such prefix")
-    if known:
-        check_checkpoint(backend, ck, {b: tuple(archs) for b, archs in BY_ARCHITECTURE.items()})
+    try:
+        if known:
+            check_checkpoint(backend, ck, {b: tuple(archs) for b, archs in BY_ARCHITECTURE.items()})
+        if store is None:  # a local directory: its weights' headers are read too (an S3 copy's, when fetched)
+            check_local_weights(local_path(uri), ck.names)
+    except SpecError as e:
+        raise SpecError(f"model {name!r}: {e}") from None
     if store is not None and digest is None:
         digest = s3_digest(store, ck.names)
     return read_facts(kind, ck), digest
@@ -302,10 +315,13 @@ def _model_row(name, version, kind, uri, backend, revision, digest, queue, defau
 BUILTIN_MODELS = Path(__file__).with_name("builtin_models.yaml")
 
 
-def sync_models_file(session: Session, path: str | Path, *, only_missing: bool = False) -> list[ModelRef]:
+def sync_models_file(session: Session, path: str | Path, *, only_missing: bool = False,
+                     endpoint_url: str | None = None) -> list[ModelRef]:
     """Register every models.yaml entry that differs from the newest version of its name (URI,
     revision, digest, backend, queue or defaults); with ``only_missing``, only names the registry does
-    not know at all."""
+    not know at all. A new or changed entry goes through the checks of ``aigc models register``
+    (``register_checked``); one the workers could not run is a SpecError naming the file and the
+    entry, and nothing of the file is registered. An unchanged entry is not read again."""
     refs = []
     for entry in _models_file_entries(path):
         name, uri = entry["name"], os.path.expandvars(entry["uri"])
@@ -330,14 +346,13 @@ def sync_models_file(session: Session, path: str | Path, *, only_missing: bool =
             continue
         if current is not None and same_place and digest is None:
             digest = current.digest  # the same weights: no need to hash them again
-        if digest is None and uri.startswith("file://") and local_path(uri).is_dir():
-            digest = dir_digest(local_path(uri))
-        refs.append(
-            register(
-                session, name, entry["kind"], uri, backend=entry.get("backend"), revision=entry.get("revision"),
-                digest=digest, queue=entry.get("queue"), defaults=entry.get("defaults"),
-            )
-        )
+        try:
+            refs.append(register_checked(
+                session, name, kind, uri, endpoint_url=endpoint_url, backend=entry.get("backend"),
+                revision=entry.get("revision"), digest=digest, queue=entry.get("queue"),
+                defaults=entry.get("defaults")))
+        except SpecError as e:
+            raise SpecError(f"{path}: {e}") from None
     return refs
 
 

@@ -76,7 +76,7 @@ class Client:
             if not s.scalar(select(Model.id).where(Model.name == "espeak-en").limit(1)):
                 sync_models_file(s, BUILTIN_MODELS, only_missing=True)
             if self.settings.models_file:
-                sync_models_file(s, self.settings.models_file)
+                sync_models_file(s, self.settings.models_file, endpoint_url=self.settings.s3_endpoint_url)
         return db
 
     @cached_property

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
+from pathlib import Path
 
 from aigc_core.db import Database
 from aigc_core.errors import ModelLoadError
@@ -82,6 +83,13 @@ class Runtime:
                                 self.settings.extra_backends())
         except BackendError as e:
             raise ModelLoadError(f"{ref.tag}: {e}") from e
+        except Exception as e:
+            if type(e).__name__ != "SafetensorError":  # anything else: the pipeline's crash handling
+                raise
+            # A truncated or corrupt *.safetensors (safetensors raises its own class, which no backend
+            # maps): every load would fail the same way, so the items fail now, with the file named.
+            raise ModelLoadError(f"{ref.tag}: the weights cannot be read, a *.safetensors file is truncated "
+                                 f"or corrupt ({e}){_bad_weights(path)}") from e
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
@@ -103,3 +111,14 @@ def get_runtime(settings: Settings | None = None) -> Runtime:
         if key not in _runtimes:
             _runtimes[key] = Runtime.from_settings(settings)
         return _runtimes[key]
+
+
+def _bad_weights(path: Path | str) -> str:
+    """Which of a local checkpoint's *.safetensors files are bad, and why ('' when none is found)."""
+    from aigc_core.model_checks import safetensors_problem
+
+    if isinstance(path, str):
+        return ""
+    bad = [f"{f.relative_to(path).as_posix()}: {p}" for f in sorted(path.rglob("*.safetensors"))
+           if (p := safetensors_problem(f))]
+    return f": {'; '.join(bad)}" if bad else ""

@@ -55,7 +55,7 @@ def test_a_chained_job_fails_clearly_when_its_finetune_fails(client, dataset, tm
     gone = tmp_path / "no-such-model"
     gone.mkdir()
     (gone / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
-    (gone / "model.safetensors").write_bytes(b"")
+    (gone / "model.safetensors").write_bytes(b"\x02" + b"\x00" * 7 + b"{}")  # a valid file of no tensors
     broken = client.register_model("gone", "text", gone.as_uri(), digest="sha256:feed")
     shutil.rmtree(gone)
     ft = client.finetune("gone", dataset, "never", FAST)

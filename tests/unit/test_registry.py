@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from aigc_core.errors import SpecError
-from aigc_core.registry import check_model_name, register, safe_join
+from aigc_core.registry import check_model_name, register, safe_join, user_defaults
 
 
 def test_a_registration_that_loses_the_version_race_takes_the_next_number(client, tiny_text_model):
@@ -80,7 +80,55 @@ def test_a_models_file_change_in_defaults_alone_makes_a_new_version(client, tiny
     first = sync("{micro_batch_size: 8}")
     assert sync("{micro_batch_size: 8}").version == first.version  # unchanged: no new version
     second = sync("{micro_batch_size: 32}")
-    assert second.version == first.version + 1 and second.defaults == {"micro_batch_size": 32}
+    assert second.version == first.version + 1 and user_defaults(second.defaults) == {"micro_batch_size": 32}
     assert second.digest == first.digest
     with pytest.raises(SpecError, match="micro_batch_size"):
         sync("{micro_batch_size: 0}")
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("missing", "does not exist"),
+    ("pickled", "not in safetensors"),
+    ("truncated", "truncated"),
+    ("not-a-causal-lm", "not a causal language model"),
+])
+def test_a_models_file_entry_is_checked_as_a_registration_is(client, tiny_text_model, tmp_path, damage, message):
+    """models.yaml goes through the same checks as ``aigc models register``: an entry the workers could
+    not run is refused at sync, naming the file and the entry, and nothing is written."""
+    import json
+    import shutil
+
+    from aigc_core.registry import sync_models_file
+
+    model = tmp_path / "m"
+    if damage != "missing":
+        shutil.copytree(tiny_text_model, model)
+    if damage == "pickled":
+        (model / "model.safetensors").rename(model / "pytorch_model.bin")
+    elif damage == "truncated":
+        w = model / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:1000])
+    elif damage == "not-a-causal-lm":
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2ForSequenceClassification"]}))
+    f = tmp_path / "models.yaml"
+    f.write_text(f"models:\n  - name: checked\n    kind: text\n    uri: {model.as_uri()}\n")
+    with client.db.session() as s, pytest.raises(SpecError, match=message) as caught:
+        sync_models_file(s, f)
+    assert str(f) in str(caught.value) and "checked" in str(caught.value)
+    with pytest.raises(SpecError, match="unknown model 'checked'"):
+        client.model("checked")
+
+
+def test_a_models_file_entry_records_the_checkpoint_facts_and_stays_one_version(client, tiny_text_model, tmp_path):
+    from aigc_core.registry import sync_models_file
+
+    f = tmp_path / "models.yaml"
+    f.write_text(f"models:\n  - name: facts\n    kind: text\n    uri: {tiny_text_model.as_uri()}\n"
+                 "    defaults: {max_new_tokens: 8}\n")
+    with client.db.session() as s:
+        first = sync_models_file(s, f)[0]
+    with client.db.session() as s:
+        again = sync_models_file(s, f)[0]
+    assert first.defaults["model_type"] == "gpt2" and first.defaults["context_length"] > 0
+    assert first.defaults["max_new_tokens"] == 8 and again.version == first.version
