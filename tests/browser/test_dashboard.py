@@ -371,6 +371,29 @@ def test_pages_need_a_session(browser, site: Site):
     context.close()
 
 
+def test_a_page_on_another_site_cannot_sign_a_visitor_in(browser, site: Site):
+    """Login CSRF: a form elsewhere that posts a key of the attacker's choosing to /login, from a
+    browser that never opened the login page, or with its session but not the page's token, signs
+    nobody in; the login page's own form does."""
+    context = browser.new_context(base_url=site.url)
+    pg = context.new_page()
+    forged = pg.request.post("/login", form={"key": site.key, "next": "/"}, max_redirects=0)
+    assert forged.status == 403 and "out of date" in forged.text()
+    assert not any(c["name"] == "aigc_session" for c in context.cookies())
+    pg.goto("/login")  # a signed-out session: its cookie, and the form's token
+    assert "Sign out" not in pg.content()
+    forged = pg.request.post("/login", form={"key": site.key, "next": "/", "csrf": "not-the-token"},
+                             max_redirects=0)
+    assert forged.status == 403
+    pg.goto("/models")
+    assert "/login?next=/models" in pg.url  # still signed out
+    pg.fill("input[name=key]", site.key)
+    pg.click("button[type=submit]")
+    pg.wait_for_url(f"{site.url}/models")
+    assert "Sign out" in pg.content()
+    context.close()
+
+
 def test_revoking_a_key_ends_its_sessions(browser, site: Site):
     from scheduler.api.keys import create_key, revoke_key
 
@@ -385,6 +408,7 @@ def test_revoking_a_key_ends_its_sessions(browser, site: Site):
     revoke_key(site.client.db, "soon-revoked")
     pg.goto("/models")
     assert "/login?next=/models" in pg.url
+    assert "Sign out" not in pg.content()  # a revoked key's session is nobody's
     Watched(pg, []).shot("login")
     context.close()
 

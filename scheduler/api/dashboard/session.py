@@ -113,6 +113,19 @@ def viewer(request: Request) -> Viewer:
     return Viewer(found[0], found[1])
 
 
+def login_viewer(request: Request, *, create: bool = True) -> Viewer:
+    """The session of the login form: the browser's current one's nonce (signed in or not), else a new
+    signed-out one whose cookie the form's page sets; its nonce makes the form's CSRF token. With
+    ``create=False`` (the form's POST) a browser without a session gets one that no token matches."""
+    found = sessions_of(request).read(request.cookies.get(COOKIE))
+    if found is not None:  # its key may be revoked since: the login page shows nobody signed in
+        return Viewer(None, found[1])
+    if not create:
+        return Viewer(None, secrets.token_urlsafe(16))
+    cookie, nonce = sessions_of(request).make(None)
+    return Viewer(None, nonce, cookie)
+
+
 def login(request: Request, key: str) -> str | None:
     """A session cookie for a valid API key; None for a wrong or revoked one."""
     owner = key_owner(api_of(request).client.db, key.strip()) if key.strip() else None

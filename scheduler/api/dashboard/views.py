@@ -18,7 +18,16 @@ from aigc_core.jobs import job_view
 from aigc_core.schema import JobStatus
 from scheduler.api.app import api_of
 from scheduler.api.dashboard import data
-from scheduler.api.dashboard.session import COOKIE, DashboardSettings, Viewer, check_csrf, login, sessions_of, viewer
+from scheduler.api.dashboard.session import (
+    COOKIE,
+    DashboardSettings,
+    Viewer,
+    check_csrf,
+    login,
+    login_viewer,
+    sessions_of,
+    viewer,
+)
 from scheduler.cron import admin
 
 router = APIRouter(include_in_schema=False)
@@ -34,7 +43,8 @@ def settings_of(request: Request) -> DashboardSettings:
 
 def render(request: Request, who: Viewer | None, name: str, ctx: dict[str, Any], status: int = 200) -> Response:
     api = api_of(request)
-    base = {"auth": api.auth, "csrf": sessions_of(request).csrf(who.nonce) if who else ""}
+    base = {"auth": api.auth, "csrf": sessions_of(request).csrf(who.nonce) if who else "",
+            "signed_in": who is not None and who.owner is not None}
     resp = templates.TemplateResponse(request, name, {**base, **ctx}, status_code=status)
     if who is not None and who.new_cookie:
         set_session(request, resp, who.new_cookie)
@@ -60,15 +70,19 @@ def _job_id(text: str) -> str:
 
 @router.get("/login", response_class=HTMLResponse)
 def login_page(request: Request, next: str = "/") -> Response:
-    return render(request, None, "login.html", {"next": _local(next), "error": None})
+    return render(request, login_viewer(request), "login.html", {"next": _local(next), "error": None})
 
 
 @router.post("/login")
-def login_post(request: Request, key: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "/") -> Response:
+def login_post(request: Request, key: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "/",
+               csrf: Annotated[str, Form()] = "") -> Response:
+    # The form's token must match the browser's session (a signed-out one, made by GET /login): a page
+    # on another site cannot sign a visitor in with a key of its own choosing (login CSRF).
+    check_csrf(request, login_viewer(request, create=False), csrf)
     cookie = login(request, key)
     if cookie is None:
-        return render(request, None, "login.html", {"next": _local(next), "error": "That key is not valid."},
-                      status=401)
+        return render(request, login_viewer(request), "login.html",
+                      {"next": _local(next), "error": "That key is not valid."}, status=401)
     resp = RedirectResponse(_local(next), status_code=303)
     set_session(request, resp, cookie)
     return resp
