@@ -130,6 +130,13 @@ def register_checked(session: Session, name: str, kind: str, uri: str, *, endpoi
     does not run, weights that are not safetensors, or defaults outside the backend's parameters. An
     s3:// model gets its digest now (unless ``digest`` is given), as a file:// one does; the checkpoint's
     model_type and context length are recorded in its defaults."""
+    return register(session, name, kind, uri, **checked_registration(name, kind, uri, endpoint_url=endpoint_url, **kw))
+
+
+def checked_registration(name: str, kind: str, uri: str, *, endpoint_url: str | None = None,
+                         **kw: Any) -> dict[str, Any]:
+    """The checks of ``register_checked``, nothing written: ``register``'s keyword arguments, with the
+    digest and the defaults completed, or a SpecError."""
     if kind not in KINDS:
         raise SpecError(f"model {name!r}: kind must be one of {', '.join(KINDS)}")
     check_model_name(name)
@@ -144,7 +151,7 @@ def register_checked(session: Session, name: str, kind: str, uri: str, *, endpoi
         effective_params(kind, generation_defaults(defaults), where="defaults", schema=schema)
     except SpecError as e:
         raise SpecError(f"model {name!r}: {e}") from None
-    return register(session, name, kind, uri, digest=digest, defaults=defaults, **kw)
+    return {**kw, "digest": digest, "defaults": defaults}
 
 
 def inspect_model(name: str, kind: str, uri: str, *, backend: str | None, digest: str | None,
@@ -321,8 +328,9 @@ def sync_models_file(session: Session, path: str | Path, *, only_missing: bool =
     revision, digest, backend, queue or defaults); with ``only_missing``, only names the registry does
     not know at all. A new or changed entry goes through the checks of ``aigc models register``
     (``register_checked``); one the workers could not run is a SpecError naming the file and the
-    entry, and nothing of the file is registered. An unchanged entry is not read again."""
-    refs = []
+    entry, and nothing of the file is registered (every entry is checked before the first is
+    written). An unchanged entry is not read again."""
+    refs: list[ModelRef | tuple[str, str, str, dict[str, Any]]] = []
     for entry in _models_file_entries(path):
         name, uri = entry["name"], os.path.expandvars(entry["uri"])
         current = session.scalars(
@@ -347,13 +355,13 @@ def sync_models_file(session: Session, path: str | Path, *, only_missing: bool =
         if current is not None and same_place and digest is None:
             digest = current.digest  # the same weights: no need to hash them again
         try:
-            refs.append(register_checked(
-                session, name, kind, uri, endpoint_url=endpoint_url, backend=entry.get("backend"),
+            refs.append((name, kind, uri, checked_registration(
+                name, kind, uri, endpoint_url=endpoint_url, backend=entry.get("backend"),
                 revision=entry.get("revision"), digest=digest, queue=entry.get("queue"),
-                defaults=entry.get("defaults")))
+                defaults=entry.get("defaults"))))
         except SpecError as e:
             raise SpecError(f"{path}: {e}") from None
-    return refs
+    return [r if isinstance(r, ModelRef) else register(session, r[0], r[1], r[2], **r[3]) for r in refs]
 
 
 class _ModelEntry(BaseModel):

@@ -132,3 +132,16 @@ def test_a_models_file_entry_records_the_checkpoint_facts_and_stays_one_version(
         again = sync_models_file(s, f)[0]
     assert first.defaults["model_type"] == "gpt2" and first.defaults["context_length"] > 0
     assert first.defaults["max_new_tokens"] == 8 and again.version == first.version
+
+
+def test_a_models_file_with_one_bad_entry_registers_none_of_it(client, tiny_text_model, tmp_path):
+    from aigc_core.registry import sync_models_file
+
+    f = tmp_path / "models.yaml"
+    f.write_text(f"models:\n  - name: good-first\n    kind: text\n    uri: {tiny_text_model.as_uri()}\n"
+                 f"  - name: bad-second\n    kind: text\n    uri: {(tmp_path / 'nowhere').as_uri()}\n")
+    with pytest.raises(SpecError, match="bad-second"), client.db.session() as s:
+        sync_models_file(s, f)
+    for name in ("good-first", "bad-second"):
+        with pytest.raises(SpecError, match="unknown model"):
+            client.model(name)
