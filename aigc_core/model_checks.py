@@ -170,7 +170,7 @@ def safetensors_problem(path: Path) -> str | None:
         if not isinstance(header, dict):
             raise ValueError("not a JSON object")
         ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError) as e:
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as e:
         return f"its header is not a safetensors header ({e}): corrupt or not safetensors"
     data = size - 8 - n
     if max(ends, default=0) != data:

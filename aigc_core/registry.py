@@ -200,7 +200,10 @@ def inspect_model(name: str, kind: str, uri: str, *, backend: str | None, digest
     except SpecError as e:
         raise SpecError(f"model {name!r}: {e}") from None
     if store is not None and digest is None:
-        digest = s3_digest(store, ck.names)
+        try:
+            digest = s3_digest(store, ck.names)
+        except Exception as e:  # botocore's own errors: a read that fails while hashing
+            raise SpecError(f"model {name!r}: cannot read {uri} to hash it: {e}") from None
     return read_facts(kind, ck), digest
 
 
@@ -385,14 +388,17 @@ def _models_file_entries(path: str | Path) -> list[dict[str, Any]]:
     entries = data.get("models", []) if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise SpecError(f"{path}: expected 'models:' with a list of models")
-    out = []
+    out: list[dict[str, Any]] = []
     for i, raw in enumerate(entries):
         if not isinstance(raw, dict):
             raise SpecError(f"{path}: models[{i}]: expected a mapping with name, kind and uri")
         try:
-            out.append(_ModelEntry.model_validate(raw).model_dump())
+            entry = _ModelEntry.model_validate(raw).model_dump()
         except ValidationError as e:
             raise SpecError(f"{path}: models[{i}]: {format_validation_error(e)}") from None
+        if any(e["name"] == entry["name"] for e in out):  # each would be compared with the same row
+            raise SpecError(f"{path}: models[{i}]: {entry['name']!r} is named twice; one entry per model")
+        out.append(entry)
     return out
 
 

@@ -84,12 +84,15 @@ class Runtime:
         except BackendError as e:
             raise ModelLoadError(f"{ref.tag}: {e}") from e
         except Exception as e:
-            if type(e).__name__ != "SafetensorError":  # anything else: the pipeline's crash handling
-                raise
             # A truncated or corrupt *.safetensors (safetensors raises its own class, which no backend
             # maps): every load would fail the same way, so the items fail now, with the file named.
+            # Anything else, and a SafetensorError over files that read as whole (an I/O or mmap
+            # failure), takes the pipeline's crash handling: the delivery is retried.
+            bad = _bad_weights(path) if type(e).__name__ == "SafetensorError" else ""
+            if not bad:
+                raise
             raise ModelLoadError(f"{ref.tag}: the weights cannot be read, a *.safetensors file is truncated "
-                                 f"or corrupt ({e}){_bad_weights(path)}") from e
+                                 f"or corrupt ({e}){bad}") from e
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:

@@ -378,8 +378,9 @@ def test_a_page_on_another_site_cannot_sign_a_visitor_in(browser, site: Site):
     context = browser.new_context(base_url=site.url)
     pg = context.new_page()
     forged = pg.request.post("/login", form={"key": site.key, "next": "/"}, max_redirects=0)
-    assert forged.status == 403 and "out of date" in forged.text()
-    assert not any(c["name"] == "aigc_session" for c in context.cookies())
+    assert forged.status == 403 and "out of date" in forged.text() and "Sign in" in forged.text()
+    pg.goto("/models")
+    assert "/login?next=/models" in pg.url  # the forged post signed nobody in
     pg.goto("/login")  # a signed-out session: its cookie, and the form's token
     assert "Sign out" not in pg.content()
     forged = pg.request.post("/login", form={"key": site.key, "next": "/", "csrf": "not-the-token"},
@@ -387,6 +388,18 @@ def test_a_page_on_another_site_cannot_sign_a_visitor_in(browser, site: Site):
     assert forged.status == 403
     pg.goto("/models")
     assert "/login?next=/models" in pg.url  # still signed out
+    stale = context.new_page()  # a second tab's form, made stale by a new session in the first
+    stale.goto("/login?next=/models")
+    context.clear_cookies()
+    pg.goto("/login?next=/models")
+    stale.fill("input[name=key]", site.key)
+    stale.click("button[type=submit]")
+    assert "out of date" in stale.inner_text(".error")  # the page, with a fresh form: not a dead end
+    stale.fill("input[name=key]", site.key)
+    stale.click("button[type=submit]")
+    stale.wait_for_url(f"{site.url}/models")
+    context.clear_cookies()
+    pg.goto("/models")
     pg.fill("input[name=key]", site.key)
     pg.click("button[type=submit]")
     pg.wait_for_url(f"{site.url}/models")

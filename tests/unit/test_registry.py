@@ -140,8 +140,18 @@ def test_a_models_file_with_one_bad_entry_registers_none_of_it(client, tiny_text
     f = tmp_path / "models.yaml"
     f.write_text(f"models:\n  - name: good-first\n    kind: text\n    uri: {tiny_text_model.as_uri()}\n"
                  f"  - name: bad-second\n    kind: text\n    uri: {(tmp_path / 'nowhere').as_uri()}\n")
-    with pytest.raises(SpecError, match="bad-second"), client.db.session() as s:
-        sync_models_file(s, f)
+    with client.db.session() as s, pytest.raises(SpecError, match="bad-second"):
+        sync_models_file(s, f)  # caught inside the session, which then commits what was written
     for name in ("good-first", "bad-second"):
         with pytest.raises(SpecError, match="unknown model"):
             client.model(name)
+
+
+def test_a_models_file_that_names_a_model_twice_is_refused(client, tiny_text_model, tmp_path):
+    from aigc_core.registry import sync_models_file
+
+    f = tmp_path / "models.yaml"
+    entry = f"  - name: twice\n    kind: text\n    uri: {tiny_text_model.as_uri()}\n"
+    f.write_text("models:\n" + entry + entry)
+    with client.db.session() as s, pytest.raises(SpecError, match=r"models\[1\]: 'twice' is named twice"):
+        sync_models_file(s, f)

@@ -20,6 +20,7 @@ from scheduler.api.app import api_of
 from scheduler.api.dashboard import data
 from scheduler.api.dashboard.session import (
     COOKIE,
+    CsrfFailed,
     DashboardSettings,
     Viewer,
     check_csrf,
@@ -78,7 +79,11 @@ def login_post(request: Request, key: Annotated[str, Form()] = "", next: Annotat
                csrf: Annotated[str, Form()] = "") -> Response:
     # The form's token must match the browser's session (a signed-out one, made by GET /login): a page
     # on another site cannot sign a visitor in with a key of its own choosing (login CSRF).
-    check_csrf(request, login_viewer(request, create=False), csrf)
+    try:
+        check_csrf(request, login_viewer(request, create=False), csrf)
+    except CsrfFailed:  # a stale form (another tab signed in, the session expired): a fresh one
+        return render(request, login_viewer(request), "login.html",
+                      {"next": _local(next), "error": "This form was out of date: sign in again."}, status=403)
     cookie = login(request, key)
     if cookie is None:
         return render(request, login_viewer(request), "login.html",
