@@ -107,7 +107,7 @@ FINAL_ITEM_STATES = frozenset(st.value for st in ItemStatus if st not in OPEN_IT
 
 
 def item_counts(s: Session, job_id: str, *, reuse: bool = False) -> dict[str, int]:
-    """Items by state, and ``reused``: how many of the succeeded ones took a copy of an earlier output
+    """Items by state, and ``reused``: how many of the succeeded ones reuse an earlier output
     (counted only for a job with the reuse option, through a partial index of reused outputs)."""
     rows = s.execute(select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status))
     counts = {st.value: 0 for st in ItemStatus}

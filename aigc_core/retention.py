@@ -10,9 +10,12 @@ job's commits never wait long behind gc (PostgreSQL takes row locks only on the 
 
 Never removed: a job that is not finished, a job a registered model's lineage names (the fine-tune
 that made it: its card and metrics stay inspectable), a job an unfinished job depends on
-(``after`` / ``from``), and a job whose API batch has not yet written its output file. Objects go
-before rows, so an interrupted run leaves rows whose objects are gone, which the next run removes;
-never objects that no row leads to.
+(``after`` / ``from``), a job whose API batch has not yet written its output file, and a job whose
+outputs a kept job reuses (worker/reuse.py: the reused rows name the original's objects; such a job
+goes in the same run as the last job that reuses it). Objects go before rows, so an interrupted run
+leaves rows whose objects are gone, which the next run removes; never objects that no row leads to.
+A job is marked ``removing`` in the transaction that decides to remove it, so no reuse refers to it
+from then on (``_take``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, and_, delete, func, or_, select
+from sqlalchemy import ColumnElement, CursorResult, and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from aigc_core.db import Database
@@ -171,6 +174,57 @@ def _count(s: Session, model: Any, job_ids: Sequence[str]) -> int:
     return int(s.scalar(select(func.count()).select_from(model).where(model.job_id.in_(job_ids))) or 0)
 
 
+REUSED_BY_A_KEPT_JOB = "a kept job reuses its outputs"
+
+
+def _take(db: Database, rep: GcReport, page: list[str], *, taken: set[str] | None) -> tuple[list[str], list[str]]:
+    """Of ``page``, the jobs to remove now, marked ``removing`` in the transaction that decides it, and
+    those another job's rows refer to (worker/reuse.py), left unmarked. ``taken`` is None on the first
+    pass (any reference defers a job), else the jobs this run removed (a dry run removed nothing, so
+    references from those do not count). Counts what a dry run would remove.
+
+    The mark orders gc against a reuse commit. On PostgreSQL the mark's UPDATE waits for every commit
+    holding the job's row ``FOR SHARE``, and the reference check, a later statement, sees what they
+    committed; a reuse that commits after the mark finds it and refers to nothing here. On SQLite both
+    sides write first, so they are serialised by the database's write lock."""
+    with db.session() as s:
+        keep = protected_jobs(s)  # read again per batch: a job submitted meanwhile may depend on one
+        ids = [j for j in page if j not in keep]
+        for j in page:
+            if j in keep:
+                rep.kept[keep[j]] = rep.kept.get(keep[j], 0) + 1
+        if not ids:
+            return [], []
+        # Re-read in this transaction: a job reopened meanwhile (retry_failed) is not finished any more.
+        if rep.dry_run:
+            ids = list(s.scalars(select(Job.id).where(Job.id.in_(ids), removable(rep.cutoff))))
+        else:
+            ids = list(s.scalars(update(Job).where(Job.id.in_(ids), removable(rep.cutoff)).values(removing=True)
+                                 .returning(Job.id).execution_options(synchronize_session=False)))
+        refs = _referenced(s, ids, taken if rep.dry_run else None)
+        if refs and not rep.dry_run:
+            s.execute(update(Job).where(Job.id.in_(refs)).values(removing=False),
+                      execution_options={"synchronize_session": False})
+        ids = [j for j in ids if j not in refs]
+        if rep.dry_run and ids:
+            rep.items += _count(s, Item, ids)
+            rep.artifacts += _count(s, Artifact, ids)
+            rep.chunks += _count(s, Chunk, ids)
+            rep.events += _count(s, JobEvent, ids)
+    return ids, sorted(refs)
+
+
+def _referenced(s: Session, ids: list[str], taken: set[str] | None) -> set[str]:
+    """Of ``ids``, the jobs whose outputs another job's artifact rows refer to (one probe of a partial
+    index per job), not counting rows of the jobs in ``taken``."""
+    if not ids:
+        return set()
+    refers = Artifact.reused_from_job == Job.id
+    if taken:
+        refers = and_(refers, Artifact.job_id.not_in(sorted(taken)))
+    return set(s.scalars(select(Job.id).where(Job.id.in_(ids), exists().where(refers))))
+
+
 def collect_garbage(db: Database, store: ObjectStore | None, older_than: timedelta, *, objects: bool = False,
                     orphans: bool = False, dry_run: bool = False, rows_per_statement: int = ROWS_PER_STATEMENT,
                     jobs_per_batch: int = JOBS_PER_BATCH, progress: Progress | None = None,
@@ -185,24 +239,10 @@ def collect_garbage(db: Database, store: ObjectStore | None, older_than: timedel
         raise SpecError("gc of objects needs the object store")
     t0 = time.monotonic()
     rep = GcReport(dry_run, (now or utcnow()) - older_than)
-    for page in _candidate_pages(db, rep.cutoff, jobs_per_batch):
-        with db.session() as s:
-            keep = protected_jobs(s)  # read again per batch: a job submitted meanwhile may depend on one
-            ids = [j for j in page if j not in keep]
-            for j in page:
-                if j in keep:
-                    rep.kept[keep[j]] = rep.kept.get(keep[j], 0) + 1
-            if not ids:
-                continue
-            # Re-read in this transaction: a job reopened meanwhile (retry_failed) is not finished any more.
-            ids = list(s.scalars(select(Job.id).where(Job.id.in_(ids), removable(rep.cutoff))))
-            if dry_run:
-                rep.items += _count(s, Item, ids)
-                rep.artifacts += _count(s, Artifact, ids)
-                rep.chunks += _count(s, Chunk, ids)
-                rep.events += _count(s, JobEvent, ids)
-        if not ids:
-            continue
+    taken: set[str] = set()  # the jobs removed (or, in a dry run, that would be) so far
+    referenced: list[str] = []  # another job's rows refer to their outputs: asked again after the others
+
+    def remove(ids: list[str]) -> None:
         if objects and store is not None:
             rep.objects += _objects(store, ids, dry_run)
         if not dry_run:
@@ -212,11 +252,26 @@ def collect_garbage(db: Database, store: ObjectStore | None, older_than: timedel
             rep.chunks += chunks
             rep.events += events
         rep.jobs += len(ids)
+        taken.update(ids)
         rep.seconds = time.monotonic() - t0
         if progress is not None:
             verb = "would remove" if dry_run else "removed"
             progress(f"gc: {verb} {rep.jobs} jobs, {rep.items} items, {rep.objects} objects so far "
                      f"({rep.seconds:.1f} s)")
+
+    for page in _candidate_pages(db, rep.cutoff, jobs_per_batch):
+        ids, later = _take(db, rep, page, taken=None)
+        referenced += later
+        if ids:
+            remove(ids)
+    # A job whose outputs a reusing job refers to goes once that job has gone (references never chain:
+    # a reused row is never an original), so a second look after the first pass finds most of them free.
+    for i in range(0, len(referenced), jobs_per_batch):
+        ids, kept = _take(db, rep, referenced[i:i + jobs_per_batch], taken=taken)
+        if kept:
+            rep.kept[REUSED_BY_A_KEPT_JOB] = rep.kept.get(REUSED_BY_A_KEPT_JOB, 0) + len(kept)
+        if ids:
+            remove(ids)
     if orphans and store is not None:
         sweep_orphan_prefixes(db, store, rep, progress)
     rep.seconds = time.monotonic() - t0

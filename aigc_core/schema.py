@@ -140,10 +140,14 @@ class Job(Base):
     succeeded_items: Mapped[int | None] = mapped_column(Integer)
     failed_items: Mapped[int | None] = mapped_column(Integer)
     cancelled_items: Mapped[int | None] = mapped_column(Integer)
-    # The job option ``reuse``: an item identical to an earlier succeeded one takes a copy of its output
+    # The job option ``reuse``: an item identical to an earlier succeeded one refers to its output
     # (worker/reuse.py); reused_items is written when the job finishes, as the counts above.
     reuse: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     reused_items: Mapped[int | None] = mapped_column(Integer)
+    # Set by ``aigc gc`` in the transaction that decides to remove the job (aigc_core/retention.py): from
+    # then on no reuse refers to its outputs. A run that stops before the job is gone leaves the mark,
+    # which only keeps its outputs from being reused until a later run removes it.
+    removing: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
     items: Mapped[list[Item]] = relationship(back_populates="job", lazy="raise")
 
@@ -199,6 +203,9 @@ class Artifact(Base):
         # A job's reused count without reading its other artifacts.
         Index("ix_artifacts_reused_job", "job_id", postgresql_where=text("reused_from_id IS NOT NULL"),
               sqlite_where=text("reused_from_id IS NOT NULL")),
+        # gc's question "does another job refer to this job's outputs?", one index probe per job.
+        Index("ix_artifacts_reused_from_job", "reused_from_job", postgresql_where=text("reused_from_job IS NOT NULL"),
+              sqlite_where=text("reused_from_job IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -215,8 +222,13 @@ class Artifact(Base):
     # sha256 of what made a generated output (weights digest, effective parameters, rendered prompt,
     # seed: worker/reuse.py); None when the model's digest is unknown, and on reused outputs.
     reuse_key: Mapped[str | None] = mapped_column(String(64))
-    # A reused output: the id of the artifact it was copied from (no foreign key: that job may be removed).
+    # A reused output: the id of the artifact it reuses (no foreign key: a copy made before 0008 outlives
+    # its original's job).
     reused_from_id: Mapped[int | None] = mapped_column(BigInteger)
+    # A reused output that refers to another job's object (``key`` is under that job's prefix): gc keeps
+    # that job while this row exists. None on generated outputs, on a reference within its own job, and
+    # on the copies made before 0008 (their objects are their own).
+    reused_from_job: Mapped[str | None] = mapped_column(String(32))
 
 
 class Chunk(Base):

@@ -120,7 +120,7 @@ class JobSpec(BaseModel):
     # not begin with its own.
     system: str | None = Field(None, min_length=1)
     # Reuse identical work: an item whose weights digest, effective parameters, rendered prompt and seed
-    # equal an earlier succeeded item's takes a copy of that output (worker/reuse.py). Off by default.
+    # equal an earlier succeeded item's refers to that output (worker/reuse.py). Off by default.
     reuse: bool = False
     _digest: str | None = PrivateAttr(default=None)
 

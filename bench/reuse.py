@@ -4,11 +4,11 @@
 Each round submits the job with a fresh seed (so its first run truly generates) and waits for it, then
 submits it again with the option on and waits; seconds run from before submit to the end of ``wait``.
 The model is loaded before the first round, so the first runs do not pay for the load and the ratio
-is the harder one. Two stores: the embedded default (SQLite, a folder, the in-process worker: copies
-are hard links) and a deployment's PostgreSQL + SeaweedFS S3 (copies are CopyObject requests), each
-with its in-process worker and the default chunk and micro-batch sizes and no provenance sidecars,
-the default (``s3-sidecars``: the same with AIGC_PROVENANCE_SIDECARS=true, two requests per reused
-item instead of one). The demo-sized
+is the harder one. A reused item is a row that refers to the original's object: the rerun sends no
+request to the store. Two stores: the embedded default (SQLite, a folder, the in-process worker) and a
+deployment's PostgreSQL + SeaweedFS S3, each with its in-process worker and the default chunk and
+micro-batch sizes and no provenance sidecars, the default (``s3-sidecars``: the same with
+AIGC_PROVENANCE_SIDECARS=true, a first run that writes two objects per item). The demo-sized
 text model (2 layers x 128, 4096 tokens) with the text backend's default parameters (up to 128 new
 tokens, sampled under each item's seed), or ``--new-tokens N`` greedy tokens, EOS off (a cheaper
 first run: a harder ratio).

@@ -101,7 +101,7 @@ class Client:
         bounded memory while the job is ``submitting`` (scheduler/bulk.py). An item is a prompt,
         ``{"prompt": ...}``, ``{"messages": [...]}`` (a chat item; ``system`` goes in front of each)
         or ``{"from": {"job", "custom_id"}}``. ``reuse=True``: items identical to an earlier succeeded
-        item (weights digest, effective parameters, rendered prompt, seed) take a copy of its output."""
+        item (weights digest, effective parameters, rendered prompt, seed) refer to its output."""
         if isinstance(kind, JobSpec):
             job_id = self._insert(kind)
         elif isinstance(kind, dict):

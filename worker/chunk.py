@@ -32,7 +32,7 @@ class ChunkResult:
     succeeded: int = 0
     failed: int = 0
     cancelled: int = 0
-    reused: int = 0  # of the succeeded: copies of an earlier identical output (the job option reuse)
+    reused: int = 0  # of the succeeded: an earlier identical output reused (the job option reuse)
     final_status: str | None = None
     errors: dict[str, int] = field(default_factory=dict)
     # Items whose attempt this delivery charged (their generation began): a transient fault gives

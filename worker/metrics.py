@@ -40,7 +40,7 @@ GENERATION_SECONDS = Histogram("aigc_worker_generation_seconds_per_item", "Gener
                                ["model", "kind"], buckets=SECONDS_BUCKETS, registry=REGISTRY)
 ITEMS = Counter("aigc_worker_items", "Items this process finished, by final state", ["model", "state"],
                 registry=REGISTRY)
-ITEMS_REUSED = Counter("aigc_worker_items_reused", "Items this process finished with a copy of an earlier "
+ITEMS_REUSED = Counter("aigc_worker_items_reused", "Items this process finished by reusing an earlier "
                        "identical output (the job option reuse); also counted as succeeded", ["model"],
                        registry=REGISTRY)
 STORAGE_ERRORS = Counter("aigc_worker_storage_errors", "Object store requests that failed (StorageError)",

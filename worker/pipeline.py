@@ -197,7 +197,7 @@ def _finetune(rt: Runtime, job: JobInfo, token: str, item: Claimed, res: ChunkRe
 def _generate_chunk(rt: Runtime, job: JobInfo, token: str, items: list[Claimed], res: ChunkResult) -> None:
     retried = any(c.attempts > 0 for c in items)  # a delivery of this chunk began and died before
     items = _read_sources(rt, token, items)
-    items = reuse_outputs(rt, job, token, items, res)  # keyed; with the job option, copies of identical work
+    items = reuse_outputs(rt, job, token, items, res)  # keyed; with the job option, identical work reused
     if not items:
         return
     # Similar lengths together: less padding per batch. Seeds are per item, so order does not matter.

@@ -8,23 +8,26 @@ identity of its chat template; an item ``from`` another job uses the text read n
 model whose digest is unknown gets no key, so its outputs are never reused and never reuse.
 
 With the option on, a chunk's keys are looked up once, right after the claim and before the model is
-loaded (one IN query on a partial index): a chunk whose items all match never loads the model. Each
-match is copied server-side (S3 CopyObject; a hard link in a folder store) to this delivery's own key,
-with its detached C2PA manifest and a provenance sidecar whose ``reused_from`` names the original
-(job, item index, key, sha256). The copy is the new job's own object, so removing the old job (``aigc
-gc``) never touches it. Object first, then the row, in one transaction fenced by the claim token as
-``store_and_commit`` fences it: a redelivered chunk claims only items still open, so nothing is
-reused twice, and the copies of a delivery that lost its items are removed.
+loaded (one IN query on a partial index): a chunk whose items all match never loads the model. A match
+is a reference, not a copy: the reused row names the original's object (its key, uri, sha256; a text
+output's detached C2PA manifest beside it), and its provenance says ``reused_from`` (job, item index,
+key, sha256). Nothing is written to the store, so a reused item costs no request there.
+
+What keeps a referenced object alive is ``aigc gc`` (aigc_core/retention.py): it never removes a job
+that another job's row refers to, and it marks a job ``removing`` in the transaction that decides to
+remove it. A reuse commits only against originals whose job is not marked: on PostgreSQL the commit
+reads those job rows ``FOR SHARE`` (a gc that marks one waits for this commit, then sees its rows;
+a commit that comes after the mark skips that original), on SQLite it takes the database's write lock
+first, so gc's decision and the commit are serialised. Items whose original went meanwhile generate.
+Fenced by the claim token as every commit is: a redelivered chunk claims only items still open, so
+nothing is reused twice.
 """
 
 from __future__ import annotations
 
-import contextvars
-import functools
 import hashlib
 import json
 import logging
-from concurrent.futures import FIRST_EXCEPTION, wait
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,10 +35,8 @@ from pydantic import ValidationError
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from aigc_core.credentials import DETACHED_SUFFIX, signing_mode
-from aigc_core.errors import NotFound
-from aigc_core.jobs import DISCARDED_EVENT, item_key, record_event, sidecar_key, sidecar_of
-from aigc_core.schema import Artifact, Item, ItemStatus, utcnow
+from aigc_core.credentials import signing_mode
+from aigc_core.schema import Artifact, Item, ItemStatus, Job, utcnow
 from aigc_models.params import params_for
 from worker import metrics
 from worker.chunk import ChunkResult, Claimed, JobInfo, requests_of
@@ -55,6 +56,7 @@ class Original:
     job_id: str
     item_index: int
     key: str
+    uri: str
     sha256: str
     size: int
     media_type: str
@@ -64,31 +66,25 @@ class Original:
 
 def reuse_outputs(rt: Runtime, job: JobInfo, token: str, items: list[Claimed], res: ChunkResult) -> list[Claimed]:
     """Each item with its reuse key; with the job option, the items that match an earlier output are
-    committed as copies of it. Returns the items still to generate."""
+    committed as references to it. Returns the items still to generate."""
     keyed = with_keys(job, items)
     if not job.reuse:
         return keyed
     signed = signing_mode(rt.settings) == "required"
     with rt.db.session() as s:
         found = lookup(s, {c.reuse_key for c in keyed if c.reuse_key}, signed=signed)
-        matched = [(c, found[c.reuse_key]) for c in keyed if c.reuse_key in found]
-        # Charged as a generation would be, in the same transaction: a delivery that dies while copying
-        # counts an attempt, so the sweep at finalize removes its copies.
-        mine = _charge(s, token, [c.id for c, _ in matched]) if matched else set()
+    matched = [(c, found[c.reuse_key]) for c in keyed if c.reuse_key in found]
     if not matched:
         return keyed
-    res.charged.update(mine)
-    taken = {c.id for c, _ in matched}  # committed here, or another delivery's now: not generated here
-    matched = [(c, o) for c, o in matched if c.id in mine]
-    rows, missing = _copy_all(rt, job, token, matched)
-    done = _commit(rt, job, token, rows)
+    done, gone = _commit(rt, job, token, matched)
     res.succeeded += len(done)
     res.reused += len(done)
     if done:
         metrics.count_reused(job.model.tag, len(done))
-        log.info("reused %d items", len(done), extra={"items": sorted(c.index for c, _ in matched
-                                                                      if c.id in done)})
-    return [c for c in keyed if c.id not in taken - missing]
+        log.info("reused %d items", len(done), extra={"items": sorted(c.index for c, _ in matched if c.id in done)})
+    # Not generated here: the items committed now, and those another delivery holds (not ours any more).
+    taken = {c.id for c, _ in matched} - gone
+    return [c for c in keyed if c.id not in taken]
 
 
 def with_keys(job: JobInfo, items: list[Claimed]) -> list[Claimed]:
@@ -128,15 +124,16 @@ def _key(base: dict[str, Any], schema, job: JobInfo, c: Claimed) -> str | None:
 
 
 def lookup(s: Session, keys: set[str], *, signed: bool = False) -> dict[str, Original]:
-    """The first (oldest) output of each key, in one statement (an artifact exists only for a succeeded
-    item); ``signed``: only outputs that carry C2PA credentials (signing is required here, and nothing
-    unsigned is stored)."""
+    """The first (oldest) output of each key whose job gc is not removing, in one statement (an
+    artifact exists only for a succeeded item; a reused row has no key, so an original is always a
+    generated output); ``signed``: only outputs that carry C2PA credentials (signing is required
+    here, and nothing unsigned is stored)."""
     if not keys:
         return {}
-    first = (select(func.min(Artifact.id)).where(Artifact.reuse_key.in_(sorted(keys)))
-             .group_by(Artifact.reuse_key))
+    first = (select(func.min(Artifact.id)).join(Job, Job.id == Artifact.job_id)
+             .where(Artifact.reuse_key.in_(sorted(keys)), Job.removing.is_(False)).group_by(Artifact.reuse_key))
     rows = s.execute(
-        select(Artifact.id, Artifact.job_id, Item.index, Artifact.key, Artifact.sha256, Artifact.size,
+        select(Artifact.id, Artifact.job_id, Item.index, Artifact.key, Artifact.uri, Artifact.sha256, Artifact.size,
                Artifact.media_type, Artifact.duration_s, Artifact.provenance, Artifact.reuse_key)
         .select_from(Artifact).join(Item, Item.id == Artifact.item_id).where(Artifact.id.in_(first))).all()
     out = {}
@@ -144,90 +141,54 @@ def lookup(s: Session, keys: set[str], *, signed: bool = False) -> dict[str, Ori
         prov = dict(r.provenance or {})
         if signed and not (prov.get("c2pa") or {}).get("signed"):
             continue
-        out[r.reuse_key] = Original(r.id, r.job_id, r[2], r.key, r.sha256, r.size, r.media_type, r.duration_s, prov)
+        out[r.reuse_key] = Original(r.id, r.job_id, r[2], r.key, r.uri, r.sha256, r.size, r.media_type, r.duration_s,
+                                    prov)
     return out
 
 
-def _charge(s: Session, token: str, ids: list[int]) -> set[int]:
-    """The items still this delivery's, their attempt counted."""
-    return set(s.scalars(
-        update(Item).where(Item.id.in_(ids), Item.claim_token == token, Item.status == ItemStatus.running)
-        .values(attempts=Item.attempts + 1).returning(Item.id).execution_options(synchronize_session=False)))
+def live_jobs(s: Session, job_ids: set[str]) -> set[str]:
+    """Of ``job_ids``, the jobs gc is not removing, held so until this transaction ends: on PostgreSQL
+    their rows ``FOR SHARE`` (gc's mark waits for this transaction; one taken before is seen here);
+    on SQLite a no-op write takes the database's write lock, so no gc transaction commits between this
+    read and the caller's commit."""
+    if not job_ids:
+        return set()
+    ids = sorted(job_ids)
+    if s.get_bind().dialect.name == "sqlite":
+        return set(s.scalars(update(Job).where(Job.id.in_(ids), Job.removing.is_(False))
+                             .values(removing=Job.removing).returning(Job.id)
+                             .execution_options(synchronize_session=False)))
+    return set(s.scalars(select(Job.id).where(Job.id.in_(ids), Job.removing.is_(False)).with_for_update(read=True)))
 
 
-def _copy_all(rt: Runtime, job: JobInfo, token: str,
-              matched: list[tuple[Claimed, Original]]) -> tuple[list[dict[str, Any]], set[int]]:
-    """Copies side by side on the upload threads: the rows to commit, and the items whose original is
-    gone (its job removed meanwhile), which generate instead. After a store failure nothing is left
-    behind and the failure is raised (the pipeline gives the items back)."""
-    futures = [rt.uploads.submit(contextvars.copy_context().run, functools.partial(_copy_one, rt, job, token, c, o))
-               for c, o in matched]
-    try:
-        wait(futures, return_when=FIRST_EXCEPTION)
-    finally:
-        for f in futures:
-            f.cancel()
-        wait(futures)
-    ok = [r for f in futures if not f.cancelled() and f.exception() is None and (r := f.result()) is not None]
-    failed = next((e for f in futures if not f.cancelled() and (e := f.exception()) is not None), None)
-    if failed is not None:
-        _discard(rt, job.id, [r["key"] for r in ok])
-        raise failed
-    missing = {c.id for (c, _), f in zip(matched, futures, strict=True) if f.result() is None}
-    return ok, missing
+def _commit(rt: Runtime, job: JobInfo, token: str,
+            matched: list[tuple[Claimed, Original]]) -> tuple[set[int], set[int]]:
+    """One transaction: the items still this delivery's become succeeded (their attempt counted, as a
+    generation's would be) with rows that refer to their originals. Returns the items committed, and
+    those whose original's job gc is removing (or has removed) since the lookup: they generate."""
+    others = {o.job_id for _, o in matched if o.job_id != job.id}  # a job's own outputs live as long as it
+    with rt.db.session() as s:
+        live = live_jobs(s, others) | {job.id}
+        ok = [(c, o) for c, o in matched if o.job_id in live]
+        gone = {c.id for c, o in matched if o.job_id not in live}
+        done: set[int] = set()
+        if ok:
+            done = set(s.scalars(
+                update(Item).where(Item.id.in_([c.id for c, _ in ok]), Item.claim_token == token,
+                                   Item.status == ItemStatus.running)
+                .values(status=ItemStatus.succeeded, attempts=Item.attempts + 1, finished_at=utcnow(),
+                        lease_until=None, error=None)
+                .returning(Item.id).execution_options(synchronize_session=False)))
+        if rows := [_row(job, c, o) for c, o in ok if c.id in done]:
+            s.execute(insert(Artifact), rows)
+    return done, gone
 
 
-def _copy_one(rt: Runtime, job: JobInfo, token: str, c: Claimed, o: Original) -> dict[str, Any] | None:
-    """Object first (the output, then a text output's detached manifest), then its sidecar; None when
-    the original is gone."""
-    key = item_key(job.id, c.index, _ext(o.key), token)
-    c2pa = o.provenance.get("c2pa") or {}
-    try:
-        uri = rt.store.copy(o.key, key)
-        if c2pa.get("signed") and not c2pa.get("embedded", True):
-            rt.store.copy(o.key + DETACHED_SUFFIX, key + DETACHED_SUFFIX)
-    except NotFound:
-        rt.store.delete([key, key + DETACHED_SUFFIX])
-        return None
+def _row(job: JobInfo, c: Claimed, o: Original) -> dict[str, Any]:
+    """A reused item's artifact: the original's object and digest, the original's provenance (what made
+    these bytes) with where it came from."""
     prov = {**o.provenance, "reused_from": {"job_id": o.job_id, "item_index": o.item_index, "key": o.key,
                                             "sha256": o.sha256}}
-    if rt.settings.provenance_sidecars:
-        body = json.dumps(prov, ensure_ascii=False, indent=1, sort_keys=True).encode()
-        rt.store.put(sidecar_key(job.id, c.index, token), body, "application/json")
-    return {"item_id": c.id, "job_id": job.id, "key": key, "uri": uri, "sha256": o.sha256, "size": o.size,
+    return {"item_id": c.id, "job_id": job.id, "key": o.key, "uri": o.uri, "sha256": o.sha256, "size": o.size,
             "media_type": o.media_type, "provenance": prov, "duration_s": o.duration_s, "reuse_key": None,
-            "reused_from_id": o.artifact_id}
-
-
-def _ext(key: str) -> str:
-    """The extension of a key made by ``item_key``: ``{index}.{claim}.{ext}``."""
-    return key.rsplit("/", 1)[-1].split(".", 2)[-1]
-
-
-def _commit(rt: Runtime, job: JobInfo, token: str, rows: list[dict[str, Any]]) -> set[int]:
-    """The items still this delivery's become succeeded with their rows, in one transaction; the copies
-    made for items another delivery took meanwhile are removed."""
-    done: set[int] = set()
-    if rows:
-        with rt.db.session() as s:
-            done = set(s.scalars(
-                update(Item).where(Item.id.in_([r["item_id"] for r in rows]), Item.claim_token == token,
-                                   Item.status == ItemStatus.running)
-                .values(status=ItemStatus.succeeded, finished_at=utcnow(), lease_until=None, error=None)
-                .returning(Item.id).execution_options(synchronize_session=False)))
-            if mine := [r for r in rows if r["item_id"] in done]:
-                s.execute(insert(Artifact), mine)
-    _discard(rt, job.id, [r["key"] for r in rows if r["item_id"] not in done])
-    return done
-
-
-def _discard(rt: Runtime, job_id: str, keys: list[str]) -> None:
-    """Remove copies nobody committed; if the store refuses, the sweep at finalize removes them."""
-    if not keys:
-        return
-    try:
-        rt.store.delete([k for key in keys for k in (key, sidecar_of(key), key + DETACHED_SUFFIX)])
-    except Exception as e:
-        log.warning("could not remove %d uncommitted copies (%s); removed at finalize", len(keys), e)
-        with rt.db.session() as s:
-            record_event(s, job_id, DISCARDED_EVENT, count=len(keys))
+            "reused_from_id": o.artifact_id, "reused_from_job": o.job_id if o.job_id != job.id else None}

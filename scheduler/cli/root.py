@@ -213,7 +213,7 @@ def submit(
     key: Annotated[str | None, typer.Option("--idempotency-key", help="same key + payload = same job")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait for the job and show progress")] = False,
     reuse: Annotated[bool, typer.Option("--reuse", help="items identical to an earlier succeeded one (weights "
-                                        "digest, parameters, prompt, seed) take a copy of its output")] = False,
+                                        "digest, parameters, prompt, seed) reuse its output")] = False,
     openai_batch: Annotated[Path | None, typer.Option("--openai-batch", help="an OpenAI Batch input file "
                                                       "(requests.jsonl), as `aigc serve` takes it")] = None,
     output: Annotated[Path | None, typer.Option("--output", help="with --openai-batch: wait, then write the "

@@ -51,7 +51,7 @@ class JobTemplate(BaseModel):
     seed: int | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     chunk_size: int | None = None
-    reuse: bool = False  # the job option: items identical to an earlier day's take a copy of its output
+    reuse: bool = False  # the job option: items identical to an earlier day's refer to its output
     items: list[dict[str, Any] | str] | None = None
     items_file: str | None = None  # a path next to the file, file:///path, or s3:// (aigc_core.spec's rule)
 

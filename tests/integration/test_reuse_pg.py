@@ -1,7 +1,13 @@
 """Reuse of identical work on PostgreSQL and SeaweedFS with the tiny text model fetched from S3: a rerun
-with reuse takes server-side copies and never loads the model; anything that differs generates."""
+with reuse refers to the original outputs and never loads the model; anything that differs generates;
+gc and a reuse commit are ordered by the ``removing`` mark and ``FOR SHARE``."""
 
 from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select, text, update
@@ -61,8 +67,21 @@ def _reused(tag: str) -> float:
     return metrics.REGISTRY.get_sample_value("aigc_worker_items_reused_total", {"model": tag}) or 0.0
 
 
-def test_a_rerun_with_reuse_copies_every_output_server_side_and_never_loads_the_model(reuse_client, s3_server,
-                                                                                        s3_bucket):
+def _age(c, job_id):
+    with c.db.session() as s:  # old enough for gc
+        s.execute(text("UPDATE jobs SET created_at = now() - interval '30 days', "
+                       "finished_at = now() - interval '30 days' WHERE id = :id"), {"id": job_id})
+
+
+def _gc(c):
+    return collect_garbage(c.db, c.store, timedelta(days=7), objects=True)
+
+
+def _whole(c, job_id) -> bool:
+    return all(hashlib.sha256(c.store.get(r.key or "")).hexdigest() == r.sha256 for r in c.results(job_id))
+
+
+def test_a_rerun_with_reuse_refers_to_every_output_and_never_loads_the_model(reuse_client, s3_bucket):
     c = reuse_client
     first, loaded, generated = run(c, PROMPTS)
     assert first.status == JobStatus.succeeded and loaded and generated == 4
@@ -71,30 +90,115 @@ def test_a_rerun_with_reuse_copies_every_output_server_side_and_never_loads_the_
     assert again.status == JobStatus.succeeded and not loaded and generated == 0  # nothing generated
     assert again.counts["reused"] == 4 and again.counts["succeeded"] == 4 and _reused("tiny@1") - reused_before == 4
     originals = {r.index: r for r in c.results(first.id)}
-    s3 = s3_server.client()
     for r in c.results(again.id):
         o = originals[r.index]
-        assert r.sha256 == o.sha256 and r.uri.startswith(f"s3://{s3_bucket}/outputs/jobs/{again.id}/items/")
+        assert (r.key, r.uri, r.sha256) == (o.key, o.uri, o.sha256)
+        assert r.uri.startswith(f"s3://{s3_bucket}/outputs/jobs/{first.id}/items/")
         assert r.provenance["reused_from"] == {"job_id": first.id, "item_index": o.index, "key": o.key,
                                                "sha256": o.sha256}
-        head = s3.head_object(Bucket=s3_bucket, Key=f"outputs/{r.key}")
-        assert head["ContentType"].startswith("text/plain") and c.store.get(r.key) == c.store.get(o.key)
-    # The copies are the new job's own objects: removing the first job and its objects leaves them whole.
-    with c.db.session() as s:  # old enough for gc
-        s.execute(text("UPDATE jobs SET created_at = now() - interval '30 days', "
-                       "finished_at = now() - interval '30 days' WHERE id = :id"), {"id": first.id})
-    from datetime import timedelta
+    assert list(c.store.list(f"jobs/{again.id}/items/")) == []  # not a request to the store per item
+    # gc keeps the original while the job that reuses it is kept, and removes both once both are old.
+    _age(c, first.id)
+    report = _gc(c)
+    assert report.jobs == 0 and report.kept == {"a kept job reuses its outputs": 1} and _whole(c, again.id)
+    _age(c, again.id)
+    report = _gc(c)
+    assert report.jobs == 2 and not list(c.store.list(f"jobs/{first.id}/"))
+    # The finished job's stored counts (the dashboard's listing) said reused too.
+    assert again.counts["reused"] == 4
 
-    report = collect_garbage(c.db, c.store, timedelta(days=7), objects=True)
-    assert report.jobs == 1 and not list(c.store.list(f"jobs/{first.id}/"))
-    import hashlib
 
-    assert all(hashlib.sha256(c.store.get(r.key or "")).hexdigest() == r.sha256 for r in c.results(again.id))
-    # The finished job's stored counts (the dashboard's listing) say reused too.
+def test_the_dashboard_listing_counts_reused(reuse_client):
+    c = reuse_client
+    run(c, PROMPTS[:2])
+    again, _, _ = run(c, PROMPTS[:2], reuse=True)
     from scheduler.api.dashboard.data import view_of
 
     with c.db.session() as s:
-        assert view_of(s, again.id).counts["reused"] == 4
+        assert view_of(s, again.id).counts["reused"] == 2
+
+
+def _in_thread(fn):
+    box: dict = {}
+
+    def go():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the test's thread
+            box["error"] = e
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t, box
+
+
+def test_gc_waits_for_a_reuse_commit_that_holds_the_original_then_keeps_it(reuse_client, monkeypatch):
+    """The reuse commit holds the original's job row FOR SHARE; gc's mark waits for it to commit and
+    then sees its references: the original stays, every reused output reads back."""
+    import worker.reuse
+
+    c = reuse_client
+    first, _, _ = run(c, PROMPTS)
+    _age(c, first.id)
+    holding, go = threading.Event(), threading.Event()
+    real = worker.reuse.live_jobs
+
+    def live_then_hold(s, ids):
+        out = real(s, ids)
+        holding.set()
+        assert go.wait(30)
+        return out
+
+    monkeypatch.setattr(worker.reuse, "live_jobs", live_then_hold)
+    rerun, rerun_box = _in_thread(lambda: run(c, PROMPTS, reuse=True))
+    assert holding.wait(60)
+    gc, gc_box = _in_thread(lambda: _gc(c))
+    gc.join(1.5)
+    assert gc.is_alive(), "gc's mark did not wait for the reuse commit holding the original's row"
+    go.set()
+    rerun.join(60)
+    gc.join(60)
+    assert "error" not in rerun_box and "error" not in gc_box, (rerun_box, gc_box)
+    again, _, generated = rerun_box["value"]
+    assert again.counts["reused"] == 4 and generated == 0
+    assert gc_box["value"].jobs == 0 and gc_box["value"].kept == {"a kept job reuses its outputs": 1}
+    assert _whole(c, again.id) and _whole(c, first.id)
+
+
+def test_a_reuse_commit_waits_for_gcs_mark_then_generates_instead(reuse_client, monkeypatch):
+    """gc marks the original and has not committed yet; the reuse commit's FOR SHARE waits for it, then
+    finds the mark and refers to nothing: its items generate, and nothing points at removed objects."""
+    import aigc_core.retention
+
+    c = reuse_client
+    first, _, _ = run(c, PROMPTS)
+    _age(c, first.id)
+    marked, go = threading.Event(), threading.Event()
+    real = aigc_core.retention._referenced
+
+    def referenced_then_hold(*a, **k):
+        out = real(*a, **k)
+        marked.set()  # the mark is written, not committed
+        assert go.wait(30)
+        return out
+
+    monkeypatch.setattr(aigc_core.retention, "_referenced", referenced_then_hold)
+    gc, gc_box = _in_thread(lambda: _gc(c))
+    assert marked.wait(60)
+    rerun, rerun_box = _in_thread(lambda: run(c, PROMPTS, reuse=True))
+    with c.db.session() as s:
+        deadline = time.monotonic() + 30
+        while not s.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")), "the reuse commit did not wait"
+    go.set()
+    gc.join(60)
+    rerun.join(120)
+    assert "error" not in rerun_box and "error" not in gc_box, (rerun_box, gc_box)
+    assert gc_box["value"].jobs == 1
+    again, loaded, generated = rerun_box["value"]
+    assert again.status == JobStatus.succeeded and again.counts["reused"] == 0 and generated == 4 and loaded
+    assert _whole(c, again.id)
 
 
 def test_what_differs_generates_and_reuse_is_off_by_default(reuse_client):

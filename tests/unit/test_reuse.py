@@ -1,5 +1,5 @@
 """Reuse of identical work (worker/reuse.py) with a fake backend on SQLite and a folder store: what is
-compared, what is copied, what is counted, and what is never reused."""
+compared, what is referred to, what gc keeps, what is counted, and what is never reused."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import select, update
 
 from aigc_core.registry import ModelRef
-from aigc_core.retention import delete_jobs
-from aigc_core.schema import Artifact, Item, ItemStatus, JobStatus, Model
+from aigc_core.retention import collect_garbage
+from aigc_core.schema import Artifact, Item, ItemStatus, Job, JobStatus, Model
 from tests.unit.test_pipeline import FakeGen
 from worker.chunk import ChunkResult, Claimed, JobInfo
 from worker.inprocess import drain
@@ -35,7 +35,7 @@ class Loads:
 def run(client, job_id, **overrides) -> Loads:
     """Run a job's chunks in a fresh worker runtime (its own pool, nothing loaded yet)."""
     loads = Loads()
-    # Sidecars on (not the default since issue 15): a copy writes its own, naming the original.
+    # Sidecars on (not the default since issue 15): a generated output writes one, a reference none.
     rt = Runtime(client.settings.model_copy(update={"provenance_sidecars": True, **overrides}), client.db, client.store,
                  pool=ModelPool(loads, 1 << 40), device="cpu")
     drain(rt, job_id)
@@ -50,11 +50,11 @@ def submit(client, prompts, *, model="tiny", seed=5, params=None, reuse=False):
 PROMPTS = [f"Headline {i}: the council met" for i in range(6)]
 
 
-def test_a_rerun_with_reuse_copies_every_output_and_never_loads_the_model(client, tmp_path):
+def test_a_rerun_with_reuse_refers_to_every_output_writes_nothing_and_never_loads_the_model(client, tmp_path):
     first = submit(client, PROMPTS)
     assert run(client, first.id).loads == 1
     again = submit(client, PROMPTS, reuse=True)
-    loads = run(client, again.id)
+    loads = run(client, again.id)  # with sidecars on: a reference writes none either
     assert loads.loads == 0 and loads.gen.calls == []  # nothing generated, the model never loaded
     view = client.status(again.id)
     assert view.status == JobStatus.succeeded and view.counts["succeeded"] == 6 and view.counts["reused"] == 6
@@ -62,33 +62,138 @@ def test_a_rerun_with_reuse_copies_every_output_and_never_loads_the_model(client
     originals = {r.index: r for r in client.results(first.id)}
     for r in client.results(again.id):
         o = originals[r.index]
-        assert r.sha256 == o.sha256 and r.key != o.key and r.key.startswith(f"jobs/{again.id}/items/")
-        assert client.store.get(r.key) == client.store.get(o.key)
+        assert (r.key, r.uri, r.sha256) == (o.key, o.uri, o.sha256)  # the original's object itself
         assert r.provenance["reused_from"] == {"job_id": first.id, "item_index": o.index, "key": o.key,
                                                "sha256": o.sha256}
         assert r.provenance["seed"] == o.provenance["seed"]  # what made it: the original's generation
+    assert list(client.store.list(f"jobs/{again.id}/items/")) == []  # no object of its own
+    with client.db.session() as s:
+        assert set(s.scalars(select(Artifact.reused_from_job).where(Artifact.job_id == again.id))) == {first.id}
+        assert set(s.scalars(select(Item.attempts).where(Item.job_id == again.id))) == {1}
     assert client.status(first.id).counts["reused"] == 0
-    # The sidecars say the same as the rows; the download has every output.
+    # The download has every output and its provenance, reused_from included.
     (r0,) = [r for r in client.results(again.id) if r.index == 0]
     dl = client.download(again.id, tmp_path / "dl")
     assert (dl / "items" / "000000.txt").read_bytes() == client.store.get(r0.key)
     assert '"reused_from"' in (dl / "items" / "000000.provenance.json").read_text()
+    manifest = client.store.get(f"jobs/{again.id}/manifest.jsonl").decode()
+    assert r0.key in manifest
 
 
-def test_a_copy_is_the_new_jobs_own_object_removing_the_original_job_leaves_it_whole(client):
+def _age(client, *job_ids, days=30):
+    """Make jobs old enough for ``aigc gc --older-than 7d``."""
+    from datetime import timedelta
+
+    from aigc_core.schema import Job, utcnow
+
+    with client.db.session() as s:
+        s.execute(update(Job).where(Job.id.in_(job_ids)).values(created_at=utcnow() - timedelta(days=days),
+                                                                finished_at=utcnow() - timedelta(days=days)))
+
+
+def _gc(client, **kw):
+    from datetime import timedelta
+
+    return collect_garbage(client.db, client.store, timedelta(days=7), objects=True, **kw)
+
+
+def _whole(client, job_id) -> bool:
+    """Every output of the job reads back with its recorded sha256."""
+    return all(hashlib.sha256(client.store.get(r.key)).hexdigest() == r.sha256 for r in client.results(job_id))
+
+
+def test_gc_keeps_a_job_whose_outputs_a_kept_job_reuses_and_says_why(client):
     first = submit(client, PROMPTS[:2])
     run(client, first.id)
     again = submit(client, PROMPTS[:2], reuse=True)
     run(client, again.id)
-    for key in list(client.store.list(f"jobs/{first.id}/")):  # what `aigc gc --objects` does
-        client.store.delete([key])
-    delete_jobs(client.db, [first.id])
-    for r in client.results(again.id):
-        assert hashlib.sha256(client.store.get(r.key)).hexdigest() == r.sha256
-    # The original is gone: the next identical request generates again.
+    _age(client, first.id)  # the original is old, the job that reuses it is not
+    for dry_run in (True, False):
+        rep = _gc(client, dry_run=dry_run)
+        assert rep.jobs == 0 and rep.kept == {"a kept job reuses its outputs": 1}, rep.line()
+        assert "kept: 1 a kept job reuses its outputs" in rep.line()
+    assert _whole(client, again.id) and _whole(client, first.id)
+    with client.db.session() as s:
+        assert s.get(Job, first.id).removing is False  # kept: its outputs stay reusable
+    # Once the reusing job is old too, one run removes both, objects and all.
+    _age(client, again.id)
+    dry = _gc(client, dry_run=True)
+    assert (dry.jobs, dry.kept, dry.artifacts, dry.objects) == (2, {}, 4, 8), dry.line()
+    rep = _gc(client)
+    # Objects: the original's 2 outputs and 2 sidecars, and each job's manifest and errors file.
+    assert (rep.jobs, rep.kept, rep.artifacts, rep.objects) == (2, {}, 4, 8), rep.line()
+    assert list(client.store.list("jobs/")) == []
+    # The original is gone: the next identical request generates again and becomes the new original.
     third = submit(client, PROMPTS[:2], reuse=True)
     assert run(client, third.id).gen.calls != []
     assert client.status(third.id).counts["reused"] == 0
+
+
+def test_a_job_that_reuses_its_own_outputs_keeps_nothing_alive(client):
+    # Item seeds are the job's seed + index, so a job holds identical work only when a seed repeats:
+    # made here by hand, to check that a reference within a job keeps nothing alive.
+    items = [{"custom_id": f"c{i}", "prompt": "the same"} for i in range(2)]
+    job = client.submit("text", model="tiny", items=items, seed=5, reuse=True, chunk_size=1)
+    with client.db.session() as s:
+        s.execute(update(Item).where(Item.job_id == job.id).values(seed=5))
+    gen = run(client, job.id).gen
+    assert len([i for call in gen.calls for i in call]) == 1  # the second item reused the first's output
+    (a, b) = sorted(client.results(job.id), key=lambda r: r.index)
+    assert b.key == a.key and b.provenance["reused_from"]["job_id"] == job.id
+    _age(client, job.id)
+    rep = _gc(client)
+    assert rep.jobs == 1 and rep.kept == {}, rep.line()
+
+
+def test_an_original_whose_job_gc_is_removing_is_generated_instead(client):
+    first = submit(client, PROMPTS[:3])
+    run(client, first.id)
+    with client.db.session() as s:  # what a gc run that stopped part way leaves
+        s.execute(update(Job).where(Job.id == first.id).values(removing=True))
+    again = submit(client, PROMPTS[:3], reuse=True)
+    gen = run(client, again.id).gen
+    assert sorted(i for call in gen.calls for i in call) == [0, 1, 2]
+    view = client.status(again.id)
+    assert view.status == JobStatus.succeeded and view.counts["reused"] == 0
+
+
+@pytest.mark.parametrize("gc_first", [True, False])
+def test_gc_and_a_reuse_commit_never_lose_an_output(client, monkeypatch, gc_first):
+    """The race the mark closes: gc decides to remove the original between the reuse lookup and the
+    reuse commit (its items generate), or right after the commit (the original is kept)."""
+    import worker.reuse
+
+    first = submit(client, PROMPTS[:3])
+    run(client, first.id)
+    _age(client, first.id)
+    again = submit(client, PROMPTS[:3], reuse=True)
+    real_lookup, real_commit, reports = worker.reuse.lookup, worker.reuse._commit, []
+
+    def lookup_then_gc(*a, **k):
+        found = real_lookup(*a, **k)
+        assert found  # the original was found before gc removed it
+        reports.append(_gc(client))
+        return found
+
+    def commit_then_gc(*a, **k):
+        out = real_commit(*a, **k)
+        reports.append(_gc(client))
+        return out
+
+    if gc_first:
+        monkeypatch.setattr(worker.reuse, "lookup", lookup_then_gc)
+    else:
+        monkeypatch.setattr(worker.reuse, "_commit", commit_then_gc)
+    gen = run(client, again.id).gen
+    view = client.status(again.id)
+    assert view.status == JobStatus.succeeded and view.counts["succeeded"] == 3
+    if gc_first:
+        assert reports[0].jobs == 1 and sorted(i for call in gen.calls for i in call) == [0, 1, 2]
+        assert view.counts["reused"] == 0
+    else:
+        assert reports[0].jobs == 0 and reports[0].kept == {"a kept job reuses its outputs": 1}
+        assert gen.calls == [] and view.counts["reused"] == 3
+    assert _whole(client, again.id)
 
 
 def test_only_identical_requests_are_reused(client):
@@ -137,20 +242,8 @@ def test_other_weights_are_never_reused(client, tiny_text_model, tmp_path):
     assert client.status(again.id).counts["reused"] == 0
 
 
-def test_an_original_whose_object_is_gone_is_generated_instead(client):
-    first = submit(client, PROMPTS[:3])
-    run(client, first.id)
-    gone = next(r for r in client.results(first.id) if r.index == 1)
-    client.store.delete([gone.key])
-    again = submit(client, PROMPTS[:3], reuse=True)
-    gen = run(client, again.id).gen
-    assert [i for call in gen.calls for i in call] == [1]
-    view = client.status(again.id)
-    assert view.status == JobStatus.succeeded and view.counts["reused"] == 2
-
-
-@pytest.mark.parametrize("when", ["before", "while copying"])
-def test_a_delivery_that_lost_its_items_commits_nothing_and_leaves_no_copies(client, monkeypatch, when):
+@pytest.mark.parametrize("when", ["before", "between the lookup and the commit"])
+def test_a_delivery_that_lost_its_items_commits_nothing(client, monkeypatch, when):
     first = submit(client, PROMPTS[:2])
     run(client, first.id)
     again = submit(client, PROMPTS[:2], reuse=True)
@@ -167,14 +260,15 @@ def test_a_delivery_that_lost_its_items_commits_nothing_and_leaves_no_copies(cli
     else:
         import worker.reuse
 
-        real = worker.reuse._copy_all
-        monkeypatch.setattr(worker.reuse, "_copy_all", lambda *a, **k: (real(*a, **k), take_over())[0])
+        real = worker.reuse.lookup
+        monkeypatch.setattr(worker.reuse, "lookup", lambda *a, **k: (real(*a, **k), take_over())[0])
     res = ChunkResult(again.id, 0)
     assert reuse_outputs(rt, job, token, claimed, res) == []  # not generated here either: not ours
     assert res.succeeded == 0
     with client.db.session() as s:
         assert s.scalars(select(Artifact.id).where(Artifact.job_id == again.id)).all() == []
         assert set(s.scalars(select(Item.status).where(Item.job_id == again.id))) == {ItemStatus.running}
+        assert set(s.scalars(select(Item.attempts).where(Item.job_id == again.id))) == {0}
     assert list(client.store.list(f"jobs/{again.id}/")) == []
 
 
@@ -189,7 +283,6 @@ def test_a_redelivered_chunk_reuses_nothing_twice(client):
     assert run_chunk(rt, again.id, 0).claimed == 0  # the message again: every item is final
     with client.db.session() as s:
         assert len(s.scalars(select(Artifact.id).where(Artifact.job_id == again.id)).all()) == 2
-    assert len([k for k in client.store.list(f"jobs/{again.id}/items/")]) == 4  # two outputs, two sidecars
 
 
 # ---- the key ---------------------------------------------------------------------------------------
@@ -255,7 +348,7 @@ def test_reused_shows_in_aigc_status_its_json_and_the_dashboards_counts(client, 
     with client.db.session() as s:
         finished, plain = view_of(s, again.id), view_of(s, first.id)  # counts stored on the finished job
     assert finished.counts["reused"] == 3 and '3 reused' in str(counts(finished))
-    assert 'class="c-reused" title="succeeded by a copy of an earlier identical output" hidden' in str(counts(plain))
+    assert 'class="c-reused" title="succeeded by reusing an earlier identical output" hidden' in str(counts(plain))
 
 
 def test_the_option_is_in_the_idempotency_payload_only_when_on():
