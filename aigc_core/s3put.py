@@ -1,4 +1,4 @@
-"""A small object's PUT (or a server-side copy) as one SigV4-signed request on a pooled connection,
+"""A small object's PUT as one SigV4-signed request on a pooled connection,
 beside botocore.
 
 botocore spends about 1 ms of CPU on each ``put_object`` (its event hooks, parameter and response
@@ -32,7 +32,6 @@ MAX_BYTES = 8 * 2**20  # larger bodies go through botocore: its cost is small ne
 # Refusals that mean the path does not fit the server, not a passing state of it.
 MISFIT_STATUS = (301, 307, 400, 403)
 MAX_MISSES = 8
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
@@ -167,34 +166,6 @@ class FastPut:
                 self.sent += 1
                 self.misses = 0
             return "ok"
-        self.last_refusal = f"{r.status} {r.data[:300].decode('utf-8', 'replace')}"
-        return "refused" if r.status in MISFIT_STATUS else "failed"
-
-    def copy(self, src: str, dest: str) -> str:
-        """A server-side copy (CopyObject: a PUT with ``x-amz-copy-source``, no body) of ``src`` to
-        ``dest`` (full keys, in this bucket): ``"ok"``, ``"missing"`` (404: no such source), or, as for
-        ``put``, ``"skipped"``, ``"failed"`` or ``"refused"`` and the caller copies with botocore."""
-        if not self.enabled:
-            return "skipped"
-        path = object_path(self.endpoint_url, self.bucket, dest)
-        try:
-            creds = self.credentials.get_frozen_credentials()
-            headers = self.signer.headers(
-                "PUT", self.host, path, EMPTY_SHA256,
-                {"x-amz-copy-source": f"{self.bucket}/{quote(src, safe='/~')}", "content-length": "0"},
-                creds.access_key, creds.secret_key, creds.token, dt.datetime.now(dt.UTC))
-            r = self.http.urlopen("PUT", path, body=b"", headers=headers, redirect=False)
-        except Exception as e:
-            log.debug("fast copy to %s failed (%s); botocore retries it", dest, e)
-            return "failed"
-        # A copy can fail after its 200 status was sent: the error is then in the body.
-        if r.status == 200 and b"<Error>" not in r.data:
-            with self._lock:
-                self.sent += 1
-                self.misses = 0
-            return "ok"
-        if r.status == 404:
-            return "missing"
         self.last_refusal = f"{r.status} {r.data[:300].decode('utf-8', 'replace')}"
         return "refused" if r.status in MISFIT_STATUS else "failed"
 

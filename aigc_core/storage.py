@@ -50,7 +50,6 @@ class ObjectStore(Protocol):
     def download(self, key: str, path: Path) -> None: ...
     def upload(self, key: str, path: Path, content_type: str = "application/octet-stream") -> ObjectInfo: ...
     def delete(self, keys: builtins.list[str]) -> None: ...
-    def copy(self, src: str, dest: str) -> str: ...
 
 
 def check_key(key: str) -> str:
@@ -156,29 +155,6 @@ class LocalStore:
         except OSError as e:
             raise StorageError(f"upload {key} failed: {e}") from e
         return ObjectInfo(key, self.uri(key), dest.stat().st_size)
-
-    def copy(self, src: str, dest: str) -> str:
-        """``dest`` becomes an object of its own with ``src``'s bytes (returns its URI): a hard link
-        where the folder allows (no bytes move; removing either key leaves the other whole, and a put
-        replaces a key's file rather than writing into it), else a copy. NotFound when ``src`` is missing."""
-        source, target = self._path(src), self._path(dest)
-        if not source.is_file():
-            raise NotFound(f"no object {self.uri(src)}")
-        tmp = target.parent / f".tmp-{os.urandom(8).hex()}"
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(source, tmp)
-            except FileNotFoundError:
-                raise NotFound(f"no object {self.uri(src)}") from None
-            except OSError:  # another file system, or links not allowed here: copy the bytes
-                _atomic_copy(source, target)
-                return self.uri(dest)
-            os.replace(tmp, target)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise StorageError(f"copy {src} to {dest} failed: {e}") from e
-        return self.uri(dest)
 
     def delete(self, keys: builtins.list[str]) -> None:
         """Remove objects; a key that is already gone is not an error."""
@@ -377,30 +353,6 @@ class S3Store:
             raise
         except Exception as e:
             raise StorageError(f"delete in s3://{self.bucket} failed: {e}") from e
-
-    def copy(self, src: str, dest: str) -> str:
-        """A server-side copy (CopyObject: no bytes through this process; up to 5 GB, far above any
-        output); ``dest`` is an object of its own (returns its URI). NotFound when ``src`` is missing.
-        Signed by the fast path where it runs (``aigc_core/s3put.py``), else by botocore."""
-        from botocore.exceptions import ClientError
-
-        fast = self.fast.copy(self._full(src), self._full(dest)) if self.fast is not None else "skipped"
-        if fast == "ok":
-            return self.uri(dest)
-        if fast == "missing":
-            raise NotFound(f"no object {self.uri(src)}")
-        try:
-            self.client.copy_object(Bucket=self.bucket, Key=self._full(dest),
-                                    CopySource={"Bucket": self.bucket, "Key": self._full(src)})
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                raise NotFound(f"no object {self.uri(src)}") from None
-            raise StorageError(f"copy {self.uri(src)} to {self.uri(dest)} failed: {e}") from e
-        except Exception as e:
-            raise StorageError(f"copy {self.uri(src)} to {self.uri(dest)} failed: {e}") from e
-        if fast in ("refused", "failed") and self.fast is not None:  # botocore copied what the fast path could not
-            self.fast.botocore_stored(fast)
-        return self.uri(dest)
 
     def download(self, key: str, path: Path) -> None:
         """Streamed to disk in parallel ranges (boto3's transfer manager), never whole in memory."""

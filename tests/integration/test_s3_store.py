@@ -112,30 +112,3 @@ def test_wrong_credentials_leave_the_fast_path_on(s3_bucket, s3_server, monkeypa
     with pytest.raises(StorageError):
         store.put("c/1", b"x")
     assert store.fast.enabled  # botocore failed too: the credentials, not the path, are wrong
-
-
-@pytest.mark.parametrize("fast", [True, False], ids=["signed-fast-path", "botocore"])
-def test_copy_is_server_side_keeps_the_content_type_and_makes_an_object_of_its_own(s3_bucket, s3_server, fast):
-    store = S3Store(s3_bucket, "out", endpoint_url=s3_server.endpoint, fast_put=fast)
-    store.put("jobs/a/items/000001.t.txt", "ünï text".encode(), "text/plain; charset=utf-8")
-    sent = store.fast.sent if store.fast else 0
-    uri = store.copy("jobs/a/items/000001.t.txt", "jobs/b/items/000001.u.txt")
-    assert uri == f"s3://{s3_bucket}/out/jobs/b/items/000001.u.txt"
-    assert (store.fast.sent - sent if store.fast else 0) == (1 if fast else 0)  # which path copied it
-    head = s3_server.client().head_object(Bucket=s3_bucket, Key="out/jobs/b/items/000001.u.txt")
-    assert head["ContentType"] == "text/plain; charset=utf-8"
-    store.delete(["jobs/a/items/000001.t.txt"])
-    assert store.get("jobs/b/items/000001.u.txt") == "ünï text".encode()
-    with pytest.raises(NotFound):
-        store.copy("jobs/a/items/000001.t.txt", "jobs/c/x.txt")
-    assert not store.exists("jobs/c/x.txt")
-
-
-def test_a_forged_fast_copy_is_refused_and_botocore_copies(s3_bucket, s3_server):
-    from botocore.credentials import Credentials
-
-    store = S3Store(s3_bucket, endpoint_url=s3_server.endpoint)
-    store.put("src/1", b"one")
-    store.fast.credentials = Credentials(ACCESS_KEY, "a-wrong-secret")
-    store.copy("src/1", "dst/1")
-    assert store.get("dst/1") == b"one" and not store.fast.enabled

@@ -141,23 +141,3 @@ def test_upload_copies_a_file_in_and_download_copies_it_out(store, tmp_path):
     store.download("models/m/1/weights.safetensors", tmp_path / "back" / "w.bin")
     assert (tmp_path / "back" / "w.bin").read_bytes() == src.read_bytes()
     assert list(store.list("models/")) == ["models/m/1/weights.safetensors"]  # no temporary file left
-
-
-def test_copy_makes_an_object_of_its_own(store):
-    store.put("jobs/a/items/000001.t.txt", b"first")
-    assert store.copy("jobs/a/items/000001.t.txt", "jobs/b/items/000001.u.txt").endswith("jobs/b/items/000001.u.txt")
-    assert store.get("jobs/b/items/000001.u.txt") == b"first"
-    store.delete(["jobs/a/items/000001.t.txt"])  # the original's job removed: the copy stays whole
-    assert store.get("jobs/b/items/000001.u.txt") == b"first"
-    store.put("jobs/b/items/000001.u.txt", b"second")  # a put replaces the key, never writes through a link
-    store.put("jobs/a/items/000002.t.txt", b"two")
-    store.copy("jobs/a/items/000002.t.txt", "jobs/c/x.txt")
-    store.put("jobs/c/x.txt", b"changed")
-    assert store.get("jobs/a/items/000002.t.txt") == b"two"
-    assert not [p for p in store.root.rglob(".tmp-*")]
-
-
-def test_copy_of_a_missing_object_is_not_found_and_writes_nothing(store):
-    with pytest.raises(NotFound):
-        store.copy("jobs/a/none.txt", "jobs/b/none.txt")
-    assert not store.exists("jobs/b/none.txt")
