@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, inspect
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -16,6 +16,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from aigc_core.errors import DatabaseUnavailable
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# The newest migration this release needs (tests/unit/test_schema_revision.py checks it is Alembic's
+# head): read here rather than from the migration scripts, which would cost every process a parse.
+SCHEMA_HEAD = "0008"
 
 
 def normalize_url(url: str) -> str:
@@ -71,17 +74,37 @@ class Database:
     def has_schema(self) -> bool:
         return inspect(self.engine).has_table("jobs")
 
+    def revision(self) -> str | None:
+        """The schema's Alembic revision (None: never migrated). Read with plain SQL: importing Alembic
+        would cost every process a third of a second."""
+        if not inspect(self.engine).has_table("alembic_version"):
+            return None
+        with self.engine.connect() as conn:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
     def ensure_schema(self) -> None:
-        """SQLite (the embedded default) is migrated on first use; servers need ``aigc db upgrade``."""
-        if self.has_schema():
+        """SQLite (the embedded default) is migrated on first use and after an upgrade of the package;
+        a server database older than this release is an error that says to run ``aigc db upgrade``
+        (a newer one is accepted: migrations add, so an older release still runs against it)."""
+        where = self.engine.url.render_as_string(hide_password=True)
+        if not self.has_schema():
+            if self.engine.dialect.name == "sqlite":
+                self.upgrade()
+                return
+            raise DatabaseUnavailable(f"database {where} has no aigc tables: run `aigc db upgrade` first")
+        rev = self.revision()
+        if rev is not None and not _older(rev, SCHEMA_HEAD):
             return
         if self.engine.dialect.name == "sqlite":
             self.upgrade()
             return
-        raise DatabaseUnavailable(
-            f"database {self.engine.url.render_as_string(hide_password=True)} has no aigc tables: "
-            "run `aigc db upgrade` first"
-        )
+        raise DatabaseUnavailable(f"database {where} is at schema revision {rev or 'none'} and this release "
+                                  f"needs {SCHEMA_HEAD}: run `aigc db upgrade`")
+
+
+def _older(rev: str, than: str) -> bool:
+    """Revision ids are four digits here; one that is not (someone's own migration) is not judged."""
+    return rev.isdigit() and than.isdigit() and int(rev) < int(than)
 
 
 def alembic_config(url: str):

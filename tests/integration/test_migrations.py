@@ -33,3 +33,24 @@ def test_downgrade_to_base_and_upgrade_again(pg_url):
     command.upgrade(cfg, "head")
     assert db.has_schema()
     db.engine.dispose()
+
+
+def test_a_server_database_behind_this_release_says_to_run_aigc_db_upgrade(pg_url):
+    from sqlalchemy import text
+
+    from aigc_core.db import SCHEMA_HEAD
+    from aigc_core.errors import DatabaseUnavailable
+
+    db = Database(pg_url)
+    try:
+        db.ensure_schema()  # at head: nothing to say
+        with db.engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '0007'"))
+        with pytest.raises(DatabaseUnavailable, match=r"at schema revision 0007 and this release needs "
+                                                      rf"{SCHEMA_HEAD}: run `aigc db upgrade`"):
+            db.ensure_schema()
+        assert db.revision() == "0007"  # a server database is never migrated behind its operator's back
+    finally:
+        with db.engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": SCHEMA_HEAD})
+        db.engine.dispose()
