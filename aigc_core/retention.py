@@ -199,6 +199,9 @@ def _take(db: Database, rep: GcReport, page: list[str], *, taken: set[str] | Non
         if rep.dry_run:
             ids = list(s.scalars(select(Job.id).where(Job.id.in_(ids), removable(rep.cutoff))))
         else:
+            # Locked in id order first, as a reuse commit takes its FOR SHARE locks: no deadlock between them.
+            ids = list(s.scalars(select(Job.id).where(Job.id.in_(ids), removable(rep.cutoff)).order_by(Job.id)
+                                 .with_for_update()))
             ids = list(s.scalars(update(Job).where(Job.id.in_(ids), removable(rep.cutoff)).values(removing=True)
                                  .returning(Job.id).execution_options(synchronize_session=False)))
         refs = _referenced(s, ids, taken if rep.dry_run else None)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Select, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from aigc_core.credentials import signing_mode
@@ -130,12 +130,7 @@ def lookup(s: Session, keys: set[str], *, signed: bool = False) -> dict[str, Ori
     here, and nothing unsigned is stored)."""
     if not keys:
         return {}
-    first = (select(func.min(Artifact.id)).join(Job, Job.id == Artifact.job_id)
-             .where(Artifact.reuse_key.in_(sorted(keys)), Job.removing.is_(False)).group_by(Artifact.reuse_key))
-    rows = s.execute(
-        select(Artifact.id, Artifact.job_id, Item.index, Artifact.key, Artifact.uri, Artifact.sha256, Artifact.size,
-               Artifact.media_type, Artifact.duration_s, Artifact.provenance, Artifact.reuse_key)
-        .select_from(Artifact).join(Item, Item.id == Artifact.item_id).where(Artifact.id.in_(first))).all()
+    rows = s.execute(lookup_statement(keys)).all()
     out = {}
     for r in rows:
         prov = dict(r.provenance or {})
@@ -144,6 +139,14 @@ def lookup(s: Session, keys: set[str], *, signed: bool = False) -> dict[str, Ori
         out[r.reuse_key] = Original(r.id, r.job_id, r[2], r.key, r.uri, r.sha256, r.size, r.media_type, r.duration_s,
                                     prov)
     return out
+
+
+def lookup_statement(keys: set[str]) -> Select[Any]:
+    first = (select(func.min(Artifact.id)).join(Job, Job.id == Artifact.job_id)
+             .where(Artifact.reuse_key.in_(sorted(keys)), Job.removing.is_(False)).group_by(Artifact.reuse_key))
+    return (select(Artifact.id, Artifact.job_id, Item.index, Artifact.key, Artifact.uri, Artifact.sha256, Artifact.size,
+                   Artifact.media_type, Artifact.duration_s, Artifact.provenance, Artifact.reuse_key)
+            .select_from(Artifact).join(Item, Item.id == Artifact.item_id).where(Artifact.id.in_(first)))
 
 
 def live_jobs(s: Session, job_ids: set[str]) -> set[str]:
@@ -158,7 +161,9 @@ def live_jobs(s: Session, job_ids: set[str]) -> set[str]:
         return set(s.scalars(update(Job).where(Job.id.in_(ids), Job.removing.is_(False))
                              .values(removing=Job.removing).returning(Job.id)
                              .execution_options(synchronize_session=False)))
-    return set(s.scalars(select(Job.id).where(Job.id.in_(ids), Job.removing.is_(False)).with_for_update(read=True)))
+    # In id order, as gc locks the rows it marks: neither waits for the other while holding what it needs.
+    return set(s.scalars(select(Job.id).where(Job.id.in_(ids), Job.removing.is_(False)).order_by(Job.id)
+                         .with_for_update(read=True)))
 
 
 def _commit(rt: Runtime, job: JobInfo, token: str,
