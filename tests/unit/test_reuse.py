@@ -130,8 +130,9 @@ def test_gc_keeps_a_job_whose_outputs_a_kept_job_reuses_and_says_why(client):
 
 
 def test_a_job_that_reuses_its_own_outputs_keeps_nothing_alive(client):
-    # Item seeds are the job's seed + index, so a job holds identical work only when a seed repeats:
-    # made here by hand, to check that a reference within a job keeps nothing alive.
+    # Item seeds are the job's seed + index unless an OpenAI batch request brings its own, so a job
+    # holds identical work when such a seed repeats: set here by hand. A reference within a job keeps
+    # nothing alive.
     items = [{"custom_id": f"c{i}", "prompt": "the same"} for i in range(2)]
     job = client.submit("text", model="tiny", items=items, seed=5, reuse=True, chunk_size=1)
     with client.db.session() as s:
