@@ -93,12 +93,12 @@ class Database:
                 return
             raise DatabaseUnavailable(f"database {where} has no aigc tables: run `aigc db upgrade` first")
         rev = self.revision()
-        if rev is not None and not _older(rev, SCHEMA_HEAD):
-            return
+        if rev is None or not _older(rev, SCHEMA_HEAD):
+            return  # None: tables Alembic did not make (create_all); not ours to migrate
         if self.engine.dialect.name == "sqlite":
             self.upgrade()
             return
-        raise DatabaseUnavailable(f"database {where} is at schema revision {rev or 'none'} and this release "
+        raise DatabaseUnavailable(f"database {where} is at schema revision {rev} and this release "
                                   f"needs {SCHEMA_HEAD}: run `aigc db upgrade`")
 
 

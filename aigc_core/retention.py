@@ -177,16 +177,16 @@ def _count(s: Session, model: Any, job_ids: Sequence[str]) -> int:
 REUSED_BY_A_KEPT_JOB = "a kept job reuses its outputs"
 
 
-def _take(db: Database, rep: GcReport, page: list[str], *, taken: set[str] | None) -> tuple[list[str], list[str]]:
-    """Of ``page``, the jobs to remove now, marked ``removing`` in the transaction that decides it, and
-    those another job's rows refer to (worker/reuse.py), left unmarked. ``taken`` is None on the first
-    pass (any reference defers a job), else the jobs this run removed (a dry run removed nothing, so
-    references from those do not count). Counts what a dry run would remove.
+def _take(db: Database, rep: GcReport, page: list[str], gone: set[str]) -> tuple[list[str], list[str]]:
+    """Of ``page``: the jobs to remove now, marked ``removing`` in the transaction that decides it, and
+    those held because a job that stays refers to their outputs (worker/reuse.py), left unmarked for a
+    later round. ``gone``: the jobs this run removed already (a dry run's would-be removals, whose rows
+    are still there). Counts what a dry run would remove.
 
-    The mark orders gc against a reuse commit. On PostgreSQL the mark's UPDATE waits for every commit
-    holding the job's row ``FOR SHARE``, and the reference check, a later statement, sees what they
-    committed; a reuse that commits after the mark finds it and refers to nothing here. On SQLite both
-    sides write first, so they are serialised by the database's write lock."""
+    The mark orders gc against a reuse commit. On PostgreSQL the mark waits for every commit holding
+    the job's row ``FOR SHARE``, and the reference check after it, a later statement, sees what they
+    committed; a reuse commit that comes after the mark finds it and refers to nothing here. On SQLite
+    both sides take the database's write lock before the reads that decide, so they are serialised."""
     with db.session() as s:
         keep = protected_jobs(s)  # read again per batch: a job submitted meanwhile may depend on one
         ids = [j for j in page if j not in keep]
@@ -196,36 +196,66 @@ def _take(db: Database, rep: GcReport, page: list[str], *, taken: set[str] | Non
         if not ids:
             return [], []
         # Re-read in this transaction: a job reopened meanwhile (retry_failed) is not finished any more.
-        if rep.dry_run:
-            ids = list(s.scalars(select(Job.id).where(Job.id.in_(ids), removable(rep.cutoff))))
-        else:
-            # Locked in id order first, as a reuse commit takes its FOR SHARE locks: no deadlock between them.
+        ids = list(s.scalars(select(Job.id).where(Job.id.in_(ids), removable(rep.cutoff))))
+        # A first look without locks: an original that reruns keep referring to is neither locked nor
+        # rewritten by every run.
+        held = _held(s, ids, gone, dry_run=rep.dry_run)
+        ids = [j for j in ids if j not in held]
+        if ids and not rep.dry_run:
+            # Locked in id order, as a reuse commit takes its FOR SHARE locks: neither waits holding what
+            # the other needs. NO KEY: foreign-key checks on the job's rows are not blocked.
             ids = list(s.scalars(select(Job.id).where(Job.id.in_(ids), removable(rep.cutoff)).order_by(Job.id)
-                                 .with_for_update()))
+                                 .with_for_update(key_share=True)))
             ids = list(s.scalars(update(Job).where(Job.id.in_(ids), removable(rep.cutoff)).values(removing=True)
                                  .returning(Job.id).execution_options(synchronize_session=False)))
-        refs = _referenced(s, ids, taken if rep.dry_run else None)
-        if refs and not rep.dry_run:
-            s.execute(update(Job).where(Job.id.in_(refs)).values(removing=False),
-                      execution_options={"synchronize_session": False})
-        ids = [j for j in ids if j not in refs]
+            if late := _held(s, ids, gone, dry_run=False):  # committed before the mark: seen now
+                s.execute(update(Job).where(Job.id.in_(late)).values(removing=False),
+                          execution_options={"synchronize_session": False})
+                held |= late
+                ids = [j for j in ids if j not in late]
         if rep.dry_run and ids:
             rep.items += _count(s, Item, ids)
             rep.artifacts += _count(s, Artifact, ids)
             rep.chunks += _count(s, Chunk, ids)
             rep.events += _count(s, JobEvent, ids)
-    return ids, sorted(refs)
+    return ids, sorted(held)
 
 
-def _referenced(s: Session, ids: list[str], taken: set[str] | None) -> set[str]:
-    """Of ``ids``, the jobs whose outputs another job's artifact rows refer to (one probe of a partial
-    index per job), not counting rows of the jobs in ``taken``."""
-    if not ids:
-        return set()
-    refers = Artifact.reused_from_job == Job.id
-    if taken:
-        refers = and_(refers, Artifact.job_id.not_in(sorted(taken)))
-    return set(s.scalars(select(Job.id).where(Job.id.in_(ids), exists().where(refers))))
+def _held(s: Session, ids: list[str], gone: set[str], *, dry_run: bool) -> set[str]:
+    """Of ``ids``, the jobs that must stay because a job that stays refers to their outputs: a job
+    outside ``ids`` and ``gone``, or one of ``ids`` held itself (jobs chain: B reuses A's outputs and
+    generates new ones that C reuses). Jobs that refer only to each other go together."""
+    going, held = set(ids), set()
+    pairs = _referrers(s, ids) if dry_run else None
+    while going:
+        if pairs is not None:
+            refs = {a for a in going if pairs.get(a, set()) - going - gone}
+        else:
+            refs = _referred_from_outside(s, going)
+        if not refs:
+            break
+        held |= refs
+        going -= refs
+    return held
+
+
+def _referred_from_outside(s: Session, going: set[str]) -> set[str]:
+    """Of ``going``, the jobs another job's rows (not one of ``going``) refer to: one probe of a partial
+    index per job, stopping at the first such row. Jobs already removed have no rows left to count."""
+    ids = sorted(going)
+    outside = and_(Artifact.reused_from_job == Job.id, Artifact.job_id.not_in(ids))
+    return set(s.scalars(select(Job.id).where(Job.id.in_(ids), exists().where(outside))))
+
+
+def _referrers(s: Session, ids: list[str]) -> dict[str, set[str]]:
+    """{job: the jobs whose rows refer to its outputs}, for a dry run, whose would-be removals still have
+    their rows: it reads every reference to these jobs (a real run stops at the first)."""
+    out: dict[str, set[str]] = {}
+    for original, referrer in s.execute(select(Artifact.reused_from_job, Artifact.job_id)
+                                        .where(Artifact.reused_from_job.in_(ids)).distinct()):
+        if original is not None:
+            out.setdefault(original, set()).add(referrer)
+    return out
 
 
 def collect_garbage(db: Database, store: ObjectStore | None, older_than: timedelta, *, objects: bool = False,
@@ -243,7 +273,7 @@ def collect_garbage(db: Database, store: ObjectStore | None, older_than: timedel
     t0 = time.monotonic()
     rep = GcReport(dry_run, (now or utcnow()) - older_than)
     taken: set[str] = set()  # the jobs removed (or, in a dry run, that would be) so far
-    referenced: list[str] = []  # another job's rows refer to their outputs: asked again after the others
+    referenced: list[str] = []  # held: a job that stays refers to their outputs; asked again after the others
 
     def remove(ids: list[str]) -> None:
         if objects and store is not None:
@@ -263,18 +293,24 @@ def collect_garbage(db: Database, store: ObjectStore | None, older_than: timedel
                      f"({rep.seconds:.1f} s)")
 
     for page in _candidate_pages(db, rep.cutoff, jobs_per_batch):
-        ids, later = _take(db, rep, page, taken=None)
-        referenced += later
+        ids, held = _take(db, rep, page, taken)
+        referenced += held
         if ids:
             remove(ids)
-    # A job whose outputs a reusing job refers to goes once that job has gone (references never chain:
-    # a reused row is never an original), so a second look after the first pass finds most of them free.
-    for i in range(0, len(referenced), jobs_per_batch):
-        ids, kept = _take(db, rep, referenced[i:i + jobs_per_batch], taken=taken)
-        if kept:
-            rep.kept[REUSED_BY_A_KEPT_JOB] = rep.kept.get(REUSED_BY_A_KEPT_JOB, 0) + len(kept)
-        if ids:
-            remove(ids)
+    # A held job goes once the jobs that refer to its outputs have gone: rounds over the held ones until
+    # one removes nothing (a chain of n reusing jobs takes at most n rounds).
+    while referenced:
+        still: list[str] = []
+        for i in range(0, len(referenced), jobs_per_batch):
+            ids, held = _take(db, rep, referenced[i:i + jobs_per_batch], taken)
+            still += held
+            if ids:
+                remove(ids)
+        if len(still) == len(referenced):
+            break
+        referenced = still
+    if referenced:
+        rep.kept[REUSED_BY_A_KEPT_JOB] = rep.kept.get(REUSED_BY_A_KEPT_JOB, 0) + len(referenced)
     if orphans and store is not None:
         sweep_orphan_prefixes(db, store, rep, progress)
     rep.seconds = time.monotonic() - t0
@@ -290,13 +326,18 @@ def sweep_orphan_prefixes(db: Database, store: ObjectStore, rep: GcReport, progr
     """Objects under ``jobs/{id}/`` for an id the database has no job for: a gc run without
     ``objects``, a job removed by hand, a zombie delivery's PUT that landed after its job's prefix was
     removed. Only a prefix whose newest object is older than the cutoff goes: objects are written only
-    after their job's row is committed, so a prefix without a row and with nothing new is nobody's.
+    after their job's row is committed, so a prefix without a row and with nothing new is nobody's;
+    and never one whose outputs another job's rows still refer to (its job was removed by hand).
     The store is listed a folder at a time (one request per 1,000 jobs on S3), never key by key."""
     page: list[str] = []
 
     def settle() -> None:
         with db.session() as s:
             known = set(s.scalars(select(Job.id).where(Job.id.in_(page))))
+            # A job removed by hand while other jobs' rows still name its outputs: those stay.
+            if unknown := [j for j in page if j not in known]:
+                known |= set(s.scalars(select(Artifact.reused_from_job).where(Artifact.reused_from_job.in_(unknown))
+                                       .distinct()))
         for job_id in page:
             if job_id in known:
                 continue

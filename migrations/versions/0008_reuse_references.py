@@ -4,8 +4,9 @@
 index for gc's question whether any kept job refers to a job it would remove; ``jobs.removing`` is
 gc's mark, taken in the transaction that decides to remove a job, after which no reuse refers to it.
 Both columns are nullable or have a server default, so on PostgreSQL adding them rewrites no table.
-Downgrading below 0008 once references exist leaves gc unaware of them: removing an original's job
-would then remove objects that other jobs' rows name.
+A gc of an older release (or a downgrade below 0008 once references exist) is unaware of them:
+removing an original's job would remove objects that other jobs' rows name. Upgrade every process
+that runs gc before jobs with ``reuse`` run on this release.
 
 Revision ID: 0008
 Revises: 0007

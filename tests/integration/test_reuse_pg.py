@@ -118,6 +118,19 @@ def test_the_dashboard_listing_counts_reused(reuse_client):
         assert view_of(s, again.id).counts["reused"] == 2
 
 
+def _waits_for_a_lock(c, clause: str, timeout: float = 60) -> bool:
+    """Whether a session of this test's database is waiting for a row lock in a statement with
+    ``clause`` (polled until ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with c.db.session() as s:
+            if s.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                             "AND wait_event_type = 'Lock' AND query LIKE :q"), {"q": f"%{clause}%"}):
+                return True
+        time.sleep(0.05)
+    return False
+
+
 def _in_thread(fn):
     box: dict = {}
 
@@ -153,8 +166,8 @@ def test_gc_waits_for_a_reuse_commit_that_holds_the_original_then_keeps_it(reuse
     rerun, rerun_box = _in_thread(lambda: run(c, PROMPTS, reuse=True))
     assert holding.wait(60)
     gc, gc_box = _in_thread(lambda: _gc(c))
-    gc.join(1.5)
-    assert gc.is_alive(), "gc's mark did not wait for the reuse commit holding the original's row"
+    assert _waits_for_a_lock(c, "FOR NO KEY UPDATE"), "gc's mark did not wait for the reuse commit"
+    assert gc.is_alive()
     go.set()
     rerun.join(60)
     gc.join(60)
@@ -174,23 +187,21 @@ def test_a_reuse_commit_waits_for_gcs_mark_then_generates_instead(reuse_client, 
     first, _, _ = run(c, PROMPTS)
     _age(c, first.id)
     marked, go = threading.Event(), threading.Event()
-    real = aigc_core.retention._referenced
+    real, calls = aigc_core.retention._held, []
 
-    def referenced_then_hold(*a, **k):
+    def held_then_hold(*a, **k):  # gc's first look, then its check after the mark
         out = real(*a, **k)
-        marked.set()  # the mark is written, not committed
-        assert go.wait(30)
+        calls.append(out)
+        if len(calls) == 2:
+            marked.set()  # the mark is written, not committed
+            assert go.wait(30)
         return out
 
-    monkeypatch.setattr(aigc_core.retention, "_referenced", referenced_then_hold)
+    monkeypatch.setattr(aigc_core.retention, "_held", held_then_hold)
     gc, gc_box = _in_thread(lambda: _gc(c))
     assert marked.wait(60)
     rerun, rerun_box = _in_thread(lambda: run(c, PROMPTS, reuse=True))
-    with c.db.session() as s:
-        deadline = time.monotonic() + 30
-        while not s.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert s.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")), "the reuse commit did not wait"
+    assert _waits_for_a_lock(c, "FOR SHARE"), "the reuse commit did not wait for gc's mark"
     go.set()
     gc.join(60)
     rerun.join(120)

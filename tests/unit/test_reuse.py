@@ -4,13 +4,15 @@ compared, what is referred to, what gc keeps, what is counted, and what is never
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import time
 
 import pytest
 from sqlalchemy import select, update
 
 from aigc_core.registry import ModelRef
-from aigc_core.retention import collect_garbage
+from aigc_core.retention import collect_garbage, delete_jobs
 from aigc_core.schema import Artifact, Item, ItemStatus, Job, JobStatus, Model
 from tests.unit.test_pipeline import FakeGen
 from worker.chunk import ChunkResult, Claimed, JobInfo
@@ -84,7 +86,7 @@ def _age(client, *job_ids, days=30):
     """Make jobs old enough for ``aigc gc --older-than 7d``."""
     from datetime import timedelta
 
-    from aigc_core.schema import Job, utcnow
+    from aigc_core.schema import utcnow
 
     with client.db.session() as s:
         s.execute(update(Job).where(Job.id.in_(job_ids)).values(created_at=utcnow() - timedelta(days=days),
@@ -127,6 +129,98 @@ def test_gc_keeps_a_job_whose_outputs_a_kept_job_reuses_and_says_why(client):
     third = submit(client, PROMPTS[:2], reuse=True)
     assert run(client, third.id).gen.calls != []
     assert client.status(third.id).counts["reused"] == 0
+
+
+@pytest.mark.parametrize("jobs_per_batch", [200, 1])
+def test_one_gc_run_removes_a_chain_of_jobs_that_reuse_each_other(client, jobs_per_batch):
+    """B reuses A's outputs and generates one more; C reuses both: all old, one run takes all three,
+    in one batch or one job per batch (then in rounds), and a dry run says so first."""
+    a = submit(client, PROMPTS[:2])
+    run(client, a.id)
+    b = submit(client, PROMPTS[:3], reuse=True)
+    run(client, b.id)
+    c = submit(client, PROMPTS[:3], reuse=True)
+    assert run(client, c.id).gen.calls == []
+    with client.db.session() as s:
+        refs = set(s.execute(select(Artifact.job_id, Artifact.reused_from_job)
+                             .where(Artifact.reused_from_job.is_not(None))).all())
+    assert refs == {(b.id, a.id), (c.id, a.id), (c.id, b.id)}
+    _age(client, a.id, b.id, c.id)
+    dry = _gc(client, dry_run=True, jobs_per_batch=jobs_per_batch)
+    assert (dry.jobs, dry.kept, dry.artifacts) == (3, {}, 8), dry.line()
+    rep = _gc(client, jobs_per_batch=jobs_per_batch)
+    assert (rep.jobs, rep.kept, rep.artifacts) == (3, {}, 8), rep.line()
+    assert list(client.store.list("jobs/")) == []
+
+
+def test_a_chain_stays_whole_while_its_last_job_is_kept(client):
+    a = submit(client, PROMPTS[:2])
+    run(client, a.id)
+    b = submit(client, PROMPTS[:3], reuse=True)
+    run(client, b.id)
+    c = submit(client, PROMPTS[2:3] + PROMPTS[1:2], reuse=True)  # other seeds: generates both
+    run(client, c.id)
+    d = submit(client, PROMPTS[:3], reuse=True)  # refers to A (items 0, 1) and B (item 2)
+    run(client, d.id)
+    _age(client, a.id, b.id, c.id)  # D is recent
+    for dry_run in (True, False):
+        rep = _gc(client, dry_run=dry_run, jobs_per_batch=1)
+        assert (rep.jobs, rep.kept) == (1, {"a kept job reuses its outputs": 2}), rep.line()
+    with client.db.session() as s:
+        assert set(s.scalars(select(Job.id))) == {a.id, b.id, d.id}
+        assert not any(s.scalars(select(Job.removing)))  # the kept ones stay reusable
+    assert _whole(client, d.id)
+
+
+def test_gc_waits_for_a_reuse_commit_holding_sqlites_write_lock_then_keeps_the_original(client, monkeypatch):
+    """SQLite: the reuse commit takes the write lock before it checks the originals; gc, started while it
+    holds it, waits, then sees the references and keeps the original."""
+    import threading
+
+    import worker.reuse
+
+    first = submit(client, PROMPTS[:3])
+    run(client, first.id)
+    _age(client, first.id)
+    again = submit(client, PROMPTS[:3], reuse=True)
+    holding, go, box = threading.Event(), threading.Event(), {}
+    real = worker.reuse.live_jobs
+
+    def live_then_hold(s, ids):
+        out = real(s, ids)
+        holding.set()
+        assert go.wait(30)
+        return out
+
+    monkeypatch.setattr(worker.reuse, "live_jobs", live_then_hold)
+    rerun = threading.Thread(target=lambda: box.update(loads=run(client, again.id)), daemon=True)
+    rerun.start()
+    assert holding.wait(30)
+    gc = threading.Thread(target=lambda: box.update(gc=_gc(client)), daemon=True)
+    gc.start()
+    gc.join(1.5)
+    assert gc.is_alive(), "gc did not wait for the reuse commit"
+    go.set()
+    rerun.join(60)
+    gc.join(60)
+    assert box["loads"].gen.calls == [] and client.status(again.id).counts["reused"] == 3
+    assert box["gc"].jobs == 0 and box["gc"].kept == {"a kept job reuses its outputs": 1}, box["gc"].line()
+    assert _whole(client, again.id)
+
+
+def test_the_orphan_sweep_keeps_the_prefix_of_a_job_removed_by_hand_that_others_reuse(client):
+    first = submit(client, PROMPTS[:2])
+    run(client, first.id)
+    again = submit(client, PROMPTS[:2], reuse=True)
+    run(client, again.id)
+    delete_jobs(client.db, [first.id])  # by hand: the rows go, the objects stay
+    old = time.time() - 30 * 86_400
+    for path in (client.store.root / "jobs" / first.id).rglob("*"):
+        os.utime(path, (old, old))  # the prefix is old enough for the sweep
+    rep = _gc(client, orphans=True)
+    assert rep.orphan_prefixes == 0 and rep.jobs == 0 and _whole(client, again.id), rep.line()
+    delete_jobs(client.db, [again.id])  # nobody refers to it now: the next sweep takes it
+    assert _gc(client, orphans=True).orphan_prefixes == 1 and not list(client.store.list(f"jobs/{first.id}/"))
 
 
 def test_a_job_that_reuses_its_own_outputs_keeps_nothing_alive(client):
