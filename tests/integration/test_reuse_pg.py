@@ -16,6 +16,7 @@ from aigc_core.registry import dir_digest
 from aigc_core.retention import collect_garbage
 from aigc_core.schema import JobEvent, JobStatus, Model
 from aigc_core.settings import Settings
+from tests.support.hold import hold_after
 from worker import metrics
 from worker.inprocess import drain
 from worker.runtime import Runtime
@@ -153,22 +154,13 @@ def test_gc_waits_for_a_reuse_commit_that_holds_the_original_then_keeps_it(reuse
     c = reuse_client
     first, _, _ = run(c, PROMPTS)
     _age(c, first.id)
-    holding, go = threading.Event(), threading.Event()
-    real = worker.reuse.live_jobs
-
-    def live_then_hold(s, ids):
-        out = real(s, ids)
-        holding.set()
-        assert go.wait(30)
-        return out
-
-    monkeypatch.setattr(worker.reuse, "live_jobs", live_then_hold)
+    hold = hold_after(monkeypatch, worker.reuse, "live_jobs")  # the originals' rows are held FOR SHARE
     rerun, rerun_box = _in_thread(lambda: run(c, PROMPTS, reuse=True))
-    assert holding.wait(60)
+    assert hold.reached.wait(60)
     gc, gc_box = _in_thread(lambda: _gc(c))
     assert _waits_for_a_lock(c, "FOR NO KEY UPDATE"), "gc's mark did not wait for the reuse commit"
     assert gc.is_alive()
-    go.set()
+    hold.go.set()
     rerun.join(60)
     gc.join(60)
     assert "error" not in rerun_box and "error" not in gc_box, (rerun_box, gc_box)
@@ -186,23 +178,13 @@ def test_a_reuse_commit_waits_for_gcs_mark_then_generates_instead(reuse_client, 
     c = reuse_client
     first, _, _ = run(c, PROMPTS)
     _age(c, first.id)
-    marked, go = threading.Event(), threading.Event()
-    real, calls = aigc_core.retention._held, []
-
-    def held_then_hold(*a, **k):  # gc's first look, then its check after the mark
-        out = real(*a, **k)
-        calls.append(out)
-        if len(calls) == 2:
-            marked.set()  # the mark is written, not committed
-            assert go.wait(30)
-        return out
-
-    monkeypatch.setattr(aigc_core.retention, "_held", held_then_hold)
+    # gc's first look, then its check after the mark: held there, the mark written and not committed.
+    hold = hold_after(monkeypatch, aigc_core.retention, "_held", call=2)
     gc, gc_box = _in_thread(lambda: _gc(c))
-    assert marked.wait(60)
+    assert hold.reached.wait(60)
     rerun, rerun_box = _in_thread(lambda: run(c, PROMPTS, reuse=True))
     assert _waits_for_a_lock(c, "FOR SHARE"), "the reuse commit did not wait for gc's mark"
-    go.set()
+    hold.go.set()
     gc.join(60)
     rerun.join(120)
     assert "error" not in rerun_box and "error" not in gc_box, (rerun_box, gc_box)

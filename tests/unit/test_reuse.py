@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 from aigc_core.registry import ModelRef
 from aigc_core.retention import collect_garbage, delete_jobs
 from aigc_core.schema import Artifact, Item, ItemStatus, Job, JobStatus, Model
+from tests.support.hold import hold_after
 from tests.unit.test_pipeline import FakeGen
 from worker.chunk import ChunkResult, Claimed, JobInfo
 from worker.inprocess import drain
@@ -183,24 +184,16 @@ def test_gc_waits_for_a_reuse_commit_holding_sqlites_write_lock_then_keeps_the_o
     run(client, first.id)
     _age(client, first.id)
     again = submit(client, PROMPTS[:3], reuse=True)
-    holding, go, box = threading.Event(), threading.Event(), {}
-    real = worker.reuse.live_jobs
-
-    def live_then_hold(s, ids):
-        out = real(s, ids)
-        holding.set()
-        assert go.wait(30)
-        return out
-
-    monkeypatch.setattr(worker.reuse, "live_jobs", live_then_hold)
+    box: dict = {}
+    hold = hold_after(monkeypatch, worker.reuse, "live_jobs")  # the write lock taken, nothing committed
     rerun = threading.Thread(target=lambda: box.update(loads=run(client, again.id)), daemon=True)
     rerun.start()
-    assert holding.wait(30)
+    assert hold.reached.wait(30)
     gc = threading.Thread(target=lambda: box.update(gc=_gc(client)), daemon=True)
     gc.start()
     gc.join(1.5)
     assert gc.is_alive(), "gc did not wait for the reuse commit"
-    go.set()
+    hold.go.set()
     rerun.join(60)
     gc.join(60)
     assert box["loads"].gen.calls == [] and client.status(again.id).counts["reused"] == 3
