@@ -142,6 +142,7 @@ def lookup(s: Session, keys: set[str], *, signed: bool = False) -> dict[str, Ori
 
 
 def lookup_statement(keys: set[str]) -> Select[Any]:
+    """The lookup's one statement (tests/integration/test_reuse_pg.py explains its plan)."""
     first = (select(func.min(Artifact.id)).join(Job, Job.id == Artifact.job_id)
              .where(Artifact.reuse_key.in_(sorted(keys)), Job.removing.is_(False)).group_by(Artifact.reuse_key))
     return (select(Artifact.id, Artifact.job_id, Item.index, Artifact.key, Artifact.uri, Artifact.sha256, Artifact.size,
