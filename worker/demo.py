@@ -71,7 +71,11 @@ def ensure_demo_model(client, console: Console, *, upload: bool = False) -> tupl
     cache = client.settings.cache_dir / "models"
     cached = cache / DEMO_MODEL / key
     if (cached / "model.safetensors").exists():
-        lineage = json.loads((cached / "lineage.json").read_text())
+        # Beside the folder, not in it: the folder's digest is then the trained model's, so a second run
+        # finds that version instead of registering the same weights again (a cache written before kept
+        # it inside).
+        lineage_file = _lineage_file(cached) if _lineage_file(cached).exists() else cached / "lineage.json"
+        lineage = json.loads(lineage_file.read_text())
         return _register(client, DEMO_MODEL, cached, lineage, upload=upload), None
     base_ref = _register(client, BASE_MODEL, build_base(cache / BASE_MODEL / key, texts), {"recipe": BASE_RECIPE},
                          upload=upload)
@@ -103,9 +107,13 @@ def _copy_to_cache(client, ref, dest: Path, lineage: dict[str, Any]) -> None:
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".verified"))  # the s3 cache's marker
-    (tmp / "lineage.json").write_text(json.dumps(lineage, indent=1, default=str))
+    _lineage_file(dest).write_text(json.dumps(lineage, indent=1, default=str))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
+
+
+def _lineage_file(cached: Path) -> Path:
+    return cached.with_name(cached.name + ".lineage.json")
 
 
 def _register(client, name: str, path: Path, lineage: dict[str, Any], *, upload: bool = False):

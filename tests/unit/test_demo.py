@@ -72,3 +72,25 @@ def test_a_file_uri_registered_before_is_not_reused_in_a_shared_deployment(clien
     client.store = FakeS3Store()
     shared = _register(client, "demo-news", tiny_text_model, {}, upload=True)
     assert shared.version == local.version + 1 and shared.uri.startswith("s3://")
+
+
+def test_a_second_demo_run_finds_the_trained_version_instead_of_registering_it_again(client, tiny_text_model):
+    """The fine-tune registers demo-news@1 and the demo caches a copy of its folder; the next run must
+    find @1 by digest, so the cache's lineage lives beside the folder, not in it."""
+    import shutil
+
+    from rich.console import Console
+
+    from worker.demo import DEMO_MODEL, _copy_to_cache, _key, corpus_texts, ensure_demo_model
+
+    trained = client.register_model(DEMO_MODEL, "text", tiny_text_model.as_uri(), lineage={"job_id": "x"})
+    cached = client.settings.cache_dir / "models" / DEMO_MODEL / _key(corpus_texts())
+    _copy_to_cache(client, trained, cached, {"job_id": "x", "metrics": {"loss": 1.0}})
+    assert not (cached / "lineage.json").exists()
+    ref, metrics = ensure_demo_model(client, Console(quiet=True))
+    assert ref.version == trained.version and metrics is None  # from the cache, the same version
+    assert [m["version"] for m in client.models() if m["name"] == DEMO_MODEL] == [trained.version]
+    # A cache written before (its lineage inside the folder) still loads: it registers once more.
+    shutil.move(cached.with_name(cached.name + ".lineage.json"), cached / "lineage.json")
+    ref, _ = ensure_demo_model(client, Console(quiet=True))
+    assert ref.version == trained.version + 1
